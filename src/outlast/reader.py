@@ -1,0 +1,318 @@
+"""Opening committed checkpoints and reading regions of their tensors.
+
+A :class:`CheckpointReader` validates the manifest once, then serves reads: whole
+tensors (:meth:`read_tensor`) or many regions at once (:meth:`read_regions`), each
+stored chunk read from disk once, checked against its checksum, and copied into every
+destination that needs part of it. A chunk that exactly fills a contiguous CPU
+destination is read straight into that tensor's memory (no staging copy). Reads run on a
+small thread pool: ``preadv``, xxhash and ``Tensor.copy_`` release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from . import dtypes
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleStateError,
+    IncompleteCheckpointError,
+)
+from .format import MANIFEST_NAME, Chunk, Manifest, TensorEntry
+from .regions import Box
+from .storage.local import checksum, is_temp_name, pread_into, read_header, tensor_bytes
+
+
+@dataclass
+class ReadRequest:
+    """Fill ``dest`` (holding ``box`` of logical tensor ``fqn``) from the checkpoint."""
+
+    fqn: str
+    box: Box
+    dest: torch.Tensor
+
+
+@dataclass
+class ReadStats:
+    bytes_read: int = 0
+    chunks_read: int = 0
+    direct_reads: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int, direct: bool) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+            self.chunks_read += 1
+            self.direct_reads += int(direct)
+
+
+def default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def open_manifest(path: str) -> Manifest:
+    """Read and validate ``path/manifest.json`` with errors a user can act on."""
+    if not os.path.exists(path):
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
+    mpath = os.path.join(path, MANIFEST_NAME)
+    if not os.path.exists(mpath):
+        hint = " (a save that never finished)" if os.listdir(path) else ""
+        raise IncompleteCheckpointError(
+            f"{path} has no {MANIFEST_NAME}: it is an incomplete checkpoint{hint} and cannot be "
+            "loaded. Load an older checkpoint (outlast ls shows them) or delete this directory."
+        )
+    with open(mpath, "rb") as f:
+        data = f.read()
+    return Manifest.loads(data, mpath)
+
+
+class CheckpointReader:
+    """Read-only access to one committed checkpoint directory.
+
+    Not thread-safe for concurrent calls; each call parallelises internally. Use as a
+    context manager (or call :meth:`close`) to release file descriptors.
+
+    Example:
+        >>> with CheckpointReader("ckpt") as r:
+        ...     w = r.read_tensor("model.weight")
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        self.path = os.fspath(path)
+        self.manifest = open_manifest(self.path)
+        self.threads = threads or default_threads()
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
+
+    # -- lifecycle
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def file_path(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+    def _fd(self, rel: str) -> int:
+        with self._fd_lock:
+            fd = self._fds.get(rel)
+            if fd is None:
+                p = self.file_path(rel)
+                try:
+                    fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(
+                        f"data file {p} is missing; it holds {self._describe_file(rel)}. "
+                        "The checkpoint is incomplete: use an older one or restore the file."
+                    ) from None
+                self._fds[rel] = fd
+            return fd
+
+    def _describe_file(self, rel: str) -> str:
+        names = [f for f, t in self.manifest.tensors.items() if any(c.file == rel for c in t.chunks)]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"regions of {len(names)} tensor(s): {shown}" if names else "no tensors"
+
+    # -- reads
+    def entry(self, fqn: str) -> TensorEntry:
+        try:
+            return self.manifest.tensors[fqn]
+        except KeyError:
+            raise IncompatibleStateError(f"checkpoint {self.path} has no tensor {fqn!r}") from None
+
+    def _read_chunk_into(self, fqn: str, chunk: Chunk, buf: memoryview, verify: bool) -> None:
+        pread_into(self._fd(chunk.file), buf, chunk.offset, self.file_path(chunk.file))
+        if verify:
+            got = checksum(buf)
+            if got != chunk.checksum:
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {self.file_path(chunk.file)} for tensor {fqn!r} "
+                    f"region offsets={list(chunk.box.offsets)} sizes={list(chunk.box.sizes)}: "
+                    f"expected {chunk.checksum}, got {got}. The file is damaged; use an older "
+                    "checkpoint or restore the file.",
+                    [f"{chunk.file}: {fqn} {list(chunk.box.offsets)}"],
+                )
+
+    def read_tensor(self, fqn: str, *, verify: bool = True) -> torch.Tensor:
+        """The whole logical tensor ``fqn`` as a new CPU tensor."""
+        e = self.entry(fqn)
+        out = torch.empty(e.shape, dtype=dtypes.from_safetensors(e.dtype))
+        self.read_regions([ReadRequest(fqn, Box.full(e.shape), out)], verify=verify)
+        return out
+
+    def read_regions(
+        self,
+        requests: Sequence[ReadRequest],
+        *,
+        verify: bool = True,
+        progress: Callable[[int], None] | None = None,
+    ) -> ReadStats:
+        """Fill every request's ``dest`` from the stored chunks; each chunk is read once.
+
+        Raises CorruptCheckpointError if a region is not covered by the checkpoint's chunks
+        (data lost) or a checksum fails, IncompatibleStateError if a request names an
+        unknown tensor or has the wrong dtype.
+        """
+        consumers: dict[tuple[str, int], tuple[str, Chunk, list]] = {}
+        for req in requests:
+            e = self.entry(req.fqn)
+            want = dtypes.from_safetensors(e.dtype)
+            if req.dest.dtype != want:
+                raise IncompatibleStateError(
+                    f"tensor {req.fqn!r}: checkpoint has dtype {want}, live tensor has {req.dest.dtype}"
+                )
+            if tuple(req.dest.shape) != req.box.sizes:
+                raise ValueError(f"{req.fqn}: destination shape {tuple(req.dest.shape)} != region {req.box.sizes}")
+            got = 0
+            for i, c in enumerate(e.chunks):
+                inter = c.box.intersect(req.box)
+                if inter is None:
+                    continue
+                got += inter.numel
+                consumers.setdefault((req.fqn, i), (req.fqn, c, []))[2].append((req, inter))
+            if got != req.box.numel:
+                raise CorruptCheckpointError(
+                    f"checkpoint {self.path} does not hold all of tensor {req.fqn!r} region "
+                    f"offsets={list(req.box.offsets)} sizes={list(req.box.sizes)}: {req.box.numel - got} "
+                    "elements are in no chunk (regions lost)"
+                )
+        jobs = sorted(consumers.values(), key=lambda j: (j[1].file, j[1].offset))
+        stats = ReadStats()
+
+        def run(job) -> None:
+            fqn, chunk, users = job
+            direct = (
+                len(users) == 1
+                and users[0][1] == chunk.box == users[0][0].box
+                and users[0][0].dest.device.type == "cpu"
+                and users[0][0].dest.is_contiguous()
+            )
+            if direct:
+                self._read_chunk_into(fqn, chunk, tensor_bytes(users[0][0].dest), verify)
+            else:
+                raw = torch.empty(chunk.nbytes, dtype=torch.uint8)
+                self._read_chunk_into(fqn, chunk, tensor_bytes(raw), verify)
+                src = raw.view(users[0][0].dest.dtype).view(chunk.box.sizes) if chunk.nbytes else None
+                for req, inter in users:
+                    if inter.numel == 0:
+                        continue
+                    with torch.no_grad():
+                        req.dest[inter.relative_to(req.box)].copy_(src[inter.relative_to(chunk.box)])
+            stats.add(chunk.nbytes, direct)
+            if progress is not None:
+                progress(chunk.nbytes)
+
+        if self.threads <= 1 or len(jobs) <= 1:
+            for j in jobs:
+                run(j)
+        else:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="outlast-read") as pool:
+                for f in [pool.submit(run, j) for j in jobs]:
+                    f.result()
+        return stats
+
+    # -- verification
+    def verify(self, *, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Check every file and chunk; return a list of problems (empty if all is well)."""
+        problems: list[str] = []
+        headers: dict[str, tuple[dict, int] | None] = {}
+        for rel, size in sorted(self.manifest.files.items()):
+            p = self.file_path(rel)
+            if not os.path.exists(p):
+                problems.append(f"{rel}: file missing (holds {self._describe_file(rel)})")
+                headers[rel] = None
+                continue
+            actual = os.path.getsize(p)
+            if actual != size:
+                problems.append(f"{rel}: size is {actual} bytes, manifest says {size} (truncated or overwritten)")
+            try:
+                headers[rel] = read_header(p)
+            except CorruptCheckpointError as e:
+                problems.append(f"{rel}: {e}")
+                headers[rel] = None
+        for fqn, e in self.manifest.tensors.items():
+            for c in e.chunks:
+                hdr = headers.get(c.file)
+                if hdr is None:
+                    if progress:
+                        progress(c.nbytes)
+                    continue
+                h, base = hdr
+                info = h.get(c.key)
+                if not isinstance(info, dict) or info.get("data_offsets") != [c.offset - base, c.offset - base + c.nbytes]:
+                    problems.append(f"{c.file}: tensor {fqn!r}: safetensors header entry {c.key!r} disagrees with the manifest")
+                try:
+                    buf = bytearray(c.nbytes)
+                    self._read_chunk_into(fqn, c, memoryview(buf), True)
+                except CorruptCheckpointError as err:
+                    region = f"region offsets={list(c.box.offsets)} sizes={list(c.box.sizes)}"
+                    what = "checksum mismatch" if "checksum mismatch" in str(err) else str(err)
+                    problems.append(f"{c.file}: tensor {fqn!r} {region}: {what}")
+                if progress:
+                    progress(c.nbytes)
+        return problems
+
+
+def list_checkpoints(root: str) -> list[dict]:
+    """Describe every checkpoint directly under ``root`` (and ``root`` itself if it is one).
+
+    Each row: ``path``, ``name``, ``step``, ``nbytes``, ``status`` ("committed",
+    "incomplete" or "corrupt"), ``error``. Rows are sorted by step, then name.
+    """
+    rows = []
+    candidates = []
+    if os.path.exists(os.path.join(root, MANIFEST_NAME)):
+        candidates.append(root)
+    if os.path.isdir(root):
+        with os.scandir(root) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    candidates.append(e.path)
+    for p in candidates:
+        name = os.path.basename(os.path.normpath(p))
+        row = {"path": p, "name": name, "step": None, "nbytes": _du(p), "status": "committed", "error": None}
+        if is_temp_name(name) or not os.path.exists(os.path.join(p, MANIFEST_NAME)):
+            if not is_temp_name(name) and not _looks_like_checkpoint(p):
+                continue
+            row["status"] = "incomplete"
+        else:
+            try:
+                m = open_manifest(p)
+                row["step"] = m.step
+            except Exception as e:  # noqa: BLE001 - every failure is reported as "corrupt"
+                row["status"] = "corrupt"
+                row["error"] = str(e)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+    return rows
+
+
+def _looks_like_checkpoint(p: str) -> bool:
+    return os.path.isdir(os.path.join(p, "data"))
+
+
+def _du(p: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(p):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total

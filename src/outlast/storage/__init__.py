@@ -1,0 +1,1 @@
+"""Where checkpoint bytes go: shard files on a local filesystem (``local``)."""

@@ -1,0 +1,291 @@
+"""Shard files and atomic commits on a local (POSIX) filesystem.
+
+A shard file is a valid safetensors file written by outlast itself rather than by
+``safetensors.torch.save_file`` because outlast needs three things that function does
+not give: the header written first and the tensor bytes streamed after it straight
+from the tensors' memory (no second copy of a multi-GB state), a checksum of every
+tensor computed while its bytes are written, and an fsync before the commit.
+
+Commit protocol: everything is written under a hidden sibling directory
+``.<name>.tmp-<token>``; data files and ``manifest.json`` are fsync'd, the directory is
+fsync'd, and one ``rename`` makes it visible under its final name (``renameat2`` with
+``RENAME_EXCHANGE`` when replacing an existing checkpoint, so there is no moment without
+a valid checkpoint at that name). A crash at any point leaves either the old state or
+the complete new checkpoint; leftovers are hidden ``.tmp-`` directories that
+``outlast ls`` reports and the Checkpointer removes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import xxhash
+
+from .. import dtypes
+from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+
+# Large writes keep the disk streaming; one call per tensor up to this size.
+_WRITE_BLOCK = 64 << 20
+# A header larger than this is refused as hostile (safetensors uses the same bound).
+MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    key: str
+    offset: int
+    nbytes: int
+    checksum: str
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, 0-d and empty too)."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def checksum(data) -> str:
+    """The chunk checksum of the format: xxh3-64 as 16 lowercase hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _header_bytes(entries: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict | None) -> tuple[bytes, list[int]]:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    pos = 0
+    starts = []
+    for key, dt, shape, nbytes in entries:
+        header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        starts.append(pos)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # safetensors pads the header with spaces to a multiple of 8 so data is aligned.
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, starts
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensor list is known up front, streaming the bytes.
+
+    Tensors must be passed to :meth:`write` in the declared order. Each write returns the
+    tensor's absolute byte offset, size and checksum for the manifest.
+
+    Example:
+        >>> w = ShardWriter(path, [("a", "F32", (2, 3), 24)])
+        >>> rec = w.write("a", torch.zeros(2, 3))
+        >>> w.close()
+    """
+
+    def __init__(self, path: str, entries: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict | None = None):
+        self.path = path
+        self._entries = list(entries)
+        head, starts = _header_bytes(self._entries, metadata)
+        self._base = len(head)
+        self._starts = starts
+        self._next = 0
+        self.size = self._base + sum(e[3] for e in self._entries)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot create shard file {path}: {e.strerror}") from e
+        self._write(memoryview(head))
+
+    def _write(self, mv: memoryview) -> None:
+        try:
+            while len(mv):
+                n = os.write(self._fd, mv[:_WRITE_BLOCK])
+                mv = mv[n:]
+        except OSError as e:
+            hint = " (the disk is full: free space or save elsewhere)" if e.errno == errno.ENOSPC else ""
+            raise StorageError(f"writing {self.path} failed: {e.strerror}{hint}") from e
+
+    def write(self, key: str, tensor: torch.Tensor) -> WrittenTensor:
+        k, _, _, nbytes = self._entries[self._next]
+        if k != key:
+            raise ValueError(f"ShardWriter expected tensor {k!r} next, got {key!r}")
+        data = tensor_bytes(tensor)
+        if len(data) != nbytes:
+            raise ValueError(f"tensor {key!r} has {len(data)} bytes, declared {nbytes}")
+        digest = checksum(data)
+        self._write(data)
+        rec = WrittenTensor(key, self._base + self._starts[self._next], nbytes, digest)
+        self._next += 1
+        return rec
+
+    def close(self, fsync: bool = True) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self._next != len(self._entries):
+                raise ValueError(f"{self.path}: {len(self._entries) - self._next} declared tensors were never written")
+            if fsync:
+                os.fsync(self._fd)
+        except OSError as e:
+            raise StorageError(f"flushing {self.path} to disk failed: {e.strerror}") from e
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def write_shard(path: str, items: Sequence[tuple[str, torch.Tensor]], *, fsync: bool = True) -> tuple[list[WrittenTensor], int]:
+    """Write contiguous CPU tensors as one safetensors file. Returns records and file size."""
+    entries = [(k, dtypes.to_safetensors(t.dtype, name=k), tuple(t.shape), t.numel() * t.element_size()) for k, t in items]
+    w = ShardWriter(path, entries)
+    try:
+        recs = [w.write(k, t) for k, t in items]
+        w.close(fsync=fsync)
+    except BaseException:
+        w.abort()
+        raise
+    return recs, w.size
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """Parse a safetensors header defensively. Returns (header without metadata, data start)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptCheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CorruptCheckpointError(f"{path}: header length {n} is impossible for a file of {size} bytes")
+            head = f.read(n)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"data file {path} is missing") from None
+    try:
+        header = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    """Fill ``buf`` from ``offset`` of an open file; a short file is a corruption error."""
+    got = 0
+    n = len(buf)
+    while got < n:
+        try:
+            k = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as e:
+            raise StorageError(f"reading {path} failed: {e.strerror}") from e
+        if k == 0:
+            raise CorruptCheckpointError(
+                f"{path} is truncated: needed bytes up to offset {offset + n}, file ends at {offset + got}"
+            )
+        got += k
+
+
+# ---------------------------------------------------------------- atomic directories
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_dir_for(final: str) -> str:
+    """Create and return the hidden staging directory for a checkpoint at ``final``."""
+    final = os.path.abspath(final)
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
+    os.makedirs(os.path.join(tmp, "data"))
+    return tmp
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2). False if the platform cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def commit_dir(tmp: str, final: str, *, overwrite: bool) -> None:
+    """Make the fully written ``tmp`` directory visible as ``final``, atomically."""
+    fsync_dir(os.path.join(tmp, "data"))
+    fsync_dir(tmp)
+    parent = os.path.dirname(os.path.abspath(final))
+    if not os.path.lexists(final):
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            raise StorageError(f"committing {final} failed: {e.strerror}") from e
+        fsync_dir(parent)
+        return
+    if not overwrite:
+        raise CheckpointExistsError(f"{final} already exists; pass overwrite=True to replace it")
+    if _exchange(tmp, final):
+        fsync_dir(parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
+        return
+    # No atomic exchange here: move the old one aside first. A crash in between leaves
+    # the old checkpoint intact under the .old- name and the new one complete under tmp.
+    old = os.path.join(parent, f".{os.path.basename(final)}.old-{secrets.token_hex(4)}")
+    os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(tmp: str, data: bytes) -> None:
+    p = os.path.join(tmp, "manifest.json")
+    try:
+        with open(p, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise StorageError(f"writing {p} failed: {e.strerror}") from e
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def iter_dirs(root: str) -> Iterable[os.DirEntry]:
+    with os.scandir(root) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                yield e
