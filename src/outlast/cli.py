@@ -1,0 +1,154 @@
+"""The ``outlast`` command line: inspect, verify and list checkpoints (and more).
+
+Exit codes: 0 success; 1 the checkpoint is bad (verify found problems, load failed);
+2 usage errors (click's default); 3 the path holds no (complete) checkpoint.
+Every command takes ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
+
+EXIT_BAD = 1
+EXIT_NOT_FOUND = 3
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if x < 1024 or unit == "TiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{n} B"
+
+
+def fail(err: Exception, as_json: bool) -> None:
+    code = EXIT_NOT_FOUND if isinstance(err, (CheckpointNotFoundError, IncompleteCheckpointError)) else EXIT_BAD
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": type(err).__name__, "message": str(err)}))
+    else:
+        click.echo(f"error: {err}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="outlast")
+def main() -> None:
+    """outlast: checkpoints that survive crashes and reshard across GPU counts."""
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--depth", type=int, default=None, help="Collapse names below this many dotted levels.")
+def inspect(path: str, as_json: bool, depth: int | None) -> None:
+    """Show the tensors and values in the checkpoint at PATH."""
+    from .reader import open_manifest
+
+    try:
+        m = open_manifest(path)
+    except CheckpointError as e:
+        fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True, "path": path, "step": m.step, "created": m.created, "library": m.library,
+            "world_size": m.world_size, "nbytes": m.nbytes, "files": m.files,
+            "tensors": {k: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "chunks": len(t.chunks)} for k, t in m.tensors.items()},
+            "plain": {k: p.value for k, p in m.plain.items()},
+        }))
+        return
+    click.echo(f"checkpoint {path}")
+    click.echo(f"  step {m.step}   created {m.created}   by {m.library}   saved by {m.world_size} process(es)")
+    rows: dict[str, list] = {}
+    for fqn, t in m.tensors.items():
+        name = ".".join(fqn.split(".")[:depth]) if depth else fqn
+        r = rows.setdefault(name, [t.dtype, list(t.shape), 0, 0])
+        r[2] += t.nbytes
+        r[3] += 1
+        if r[3] > 1:
+            r[0], r[1] = "", f"{r[3]} tensors"
+    width = max([len(n) for n in rows] + [4])
+    click.echo(f"  {'name'.ljust(width)}  {'dtype':6} {'shape':>20} {'bytes':>10}")
+    for name, (dt, shape, nb, _) in rows.items():
+        click.echo(f"  {name.ljust(width)}  {dt:6} {str(shape):>20} {human_bytes(nb):>10}")
+    if m.plain:
+        click.echo("  values:")
+        for k, p in m.plain.items():
+            text = json.dumps(p.value)
+            click.echo(f"    {k} = {text if len(text) <= 80 else text[:77] + '...'}")
+    click.echo(f"  total: {len(m.tensors)} tensors, {human_bytes(m.nbytes)} in {len(m.files)} file(s)")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify(path: str, as_json: bool, quiet: bool) -> None:
+    """Check every file and checksum of the checkpoint at PATH.
+
+    Exits 0 if all is well, 1 naming every bad file and tensor, 3 if PATH holds no
+    complete checkpoint.
+    """
+    from tqdm import tqdm
+
+    from .reader import CheckpointReader
+
+    try:
+        reader = CheckpointReader(path)
+    except CheckpointError as e:
+        fail(e, as_json)
+        return
+    with reader:
+        total = sum(c.nbytes for t in reader.manifest.tensors.values() for c in t.chunks)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+                   disable=quiet or as_json or None, file=sys.stderr)
+        problems = reader.verify(progress=bar.update)
+        bar.close()
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "path": path, "problems": problems, "nbytes": total}))
+    elif problems:
+        click.echo(f"{path}: {len(problems)} problem(s):", err=True)
+        for p in problems:
+            click.echo(f"  {p}", err=True)
+    else:
+        click.echo(f"{path}: ok ({len(reader.manifest.tensors)} tensors, {human_bytes(total)} checked)")
+    sys.exit(EXIT_BAD if problems else 0)
+
+
+@main.command(name="ls")
+@click.argument("directory", type=click.Path(), default=".")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def ls_cmd(directory: str, as_json: bool) -> None:
+    """List the checkpoints under DIRECTORY with step, size and status."""
+    import os
+
+    from .reader import list_checkpoints
+
+    if not os.path.isdir(directory):
+        fail(CheckpointNotFoundError(f"{directory} is not a directory"), as_json)
+        return
+    rows = list_checkpoints(directory)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "directory": directory, "checkpoints": rows}))
+        return
+    if not rows:
+        click.echo(f"no checkpoints under {directory}")
+        return
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'name'.ljust(width)}  {'step':>8}  {'size':>10}  status")
+    for r in rows:
+        step = "-" if r["step"] is None else str(r["step"])
+        click.echo(f"{r['name'].ljust(width)}  {step:>8}  {human_bytes(r['nbytes']):>10}  {r['status']}")
+
+
+if __name__ == "__main__":
+    main()
