@@ -94,7 +94,10 @@ def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *
 
     def write_one(w: int) -> tuple[str, int, list[tuple[SaveItem, Any]]]:
         rel = f"{DATA_DIR}/{file_prefix}{w:05d}.safetensors"
-        its = groups[w]
+        # Widest dtypes first: with the 8-byte-aligned header every tensor then starts at a
+        # multiple of its item size (what safetensors' own writer guarantees), so readers
+        # can mmap it without a copy.
+        its = sorted(groups[w], key=lambda i: -dtypes.itemsize(i.dtype))
         writer = ShardWriter(os.path.join(tmp, rel), [(i.key, i.dtype, i.box.sizes, i.nbytes) for i in its])
         try:
             recs = [(i, writer.write(i.key, staged(i.data))) for i in its]
