@@ -1,0 +1,59 @@
+"""Regenerate the hostile manifests in this folder from tests/golden/v1/manifest.json.
+
+Each case is the golden manifest with one malicious or broken change. ``expected.json``
+maps each file to the error class and a fragment its message must contain. Run from the
+repository root: ``python tests/hostile/make_hostile.py``.
+"""
+
+import copy
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(HERE, "..", "golden", "v1", "manifest.json")
+
+
+def first_chunk(m):
+    return m["tensors"]["model.embed.weight"]["chunks"][0]
+
+
+def cases(m):
+    def mut(fn):
+        c = copy.deepcopy(m)
+        fn(c)
+        return json.dumps(c, indent=1)
+
+    yield "not_json.json", "{ this is not json", "CorruptCheckpointError", "not valid JSON"
+    yield "array_root.json", "[]", "CorruptCheckpointError", "must be a JSON object"
+    yield "wrong_format.json", mut(lambda c: c.update(format="pytorch")), "CorruptCheckpointError", "'format'"
+    yield "future_version.json", mut(lambda c: c.update(version=99)), "UnsupportedFormatError", "version 99"
+    yield "string_version.json", mut(lambda c: c.update(version="1")), "CorruptCheckpointError", "'version'"
+    yield "no_tensors.json", mut(lambda c: c.pop("tensors")), "CorruptCheckpointError", "'tensors'"
+    yield "unknown_dtype.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(dtype="F128")), "CorruptCheckpointError", "unknown dtype"
+    yield "negative_shape.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(shape=[-3, 4])), "CorruptCheckpointError", "non-negative"
+    yield "chunk_outside_shape.json", mut(lambda c: first_chunk(c).update(offsets=[1, 0])), "CorruptCheckpointError", "outside shape"
+    yield "chunk_not_covering.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(shape=[6, 4])), "CorruptCheckpointError", "cover"
+    yield "nbytes_lies.json", mut(lambda c: first_chunk(c).update(nbytes=4096)), "CorruptCheckpointError", "nbytes"
+    yield "offset_past_file.json", mut(lambda c: first_chunk(c).update(offset=10**9)), "CorruptCheckpointError", "past the size"
+    yield "path_traversal.json", mut(lambda c: (c["files"].update({"../../etc/passwd": 10**6}), first_chunk(c).update(file="../../etc/passwd"))), "CorruptCheckpointError", "relative path inside"
+    yield "absolute_file.json", mut(lambda c: (c["files"].update({"/etc/passwd": 10**6}), first_chunk(c).update(file="/etc/passwd"))), "CorruptCheckpointError", "relative path inside"
+    yield "unlisted_file.json", mut(lambda c: first_chunk(c).update(file="data/other.safetensors")), "CorruptCheckpointError", "not listed"
+    yield "bad_checksum_field.json", mut(lambda c: first_chunk(c).update(checksum=12)), "CorruptCheckpointError", "checksum"
+    yield "bad_path.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(path=[{"x": 1}])), "CorruptCheckpointError", "path"
+    yield "plain_without_value.json", mut(lambda c: c["plain"]["step"].pop("value")), "CorruptCheckpointError", "plain.step"
+
+
+def main():
+    with open(GOLDEN) as f:
+        m = json.load(f)
+    expected = {}
+    for name, text, err, fragment in cases(m):
+        with open(os.path.join(HERE, name), "w") as f:
+            f.write(text)
+        expected[name] = {"error": err, "message_contains": fragment}
+    with open(os.path.join(HERE, "expected.json"), "w") as f:
+        json.dump(expected, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main()
