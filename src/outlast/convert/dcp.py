@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError, UnsupportedFormatError
+from ..errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, UnsupportedFormatError
 from ..format import PlainEntry, fqn_of
 from ..storage.local import remove_tree
 from ..tree import _as_json
@@ -110,6 +110,15 @@ def read_metadata(path: str) -> Any:
     if not isinstance(meta, Metadata):
         raise CorruptCheckpointError(f"{mpath} holds a {type(meta).__name__}, not DCP Metadata")
     return meta
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The first underlying exception of DCP's CheckpointException (which wraps each rank's)."""
+    for v in (getattr(e, "failures", None) or {}).values():
+        inner = v[0] if isinstance(v, tuple) else v
+        if isinstance(inner, BaseException):
+            return inner
+    return e
 
 
 def _reader_class():
@@ -206,12 +215,17 @@ class DCPSource(Source):
             warnings.simplefilter("ignore")
             try:
                 dcp.load(state_dict, storage_reader=self._reader, planner=_load_planner(), no_dist=True)
-            except FileNotFoundError as e:
+            except (dcp.CheckpointException, Exception) as e:  # noqa: BLE001 - DCP wraps failures
+                cause = _cause(e)
+                if isinstance(cause, CheckpointError):
+                    raise cause from None
+                if isinstance(cause, FileNotFoundError):
+                    raise CorruptCheckpointError(
+                        f"{self.path}: data file {cause.filename} named in {METADATA_FILE} is missing"
+                    ) from None
                 raise CorruptCheckpointError(
-                    f"{self.path}: data file {e.filename} named in {METADATA_FILE} is missing"
+                    f"reading DCP checkpoint {self.path} failed: {type(cause).__name__}: {cause}"
                 ) from None
-            except Exception as e:  # noqa: BLE001 - DCP wraps failures in CheckpointException
-                raise CorruptCheckpointError(f"reading DCP checkpoint {self.path} failed: {e}") from None
         return state_dict
 
     def _empty(self, spec: TensorSpec) -> torch.Tensor:
@@ -278,8 +292,14 @@ def write_dcp(src: Source, dst: str, *, overwrite: bool, progress: bool | None) 
         state = _nested_state(src.specs, src.plain)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1),
-                     planner=_LazyPlanner(), no_dist=True)
+            try:
+                dcp.save(state, storage_writer=FileSystemWriter(tmp, single_file_per_rank=True, thread_count=1),
+                         planner=_LazyPlanner(), no_dist=True)
+            except dcp.CheckpointException as e:  # a BaseException wrapping each rank's failure
+                cause = _cause(e)
+                if isinstance(cause, (CheckpointError, OSError)):
+                    raise cause from None
+                raise
         commit_foreign(tmp, dst, overwrite)
     except BaseException:
         remove_tree(tmp)
