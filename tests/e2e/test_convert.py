@@ -261,6 +261,11 @@ def test_deepspeed_hook_calls_read_deepspeed(tmp_path, monkeypatch):
     assert back["model"]["w"].dtype == torch.bfloat16 and torch.equal(back["master"]["w"], torch.full((2, 2), 1.5))
     assert back["optim"]["state"]["w"]["exp_avg"].shape == (2, 2) and back["step"] == 5
     assert back["optim"]["param_groups"] == [{"lr": 0.1, "params": ["w"]}]
+    # Export of the model sub-tree streams in the reader's order, skipping the rest.
+    outlast.convert(ds, tmp_path / "hf", src_format="deepspeed", dst_format="hf", prefix="model")
+    from safetensors.torch import load_file
+
+    assert list(load_file(str(tmp_path / "hf" / "model.safetensors"))) == ["w"]
 
 
 def test_deepspeed_absent_is_a_clear_error(tmp_path, monkeypatch):
@@ -268,3 +273,14 @@ def test_deepspeed_absent_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "ds").mkdir()
     with pytest.raises(NotImplementedError, match="outlast.convert.deepspeed"):
         outlast.convert(tmp_path / "ds", tmp_path / "ck", src_format="deepspeed", dst_format="outlast")
+
+
+def test_outlast_to_outlast_selects_subtree_and_reshards(tmp_path):
+    state = _full_state()
+    outlast.save(state, tmp_path / "ck", step=9)
+    outlast.convert(tmp_path / "ck", tmp_path / "m", src_format="outlast", dst_format="outlast",
+                    prefix="model", max_shard_size=512)
+    m = outlast.manifest_of(tmp_path / "m")
+    assert len(m.files) > 1 and all(k.startswith("model.") for k in m.tensors)
+    assert m.extra["converted_from"]["format"] == "outlast"
+    _assert_same_tree(outlast.read(tmp_path / "m"), {"model": state["model"]})

@@ -52,6 +52,8 @@ class Source:
     ``specs`` order. Use as a context manager to release files."""
 
     format = "?"
+    # False for readers that can only stream their tensors in one order (DeepSpeed).
+    random_access = True
 
     def __init__(self, path: str):
         self.path = path
@@ -119,12 +121,15 @@ class _Renamed(Source):
         return self.inner.read(self._names[fqn])
 
     def iter_tensors(self) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        if len(self.specs) == len(self.inner.specs):
-            # Keep the inner source's own (possibly faster, batched) iteration.
+        if len(self.specs) == len(self.inner.specs) or not self.inner.random_access:
+            # The inner source's own (possibly batched, or only possible) order; tensors
+            # outside the selection are skipped.
             by_inner = {v: k for k, v in self._names.items()}
             spec_of = {s.fqn: s for s in self.specs}
             for spec, t in self.inner.iter_tensors():
-                yield spec_of[by_inner[spec.fqn]], t
+                new = by_inner.get(spec.fqn)
+                if new is not None:
+                    yield spec_of[new], t
         else:
             yield from super().iter_tensors()
 
@@ -229,6 +234,8 @@ class IterSource(Source):
     ``state.param_groups`` become plain values. If the reader offers no up-front
     ``tensor_specs()``, one pass over the tensors learns their shapes first.
     """
+
+    random_access = False
 
     def __init__(self, path: str, fmt: str, state: Any):
         super().__init__(path)

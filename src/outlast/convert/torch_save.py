@@ -14,6 +14,7 @@ import pickle
 import torch
 
 from ..errors import CorruptCheckpointError, SerializationError, UnsupportedFormatError
+from ..format import PlainEntry
 from ..tree import flatten
 from ..writer import TensorSpec
 from .core import Source
@@ -40,8 +41,6 @@ class TorchSaveSource(Source):
             raise UnsupportedFormatError(f"{path}: {e}") from None
         self._tensors = {fqn: leaf.value for fqn, leaf in flat.tensors.items()}
         self.specs = [TensorSpec.of(fqn, leaf.value, leaf.path) for fqn, leaf in flat.tensors.items()]
-        from ..format import PlainEntry
-
         self.plain = {fqn: PlainEntry(leaf.path, leaf.value) for fqn, leaf in flat.plain.items()}
         step = obj.get("step")
         self.step = step if isinstance(step, int) and not isinstance(step, bool) else None
