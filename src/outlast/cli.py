@@ -150,5 +150,124 @@ def ls_cmd(directory: str, as_json: bool) -> None:
         click.echo(f"{r['name'].ljust(width)}  {step:>8}  {human_bytes(r['nbytes']):>10}  {r['status']}")
 
 
+# ---------------------------------------------------------------- convert / merge
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"2GiB"`` -> 2 * 2**30, ``"123"`` -> 123 (bytes)."""
+    t = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            num = t[: -len(u)]
+            break
+    else:
+        num, mult = t, 1
+    try:
+        value = float(num)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 5GB, 500MiB or 1000000") from None
+    if value <= 0:
+        raise click.BadParameter(f"size must be positive, got {text!r}")
+    return int(value * mult)
+
+
+def _run_and_report(as_json: bool, fn, describe) -> None:
+    try:
+        result = fn()
+    except CheckpointError as e:
+        fail(e, as_json)
+        return
+    except (ValueError, NotImplementedError) as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+        else:
+            click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD)
+    payload, text = describe(result)
+    click.echo(json.dumps({"ok": True, **payload}) if as_json else text)
+
+
+@main.command(name="convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--from", "src_format", required=True,
+              type=click.Choice(["outlast", "hf", "dcp", "torch", "deepspeed"]), help="Format of SRC.")
+@click.option("--to", "dst_format", required=True, type=click.Choice(["outlast", "hf", "dcp"]), help="Format of DST.")
+@click.option("--prefix", default=None, help="Sub-tree to export (e.g. model), or to nest an import under.")
+@click.option("--max-shard-size", default=None, help="Bytes per output file, e.g. 5GB or 500MiB (HF default 5GB).")
+@click.option("--tag", default=None, help="DeepSpeed tag to read (default: the 'latest' file).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output at DST.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: str | None,
+                max_shard_size: str | None, tag: str | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Convert the checkpoint SRC into DST, streaming tensor by tensor.
+
+    \b
+    Examples:
+      outlast convert ckpt/step-1000 hf-out --from outlast --to hf --prefix model
+      outlast convert Llama-dir ckpt/imported --from hf --to outlast --prefix model
+      outlast convert dcp-dir ckpt/from-dcp --from dcp --to outlast
+    """
+    from .convert.core import convert
+
+    size = parse_size(max_shard_size) if max_shard_size else None
+    progress = False if (quiet or as_json) else None
+
+    def describe(r):
+        text = (f"{src} ({src_format}) -> {dst} ({dst_format}): {r.tensors} tensors, "
+                f"{human_bytes(r.nbytes)} in {len(r.files)} file(s)")
+        if r.plain_dropped:
+            text += f"\n  note: {len(r.plain_dropped)} plain value(s) not representable in {dst_format}: " + \
+                ", ".join(r.plain_dropped[:8])
+        return r.to_json(), text
+
+    _run_and_report(as_json, lambda: convert(src, dst, src_format=src_format, dst_format=dst_format, prefix=prefix,
+                                             overwrite=overwrite, max_shard_size=size, progress=progress, tag=tag),
+                    describe)
+
+
+@main.command(name="merge")
+@click.argument("dst", type=click.Path())
+@click.argument("srcs", nargs=-1, required=True, type=click.Path())
+@click.option("--method", type=click.Choice(["mean", "weighted", "lawa", "ema"]), default="mean", show_default=True)
+@click.option("--weights", default=None, help="Comma-separated weights, one per SRC (--method weighted).")
+@click.option("--decay", type=float, default=None, help="EMA decay in [0, 1) (--method ema).")
+@click.option("--last-k", type=int, default=None, help="How many newest checkpoints LAWA averages (default all).")
+@click.option("--overwrite", is_flag=True, help="Replace a committed checkpoint at DST.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def merge_cmd(dst: str, srcs: tuple[str, ...], method: str, weights: str | None, decay: float | None,
+              last_k: int | None, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Average the outlast checkpoints SRC... into DST (float tensors; the rest from the newest).
+
+    \b
+    Examples:
+      outlast merge ckpt/avg ckpt/step-800 ckpt/step-900 ckpt/step-1000
+      outlast merge ckpt/lawa ckpt/step-* --method lawa --last-k 5
+      outlast merge ckpt/ema ckpt/step-* --method ema --decay 0.9
+    """
+    import os
+
+    from .merge import merge
+
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else None
+    except ValueError:
+        raise click.BadParameter(f"--weights must be comma-separated numbers, got {weights!r}") from None
+    progress = False if (quiet or as_json) else None
+
+    def describe(m):
+        info = m.extra.get("merged_from", {})
+        payload = {"dst": dst, "step": m.step, "tensors": len(m.tensors), "nbytes": m.nbytes, **info}
+        used = ", ".join(f"{os.path.basename(p)}*{wi:.4g}" for p, wi in zip(info.get("sources", []), info.get("weights", [])))
+        return payload, f"merged ({method}) -> {dst}: {len(m.tensors)} tensors, {human_bytes(m.nbytes)}; {used}"
+
+    _run_and_report(as_json, lambda: merge(list(srcs), dst, method=method, weights=w, decay=decay, last_k=last_k,
+                                           overwrite=overwrite, progress=progress), describe)
+
+
 if __name__ == "__main__":
     main()
