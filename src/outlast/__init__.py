@@ -2,24 +2,47 @@
 
 Public surface::
 
-    outlast.save(state, path, *, step=None, overwrite=False)
-    outlast.load(state, path, *, strict=True)  -> LoadReport
-    outlast.read(path, keys=None)              -> dict
+    outlast.save(state, path, *, step=None, overwrite=False, process_group=None)
+    outlast.load(state, path, *, strict=True, process_group=None)  -> LoadReport
+    outlast.read(path, keys=None)                                  -> dict
+    outlast.prepare_save(state) / outlast.persist(prepared, path)  the two halves of save
+    outlast.FlatShard(local, global_shape, start)                  a ZeRO / FSDP1 flat slice
+    outlast.ModelOptimizerState(model, optim)                      model + optimizer, FQN-keyed
     outlast.convert(src, dst, *, src_format, dst_format, prefix=None) -> ConvertResult
-    outlast.merge(srcs, dst, *, method="mean", weights=None, decay=None, last_k=None) -> Manifest
-    outlast.CheckpointWriter(path, specs, ...)  streaming writer (TensorSpec per tensor)
-    outlast.errors                             the exception hierarchy
+    outlast.merge(srcs, dst, *, method="mean", ...)                -> Manifest
+    outlast.CheckpointWriter(path, specs, ...)                     streaming writer (TensorSpec per tensor)
+    outlast.errors                                                 the exception hierarchy
+
+``save`` and ``load`` are collective when torch.distributed is initialised.
 """
 
 __version__ = "0.1.0"
 
 from . import errors  # noqa: E402
-from .api import LoadReport, load, manifest_of, read, save  # noqa: E402
+from .api import LoadReport, PreparedSave, SaveReport, load, manifest_of, persist, prepare_save, read, save  # noqa: E402
 from .convert.core import ConvertResult, convert  # noqa: E402
+from .layouts import FlatShard  # noqa: E402
 from .merge import merge  # noqa: E402
+from .stateful import ModelOptimizerState  # noqa: E402
 from .writer import CheckpointWriter, TensorSpec  # noqa: E402
 
 __all__ = [
-    "save", "load", "read", "manifest_of", "LoadReport", "errors", "__version__",
-    "convert", "ConvertResult", "merge", "CheckpointWriter", "TensorSpec",
+    "save",
+    "load",
+    "read",
+    "prepare_save",
+    "persist",
+    "manifest_of",
+    "LoadReport",
+    "SaveReport",
+    "PreparedSave",
+    "FlatShard",
+    "ModelOptimizerState",
+    "convert",
+    "ConvertResult",
+    "merge",
+    "CheckpointWriter",
+    "TensorSpec",
+    "errors",
+    "__version__",
 ]
