@@ -39,8 +39,10 @@ from typing import Any, Iterator
 
 import torch
 
+from ..errors import CheckpointError
 
-class DeepSpeedFormatError(Exception):
+
+class DeepSpeedFormatError(CheckpointError):
     """A DeepSpeed checkpoint is missing, incomplete, or in a layout this reader does not know.
 
     The message names the directory, the file and what to do about it.
@@ -396,11 +398,11 @@ class DeepSpeedState:
         """Yield ``(name, tensor)`` one at a time without caching, for streaming converters.
 
         Names are ``model.<fqn>``, ``master.<fqn>`` and ``optim.state.<fqn>.<key>``.
-        Tied aliases are yielded once, under the FQN that holds the data.
+        Tied aliases are yielded under their own name too (same values), because a live
+        model's ``state_dict()`` lists both names and a strict load needs both.
         """
         for n in self.model_fqns():
-            if n not in self.shared:
-                yield f"model.{n}", self.model_tensor(n)
+            yield f"model.{n}", self.model_tensor(n)
         for n in self._layout:
             yield f"master.{n}", self.master_tensor(n)
         for n in self._layout:
