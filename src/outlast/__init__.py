@@ -5,6 +5,7 @@ Public surface::
     outlast.save(state, path, *, step=None, overwrite=False)
     outlast.load(state, path, *, strict=True)  -> LoadReport
     outlast.read(path, keys=None)              -> dict
+    outlast.Checkpointer(directory, keep_last=...)  steps, async saves, tiers, retention
     outlast.errors                             the exception hierarchy
 """
 
@@ -12,5 +13,6 @@ __version__ = "0.1.0"
 
 from . import errors  # noqa: E402
 from .api import LoadReport, load, manifest_of, read, save  # noqa: E402
+from .checkpointer import Checkpointer, SaveMetrics  # noqa: E402
 
-__all__ = ["save", "load", "read", "manifest_of", "LoadReport", "errors", "__version__"]
+__all__ = ["save", "load", "read", "manifest_of", "LoadReport", "Checkpointer", "SaveMetrics", "errors", "__version__"]
