@@ -245,8 +245,12 @@ class Checkpointer:
         self._closed = False
 
     # ------------------------------------------------------------------ helpers
-    def _pg_kw(self) -> dict:
-        return {"process_group": self._pg} if self._pg is not None else {}
+    def _pg_kw(self, background: bool = False) -> dict:
+        # The training thread's collectives (prepare_save, load, agreements) and the
+        # persist thread's run on different groups, so they can never pair up wrongly.
+        if self._pg is None:
+            return {}
+        return {"process_group": self._pg if background else self._ctl}
 
     def _barrier(self) -> None:
         if self._ctl is not None:
@@ -344,7 +348,7 @@ class Checkpointer:
         m: SaveMetrics = job.metrics  # type: ignore[attr-defined]
         path = self.path_of(job.step)
         t0 = time.perf_counter()
-        persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw())
+        persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
         m.persist_s = time.perf_counter() - t0
         if self.rank != 0:
             return
@@ -536,16 +540,20 @@ class Checkpointer:
             path = self.path_of(step)
             where = path if source == "local" else f"{self.remote.url}/{step_dir_name(step)}"
             err: BaseException | None = None
-            try:
-                if source == "remote":
-                    if self.rank == 0:
-                        self.remote.manifest(step_dir_name(step))
-                        log.info("outlast: downloading %s to %s", where, path)
-                        self.remote.download(step_dir_name(step), path)
-                    self._barrier()
-                check_local(path)
-            except _BAD_CHECKPOINT as e:
-                err = e
+            if source == "remote" and self.rank == 0:
+                try:
+                    self.remote.manifest(step_dir_name(step))
+                    log.info("outlast: downloading %s to %s", where, path)
+                    self.remote.download(step_dir_name(step), path)
+                except _BAD_CHECKPOINT as e:
+                    err = e
+            if source == "remote":
+                self._barrier()  # every rank reads what rank 0 downloaded
+            if err is None:
+                try:
+                    check_local(path)
+                except _BAD_CHECKPOINT as e:
+                    err = e
             if self._agree(err is None):
                 try:
                     touched.append(where)
