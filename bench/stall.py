@@ -13,7 +13,7 @@ and, per save, the stall on the training thread:
 Modes run interleaved (none, outlast, dcp, none, ...) for ``--rounds`` rounds so drift of
 a shared machine hits all of them alike. Prints a table and a final JSON line.
 
-    PYTHONPATH=src python bench/stall.py [--steps 50 --every 10 --rounds 2]
+    PYTHONPATH=src python bench/stall.py [--steps 40 --every 10 --rounds 1]
 """
 
 from __future__ import annotations
@@ -163,11 +163,11 @@ def _run_dcp(model, opt, batches, every, root):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--every", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=65)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=33)
     ap.add_argument("--modes", default="none,outlast,dcp")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
