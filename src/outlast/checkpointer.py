@@ -268,7 +268,7 @@ class Checkpointer:
                 log.info("outlast: removing leftover %s of an interrupted save", p)
                 remove_tree(p)
 
-    def _register_hooks(self, state: dict) -> None:
+    def _register_hooks(self, state: dict) -> tuple[list, list]:
         optimizers, modules = find_owners(state)
         for o in optimizers:
             if id(o) not in self._hooks:
@@ -336,8 +336,7 @@ class Checkpointer:
         optimizers, modules = self._register_hooks(state)
         phases = phase_of_items(prepared, optimizers, modules)
         m.nbytes = prepared.nbytes
-        job = Job(step, prepared, phases, self._free.pop(), self._persist_job, self._job_done)
-        job.metrics = m  # type: ignore[attr-defined]
+        job = Job(step, prepared, phases, self._free.pop(), self._persist_job, self._job_done, metrics=m)
         self._inflight.append(job)
         self.metrics.append(m)
         self._engine.submit(job)
@@ -345,7 +344,7 @@ class Checkpointer:
         return True
 
     def _persist_job(self, job: Job) -> None:
-        m: SaveMetrics = job.metrics  # type: ignore[attr-defined]
+        m: SaveMetrics = job.metrics
         path = self.path_of(job.step)
         t0 = time.perf_counter()
         persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
@@ -362,7 +361,7 @@ class Checkpointer:
             m.upload_s = time.perf_counter() - t2
 
     def _job_done(self, job: Job) -> None:
-        m: SaveMetrics = job.metrics  # type: ignore[attr-defined]
+        m: SaveMetrics = job.metrics
         m.stage_s = job.stage_s
         m.blocked_s = job.blocked_s
         m.done = True

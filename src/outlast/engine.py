@@ -183,6 +183,7 @@ class Job:
     persist_s: float = 0.0  # set by the persist callable (it knows its own parts)
     blocked_s: float = 0.0
     result: Any = None
+    metrics: Any = None  # the caller's record of this save (filled as it progresses)
 
     def staged(self) -> bool:
         return self.phase_done[-1].is_set()
