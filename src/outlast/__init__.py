@@ -11,6 +11,7 @@ Public surface::
     outlast.convert(src, dst, *, src_format, dst_format, prefix=None) -> ConvertResult
     outlast.merge(srcs, dst, *, method="mean", ...)                -> Manifest
     outlast.CheckpointWriter(path, specs, ...)                     streaming writer (TensorSpec per tensor)
+    outlast.Checkpointer(directory, keep_last=...)                 steps, async saves, tiers, retention
     outlast.errors                                                 the exception hierarchy
 
 ``save`` and ``load`` are collective when torch.distributed is initialised.
@@ -25,6 +26,7 @@ from .layouts import FlatShard  # noqa: E402
 from .merge import merge  # noqa: E402
 from .stateful import ModelOptimizerState  # noqa: E402
 from .writer import CheckpointWriter, TensorSpec  # noqa: E402
+from .checkpointer import Checkpointer, SaveMetrics  # noqa: E402
 
 __all__ = [
     "save",
@@ -43,6 +45,8 @@ __all__ = [
     "merge",
     "CheckpointWriter",
     "TensorSpec",
+    "Checkpointer",
+    "SaveMetrics",
     "errors",
     "__version__",
 ]
