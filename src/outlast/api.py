@@ -167,7 +167,8 @@ def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *
         # Widest dtypes first: with the 8-byte-aligned header every tensor then starts at a
         # multiple of its item size (what safetensors' own writer guarantees), so readers
         # can mmap it without a copy.
-        its = sorted(groups[w], key=lambda i: -dtypes.itemsize(i.dtype))
+        # Then by key, so a file's bytes do not depend on the order the planner listed items.
+        its = sorted(groups[w], key=lambda i: (-dtypes.itemsize(i.dtype), i.key))
         writer = ShardWriter(os.path.join(tmp, rel), [(i.key, i.dtype, i.box.sizes, i.nbytes) for i in its])
         try:
             recs = []
@@ -390,7 +391,16 @@ def prepare_save(
         err = e
     cached = False
     if group is None:
-        plan = plan_save([meta], writers_per_rank=num_writers or _single_writers(meta), min_split_bytes=min_split_bytes)
+        # Cached too: a Checkpointer saving the same model every N steps should not pay
+        # for planning on the training thread each time.
+        writers = num_writers or _single_writers(meta)
+        key = ("single", _signature(meta, writers, min_split_bytes))
+        hit = _plan_cache.get(key)
+        if hit is not None:
+            plan, cached = hit[1], True
+        else:
+            plan = plan_save([meta], writers_per_rank=writers, min_split_bytes=min_split_bytes)
+            _plan_cache.put(key, key[1], plan)
         rank, size = 0, 1
     else:
         rank, size = group.rank, group.size
@@ -418,7 +428,8 @@ def prepare_save(
         reg = regions[w.region]
         tm = plan.tensors[w.fqn]
         data = reg.data[w.box.relative_to(reg.box)] if w.box != reg.box else reg.data
-        items.append(SaveItem(w.fqn, tm.dtype, w.box, data, w.box == Box.full(tm.shape)))
+        whole = w.box.sizes == tuple(tm.shape) and not any(w.box.offsets)
+        items.append(SaveItem(w.fqn, tm.dtype, w.box, data, whole))
         writer_of.append(w.writer)
     pg = None if group is None else group.pg
     return PreparedSave(tensors, paths, plain, items, writer_of, size, rank, plan, pg, cached)

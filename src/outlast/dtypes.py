@@ -56,5 +56,9 @@ def known(name: str) -> bool:
     return name in _ST_TO_TORCH
 
 
+_ITEMSIZE = {name: dt.itemsize for name, dt in _ST_TO_TORCH.items()}
+
+
 def itemsize(name: str) -> int:
-    return torch.empty((), dtype=_ST_TO_TORCH[name]).element_size()
+    """Bytes per element of a safetensors dtype name."""
+    return _ITEMSIZE[name]

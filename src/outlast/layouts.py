@@ -101,12 +101,14 @@ class LocalTensor:
     replicated: bool = True  # every rank holding it holds the same data (plain tensors)
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed
+    _DTensor = None
+
+
 def is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(x, DTensor)
+    return _DTensor is not None and isinstance(x, _DTensor)
 
 
 def is_leaf_tensor(x) -> bool:
@@ -115,7 +117,7 @@ def is_leaf_tensor(x) -> bool:
 
 
 def _check_plain(fqn: str, t: torch.Tensor) -> None:
-    if t.is_sparse or t.layout != torch.strided:
+    if t.layout != torch.strided:
         raise SerializationError(f"tensor {fqn!r} has layout {t.layout}; convert it with .to_dense() before saving")
     if t.device.type == "meta":
         raise SerializationError(f"tensor {fqn!r} is on the meta device and has no data to save")

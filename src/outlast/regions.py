@@ -40,7 +40,13 @@ class Box:
     @classmethod
     def full(cls, shape: Sequence[int]) -> "Box":
         """The box covering a whole tensor of ``shape``."""
-        return cls(tuple(0 for _ in shape), tuple(int(s) for s in shape))
+        # Hot path (once per tensor per save): a shape is valid by construction, so skip
+        # __post_init__'s checks.
+        box = object.__new__(cls)
+        sizes = tuple(shape)
+        object.__setattr__(box, "offsets", (0,) * len(sizes))
+        object.__setattr__(box, "sizes", sizes)
+        return box
 
     @property
     def ndim(self) -> int:
