@@ -257,16 +257,37 @@ class CheckpointReader:
                 info = h.get(c.key)
                 if not isinstance(info, dict) or info.get("data_offsets") != [c.offset - base, c.offset - base + c.nbytes]:
                     problems.append(f"{c.file}: tensor {fqn!r}: safetensors header entry {c.key!r} disagrees with the manifest")
+                region = f"region offsets={list(c.box.offsets)} sizes={list(c.box.sizes)}"
                 try:
                     buf = bytearray(c.nbytes)
                     self._read_chunk_into(fqn, c, memoryview(buf), True)
                 except CorruptCheckpointError as err:
-                    region = f"region offsets={list(c.box.offsets)} sizes={list(c.box.sizes)}"
                     what = "checksum mismatch" if "checksum mismatch" in str(err) else str(err)
                     problems.append(f"{c.file}: tensor {fqn!r} {region}: {what}")
+                else:
+                    # Partial (resharded) loads trust the per-row-block checksums instead of
+                    # the chunk's, so verify must check those too.
+                    bad = _bad_blocks(c, memoryview(buf))
+                    if bad:
+                        problems.append(f"{c.file}: tensor {fqn!r} {region}: block checksum mismatch in row block(s) {bad}")
                 if progress:
                     progress(c.nbytes)
         return problems
+
+
+def _bad_blocks(c: Chunk, buf: memoryview) -> list[int]:
+    """Indices of the chunk's row blocks whose stored checksum does not match ``buf``."""
+    if not c.block_rows or not c.block_checksums:
+        return []
+    rows = c.box.sizes[0]
+    row_bytes = c.nbytes // rows if rows else 0
+    bad = []
+    for i, want in enumerate(c.block_checksums):
+        lo = i * c.block_rows * row_bytes
+        hi = min(rows, (i + 1) * c.block_rows) * row_bytes
+        if checksum(buf[lo:hi]) != want:
+            bad.append(i)
+    return bad
 
 
 def list_checkpoints(root: str) -> list[dict]:
