@@ -150,5 +150,36 @@ def ls_cmd(directory: str, as_json: bool) -> None:
         click.echo(f"{r['name'].ljust(width)}  {step:>8}  {human_bytes(r['nbytes']):>10}  {r['status']}")
 
 
+# ---------------------------------------------------------------------------- training
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML training config (see examples/shakespeare_tiny.toml).")
+def train(config_path: str) -> None:
+    """Train (or resume) the run described by a TOML config.
+
+    Launch with torchrun for several ranks, e.g.
+    ``torchrun --standalone --nproc-per-node 2 -m outlast.cli train --config FILE``;
+    a plain ``outlast train --config FILE`` runs one process. Run the same command again
+    after a crash, on any number of ranks, and it resumes from the latest committed
+    checkpoint.
+    """
+    from .train.config import ConfigError, load_config
+    from .train.loop import train as run_training
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        run_training(cfg)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except CheckpointError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD)
+
+
 if __name__ == "__main__":
     main()
