@@ -22,6 +22,7 @@ Fault injection (used by ``outlast demo`` and the tests): if the environment has
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -151,6 +153,7 @@ class _InterimCheckpointer:
         if dist.get_rank() == 0:
             m = outlast.save(state, os.path.join(self.directory, f"step-{step:08d}"), step=step, overwrite=True)
             self.metrics.append({"step": step, "nbytes": m.nbytes})
+            self.last_metrics = SimpleNamespace(nbytes=m.nbytes)
             for old in self._steps()[: -self.keep_last]:
                 import shutil
 
@@ -254,8 +257,9 @@ def train(cfg: TrainConfig) -> dict:
     restored = checkpointer.restore(state) if int(flag.item()) else None
     start_step = int(restored or 0)
     restore_s = time.time() - t0
-    saved_world = meta.get("world_size", world_size) if restored else world_size
-    meta.update(world_size=world_size, config=cfg.to_dict())
+    # outlast.load replaces plain values (so read them from `state`); record this run's values for later saves.
+    saved_world = state["meta"].get("world_size", world_size) if restored else world_size
+    state["meta"] = meta
     attempt = 1 + sum(1 for r in (read_log(cfg.run_dir) if is_main else []) if r.get("event") == "start")
     log.write(event="start", attempt=attempt, world_size=world_size, resumed_from=restored,
               saved_world_size=saved_world, restore_s=restore_s, rng_reseeded=rng.reseeded, time=time.time())
@@ -279,7 +283,7 @@ def train(cfg: TrainConfig) -> dict:
 
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     losses: dict[int, float] = {}
-    pending_save: tuple[int, float] | None = None  # (step, seconds the save call blocked)
+    pending_save: tuple[int, float, int | None] | None = None  # (step, seconds save() blocked, bytes)
 
     # ---- the loop ------------------------------------------------------------------------
     for step in range(start_step + 1, stop + 1):
@@ -335,7 +339,8 @@ def train(cfg: TrainConfig) -> dict:
         if pending_save is not None:
             t_wait = time.time()
             checkpointer.wait_staged()
-            log.write(event="save", step=pending_save[0], stall_s=pending_save[1] + time.time() - t_wait)
+            log.write(event="save", step=pending_save[0], stall_s=pending_save[1] + time.time() - t_wait,
+                      nbytes=pending_save[2])
             pending_save = None
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -359,20 +364,25 @@ def train(cfg: TrainConfig) -> dict:
             rng.capture(step)
             t_save = time.time()
             checkpointer.save(step, state)
-            pending_save = (step, time.time() - t_save)
+            last = getattr(checkpointer, "last_metrics", None)
+            pending_save = (step, time.time() - t_save, getattr(last, "nbytes", None))
 
     # ---- finish: wait for the last save to commit ---------------------------------------
     t_close = time.time()
     checkpointer.close()
     if pending_save is not None:
-        log.write(event="save", step=pending_save[0], stall_s=pending_save[1])
-    metrics = getattr(checkpointer, "metrics", None)
+        log.write(event="save", step=pending_save[0], stall_s=pending_save[1], nbytes=pending_save[2])
     log.write(event="end", last_step=stop, close_s=time.time() - t_close, time=time.time(),
-              checkpointer=_jsonable(metrics() if callable(metrics) else metrics))
+              checkpointer=_jsonable(getattr(checkpointer, "metrics", None)))
     if bar is not None:
         bar.close()
     log.close()
     dist.barrier()
+    # DDP's reducer holds the process group; if the reducer is the last holder, torch
+    # destroys the group with the GIL held, which can deadlock with gloo's worker thread
+    # (pytorch/pytorch#56297). Drop the reducer first; then the group dies GIL-free.
+    del train_model, state
+    gc.collect()
     dist.destroy_process_group()
     return {"start_step": start_step, "last_step": stop, "world_size": world_size,
             "resumed": restored is not None, "losses": losses}
@@ -382,6 +392,8 @@ def _jsonable(x: Any) -> Any:
     """Checkpointer metrics as JSON (dataclass, dict or None), best effort."""
     if x is None:
         return None
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
     if hasattr(x, "__dataclass_fields__"):
         from dataclasses import asdict
 
