@@ -38,6 +38,12 @@ class Chunk:
     ``offset`` is the absolute byte offset of the region's bytes in ``file`` (relative to
     the checkpoint directory); ``nbytes`` their length; ``checksum`` a lowercase hex
     xxh3-64 digest of exactly those bytes. The bytes are the region in C order.
+
+    Optional (written by outlast >= 0.1 for large chunks, ignored by readers that do not
+    know them, so the format stays version 1): ``block_rows`` and ``block_checksums``,
+    the xxh3-64 of each run of ``block_rows`` rows (dim 0) of the chunk, the last run
+    possibly shorter. They let a reader that needs only some rows read and verify just
+    the blocks holding them.
     """
 
     box: Box
@@ -46,9 +52,11 @@ class Chunk:
     offset: int
     nbytes: int
     checksum: str
+    block_rows: int = 0
+    block_checksums: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "offsets": list(self.box.offsets),
             "sizes": list(self.box.sizes),
             "file": self.file,
@@ -57,6 +65,10 @@ class Chunk:
             "nbytes": self.nbytes,
             "checksum": self.checksum,
         }
+        if self.block_rows:
+            out["block_rows"] = self.block_rows
+            out["block_checksums"] = list(self.block_checksums)
+        return out
 
 
 @dataclass
@@ -266,8 +278,17 @@ class _Validator:
             self.check(off + nb <= files[f], cat, f"byte range ends past the size of {f}")
             cs = c.get("checksum")
             self.check(isinstance(cs, str) and len(cs) == 16, f"{cat}.checksum", "must be a 16-digit hex string")
+            br, bcs = c.get("block_rows", 0), c.get("block_checksums", [])
+            if br or "block_checksums" in c:
+                rows = sizes[0] if sizes else 0
+                self.check(_is_int(br) and 1 <= br and rows >= 1, f"{cat}.block_rows", "must be a positive integer for a chunk with rows")
+                self.check(
+                    isinstance(bcs, list) and len(bcs) == -(-rows // br) and all(isinstance(x, str) and len(x) == 16 for x in bcs),
+                    f"{cat}.block_checksums",
+                    f"must be {-(-rows // max(1, br if _is_int(br) else 1))} 16-digit hex strings",
+                )
             covered += box.numel
-            chunks.append(Chunk(box, f, c["key"], off, nb, cs))
+            chunks.append(Chunk(box, f, c["key"], off, nb, cs, br or 0, tuple(bcs) if br else ()))
         self.check(
             covered == math.prod(shape) or (math.prod(shape) == 0),
             at,

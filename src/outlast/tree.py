@@ -21,6 +21,7 @@ import torch
 
 from .errors import SerializationError
 from .format import fqn_of
+from .layouts import is_leaf_tensor
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _as_json(x: Any) -> Any:
 
 
 def _has_tensor_or_stateful(x: Any) -> bool:
-    if isinstance(x, torch.Tensor) or is_stateful(x):
+    if is_leaf_tensor(x) or is_stateful(x):
         return True
     if isinstance(x, dict):
         return any(_has_tensor_or_stateful(v) for v in x.values())
@@ -128,7 +129,7 @@ def _add(table: dict, path: list, leaf: Leaf, out: FlatState) -> None:
 
 
 def _walk(node: Any, path: list, out: FlatState, parent: Any, key: Any, expand: bool) -> None:
-    if isinstance(node, torch.Tensor):
+    if is_leaf_tensor(node):
         _add(out.tensors, path, Leaf(list(path), node, parent, key), out)
         return
     if is_stateful(node) and expand:

@@ -1,0 +1,230 @@
+"""Training-thread stall of checkpointing: outlast.Checkpointer vs DCP async_save vs nothing.
+
+A CPU training loop of a small transformer (about 226 MiB of parameters + AdamW state)
+saves every ``--every`` steps. For each mode the script measures the loop's wall time
+and, per save, the stall on the training thread:
+
+* outlast: time inside ``Checkpointer.save()`` plus time its hooks blocked
+  (``SaveMetrics.stall_s``);
+* DCP: time inside ``async_save()`` plus time waiting for the previous save's future
+  (DCP needs the previous one finished before the next starts) plus, where DCP stages
+  asynchronously, the wait for staging before ``optimizer.step()``.
+
+Modes run interleaved (none, outlast, dcp, none, ...) for ``--rounds`` rounds so drift of
+a shared machine hits all of them alike. Prints a table and a final JSON line.
+
+    PYTHONPATH=src python bench/stall.py [--steps 40 --every 10 --rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+import outlast
+
+
+class Model(nn.Module):
+    def __init__(self, vocab=2048, d=512, layers=6, ffn=2048, heads=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x):
+        return self.head(self.body(self.embed(x)))
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = Model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def train_step(model, opt, x, wait_before_step=None):
+    logits = model(x[:, :-1])
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+    loss.backward()
+    stall = wait_before_step() if wait_before_step else 0.0
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stall
+
+
+def pct(xs, q):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_none(model, opt, batches, every, root):
+    t0 = time.perf_counter()
+    for x in batches:
+        train_step(model, opt, x)
+    return time.perf_counter() - t0, []
+
+
+def run_outlast(model, opt, batches, every, root):
+    state = {"model": model, "optim": opt, "step": 0}
+    ckpt = outlast.Checkpointer(os.path.join(root, "outlast"), keep_last=2)
+    t0 = time.perf_counter()
+    for i, x in enumerate(batches):
+        train_step(model, opt, x)
+        if i % every == every - 1:
+            state["step"] = i
+            ckpt.save(i, state)
+    loop = time.perf_counter() - t0
+    ckpt.close()
+    return loop, [m.stall_s for m in ckpt.metrics], ckpt.metrics
+
+
+def dcp_options():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    opts = {"async_checkpointer_type": AsyncCheckpointerType.PROCESS}
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = torch.cuda.is_available()
+        # Pinned memory and asynchronous staging need CUDA; shared memory helps the
+        # PROCESS checkpointer (the staged copy is handed over without another copy).
+        opts["async_stager"] = DefaultStager(StagingOptions(cuda, True, cuda, cuda))
+    except ImportError:
+        pass
+    return dcp, opts
+
+
+def run_dcp(model, opt, batches, every, root):
+    import torch.distributed as dist
+
+    # DCP's PROCESS checkpointer needs a process group, even for one rank.
+    store = dist.FileStore(os.path.join(root, "dcp-store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        return _run_dcp(model, opt, batches, every, root)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_dcp(model, opt, batches, every, root):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    dcp, opts = dcp_options()
+    stalls = []
+    fut = None
+    staging = None
+    n = 0
+
+    def wait_staging():
+        nonlocal staging
+        if staging is None:
+            return 0.0
+        t = time.perf_counter()
+        staging.result()
+        staging = None
+        dt = time.perf_counter() - t
+        stalls[-1] += dt
+        return dt
+
+    t0 = time.perf_counter()
+    for i, x in enumerate(batches):
+        train_step(model, opt, x, wait_before_step=wait_staging)
+        if i % every == every - 1:
+            t = time.perf_counter()
+            if fut is not None:
+                fut.result()
+            msd, osd = get_state_dict(model, opt)
+            r = dcp.async_save({"model": msd, "optim": osd, "step": i}, checkpoint_id=os.path.join(root, "dcp", f"step-{i}"), **opts)
+            if hasattr(r, "upload_completion"):
+                fut, staging = r.upload_completion, r.staging_completion
+            else:
+                fut = r
+            stalls.append(time.perf_counter() - t)
+            n += 1
+    loop = time.perf_counter() - t0
+    if fut is not None:
+        fut.result()
+    stager = opts.get("async_stager")
+    return loop, stalls, stager
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=33)
+    ap.add_argument("--modes", default="none,outlast,dcp")
+    ap.add_argument("--dir", default=None)
+    args = ap.parse_args()
+
+    model, opt = make()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 2048, (args.batch, args.seq), generator=gen) for _ in range(args.steps)]
+    for x in batches[:3]:  # warm up: allocate optimizer state, fault in memory
+        train_step(model, opt, x)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    print(f"state: {nbytes / 2**20:.0f} MiB (model + AdamW), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} intra-op threads, {os.cpu_count()} cpus", file=sys.stderr)
+
+    modes = args.modes.split(",")
+    runners = {"none": run_none, "outlast": run_outlast, "dcp": run_dcp}
+    loops = {m: [] for m in modes}
+    stalls = {m: [] for m in modes}
+    extra: dict = {}
+    root = tempfile.mkdtemp(prefix="outlast-bench-", dir=args.dir)
+    try:
+        for r in range(args.rounds):
+            for mode in modes:
+                out = runners[mode](model, opt, batches, args.every, root)
+                loops[mode].append(out[0])
+                stalls[mode] += out[1]
+                if mode == "outlast":
+                    ms = out[2]
+                    extra.setdefault("outlast_stage_s", []).extend(m.stage_s for m in ms)
+                    extra.setdefault("outlast_persist_s", []).extend(m.persist_s for m in ms)
+                    extra.setdefault("outlast_blocked_s", []).extend(m.blocked_s for m in ms)
+                if mode == "dcp" and out[2] is not None:
+                    out[2].close()
+                print(f"round {r} {mode:8s} loop {out[0]:.2f} s  stalls(ms) {[round(s * 1e3, 1) for s in out[1]]}", file=sys.stderr)
+                shutil.rmtree(os.path.join(root, mode), ignore_errors=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    base = statistics.median(loops["none"]) if "none" in loops else None
+    res: dict = {"state_mib": round(nbytes / 2**20, 1), "steps": args.steps, "every": args.every, "rounds": args.rounds,
+                 "step_s": round(base / args.steps, 4) if base else None}
+    print(f"\n{'mode':10s} {'loop s':>8s} {'x none':>7s} {'stall med ms':>13s} {'stall p95 ms':>13s} {'saves':>6s}")
+    for mode in modes:
+        loop = statistics.median(loops[mode])
+        st = stalls[mode]
+        rel = loop / base if base else float("nan")
+        med = statistics.median(st) * 1e3 if st else 0.0
+        p95 = pct(st, 0.95) * 1e3 if st else 0.0
+        print(f"{mode:10s} {loop:8.2f} {rel:7.3f} {med:13.2f} {p95:13.2f} {len(st):6d}")
+        res[mode] = {"loop_s": round(loop, 3), "rel_to_none": round(rel, 4), "stall_median_ms": round(med, 3),
+                     "stall_p95_ms": round(p95, 3), "saves": len(st)}
+    for k, v in extra.items():
+        res[k.replace("_s", "_median_s")] = round(statistics.median(v), 4)
+    if "outlast" in res and "dcp" in res and res["dcp"]["stall_median_ms"]:
+        res["stall_ratio_outlast_vs_dcp"] = round(res["outlast"]["stall_median_ms"] / res["dcp"]["stall_median_ms"], 4)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

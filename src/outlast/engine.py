@@ -1,0 +1,330 @@
+"""The asynchronous save pipeline: staging buffers, the background workers and the hooks.
+
+A save is ``stage -> persist``. *Stage* copies every tensor region of a
+:class:`~outlast.api.PreparedSave` into host buffers that are allocated once and reused
+while the layout is unchanged; *persist* writes those buffers with
+:func:`outlast.api.persist` (shard files, manifest, atomic rename). Both run on
+background threads, so :meth:`Engine.submit` returns as soon as the plan is made.
+
+Consistency comes from ordering plus hooks. Regions are staged in three phases:
+
+0. module buffers (BatchNorm statistics and the like: a forward pass mutates them),
+1. tensors an optimizer updates (its parameters and its state),
+2. everything else.
+
+A forward pre-hook on every module of the state waits for phase 0, and an optimizer
+step pre-hook waits for phases 0 and 1, so the training thread blocks only if it would
+mutate a tensor before its copy exists. Phase 0 is small and phase 1 is finished long
+before ``optimizer.step()`` in a normal loop (it overlaps the forward and backward).
+
+Why threads and not a helper process (measured in bench/stall.py on a 2-core box): the
+work releases the GIL almost entirely (``memmove`` through ctypes, ``os.write``, xxhash),
+so a thread costs the training loop only the CPU it uses; a helper process would still
+need the same copy into shared memory on this side and adds a second interpreter's
+memory. What the background does cost is CPU, so its threads run at a low scheduling
+priority (``nice``), copy with one core in chunks (``memmove`` instead of
+``Tensor.copy_``, which would wake torch's intra-op thread pool and compete with the
+training's own parallel regions) and write with one writer by default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .api import PreparedSave
+
+log = logging.getLogger("outlast")
+
+__all__ = ["Engine", "Job", "StagingBuffers", "find_owners", "copy_into"]
+
+# Copies are cut into chunks of this size: each chunk is one GIL-free memmove, and a
+# hook waiting for a phase never waits for more than the chunk in progress beyond it.
+COPY_CHUNK = 4 << 20
+
+PHASE_FORWARD, PHASE_OPTIM, PHASE_REST = 0, 1, 2
+N_PHASES = 3
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (t.device.type, t.untyped_storage().data_ptr())
+
+
+def _walk_objects(x: Any, found: list, seen: set, depth: int) -> None:
+    """Collect optimizers and modules in nested state, directly or inside wrappers."""
+    if id(x) in seen or depth > 4:
+        return
+    seen.add(id(x))
+    if isinstance(x, (torch.optim.Optimizer, torch.nn.Module)):
+        found.append(x)
+        return
+    if isinstance(x, torch.Tensor) or isinstance(x, (str, bytes, int, float, bool, type(None))):
+        return
+    if isinstance(x, dict):
+        for v in x.values():
+            _walk_objects(v, found, seen, depth + 1)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _walk_objects(v, found, seen, depth + 1)
+    elif callable(getattr(x, "state_dict", None)):
+        # A Stateful wrapper (e.g. DCP's ModelWrapper/OptimizerWrapper, a user class)
+        # holding the real objects as attributes.
+        for v in getattr(x, "__dict__", {}).values():
+            _walk_objects(v, found, seen, depth + 1)
+
+
+def find_owners(state: Any) -> tuple[list[torch.optim.Optimizer], list[torch.nn.Module]]:
+    """The optimizers and modules reachable from ``state`` (each once)."""
+    found: list = []
+    _walk_objects(state, found, set(), 0)
+    return [o for o in found if isinstance(o, torch.optim.Optimizer)], [m for m in found if isinstance(m, torch.nn.Module)]
+
+
+def phase_of_items(prepared: PreparedSave, optimizers, modules) -> list[int]:
+    """The staging phase of every item (see the module docstring)."""
+    forward: set = set()
+    for m in modules:
+        for b in m.buffers():
+            forward.add(_storage_key(b))
+    optim: set = set()
+    for o in optimizers:
+        for g in o.param_groups:
+            for p in g["params"]:
+                optim.add(_storage_key(p))
+        for st in o.state.values():
+            if isinstance(st, dict):
+                for v in st.values():
+                    if isinstance(v, torch.Tensor):
+                        optim.add(_storage_key(v))
+    out = []
+    for it in prepared.items:
+        k = _storage_key(it.data)
+        out.append(PHASE_FORWARD if k in forward else PHASE_OPTIM if k in optim else PHASE_REST)
+    return out
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor, chunk: int = COPY_CHUNK) -> None:
+    """Copy ``src`` into the contiguous host buffer ``dst`` with one core, GIL released.
+
+    Contiguous CPU sources are copied with ``memmove`` in ``chunk``-byte pieces (ctypes
+    releases the GIL around each call); anything else falls back to ``Tensor.copy_``.
+    """
+    if (
+        src.device.type == "cpu"
+        and src.is_contiguous()
+        and not src.is_conj()
+        and not src.is_neg()
+        and dst.dtype == src.dtype
+        and dst.is_contiguous()
+        and dst.shape == src.shape
+    ):
+        n = src.numel() * src.element_size()
+        d, s = dst.data_ptr(), src.data_ptr()
+        for off in range(0, n, chunk):
+            ctypes.memmove(d + off, s + off, min(chunk, n - off))
+        return
+    with torch.no_grad():
+        dst.copy_(src, non_blocking=src.device.type == "cuda")
+
+
+class StagingBuffers:
+    """Host buffers for the items of a save, allocated once and reused while the layout
+    (dtype and shape of every item, in order) is unchanged. Pinned when the source is on
+    an accelerator so device-to-host copies run at full speed."""
+
+    def __init__(self) -> None:
+        self._signature: tuple | None = None
+        self.buffers: list[torch.Tensor] = []
+        self.allocations = 0
+
+    def for_items(self, prepared: PreparedSave) -> list[torch.Tensor]:
+        sig = tuple((i.data.dtype, tuple(i.data.shape), i.data.device.type) for i in prepared.items)
+        if sig != self._signature:
+            self.buffers = [
+                torch.empty(
+                    shape,
+                    dtype=dtype,
+                    pin_memory=dev == "cuda" and torch.cuda.is_available(),
+                )
+                for dtype, shape, dev in sig
+            ]
+            self._signature = sig
+            self.allocations += 1
+        return self.buffers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+
+@dataclass
+class Job:
+    """One save on its way through stage -> persist. ``finish`` runs on the persist thread."""
+
+    step: int
+    prepared: PreparedSave
+    phases: list[int]
+    buffers: StagingBuffers
+    persist: Callable[["Job"], Any]
+    on_done: Callable[["Job"], None]
+    phase_done: list[threading.Event] = field(default_factory=lambda: [threading.Event() for _ in range(N_PHASES)])
+    done: threading.Event = field(default_factory=threading.Event)
+    cuda_ready: Any = None  # a CUDA event recorded on the training stream at submit
+    error: BaseException | None = None
+    stage_s: float = 0.0
+    persist_s: float = 0.0  # set by the persist callable (it knows its own parts)
+    blocked_s: float = 0.0
+    result: Any = None
+    metrics: Any = None  # the caller's record of this save (filled as it progresses)
+
+    def staged(self) -> bool:
+        return self.phase_done[-1].is_set()
+
+    def release_waiters(self) -> None:
+        for e in self.phase_done:
+            e.set()
+
+
+def _lower_priority(nice: int) -> None:
+    if nice <= 0:
+        return
+    try:  # Linux: a thread is a task with its own niceness; threads it starts inherit it.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
+class Engine:
+    """Two background threads: one stages, one persists. Not thread-safe: one training
+    thread submits and waits; hooks call :meth:`wait_phase` from that same thread.
+
+    ``stage_delay`` (seconds before each item is copied) exists for tests that must
+    slow staging down deterministically.
+    """
+
+    def __init__(self, *, nice: int = 10, stage_delay: float = 0.0, device_copies: bool = True) -> None:
+        self.nice = nice
+        self.stage_delay = stage_delay
+        self._stage_q: queue.Queue = queue.Queue()
+        self._persist_q: queue.Queue = queue.Queue()
+        self._staging: Job | None = None  # the job whose copy may be in progress
+        self._lock = threading.Lock()
+        self._stream = None
+        if device_copies and torch.cuda.is_available():
+            self._stream = torch.cuda.Stream()
+        self._threads = [
+            threading.Thread(target=self._stage_loop, name="outlast-stage", daemon=True),
+            threading.Thread(target=self._persist_loop, name="outlast-persist", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- training thread
+    def submit(self, job: Job) -> None:
+        if self._stream is not None and any(i.data.device.type == "cuda" for i in job.prepared.items):
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream())
+            job.cuda_ready = ev
+        with self._lock:
+            self._staging = job
+        self._stage_q.put(job)
+
+    def wait_phase(self, phase: int) -> float:
+        """Block until the job being staged has copied ``phase`` (and all before it).
+        Returns the seconds blocked (added to that job's stall)."""
+        with self._lock:
+            job = self._staging
+        if job is None or job.phase_done[phase].is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        job.phase_done[phase].wait()
+        dt = time.perf_counter() - t0
+        job.blocked_s += dt
+        return dt
+
+    def close(self) -> None:
+        self._stage_q.put(None)
+        for t in self._threads:
+            t.join()
+
+    # -- background
+    def _stage_loop(self) -> None:
+        _lower_priority(self.nice)
+        while True:
+            job = self._stage_q.get()
+            if job is None:
+                self._persist_q.put(None)
+                return
+            t0 = time.perf_counter()
+            try:
+                bufs = job.buffers.for_items(job.prepared)
+                order = sorted(range(len(job.prepared.items)), key=lambda i: job.phases[i])
+                if job.cuda_ready is not None:
+                    self._stream.wait_event(job.cuda_ready)
+                current = 0
+                for i in order:
+                    while job.phases[i] > current:
+                        self._finish_phase(job, current)
+                        current += 1
+                    if self.stage_delay:
+                        time.sleep(self.stage_delay)
+                    if self._stream is not None and job.prepared.items[i].data.device.type == "cuda":
+                        with torch.cuda.stream(self._stream):
+                            copy_into(bufs[i], job.prepared.items[i].data)
+                    else:
+                        copy_into(bufs[i], job.prepared.items[i].data)
+                while current < N_PHASES:
+                    self._finish_phase(job, current)
+                    current += 1
+                job.stage_s = time.perf_counter() - t0
+                job.prepared = job.prepared.with_data(bufs)
+            except BaseException as e:  # noqa: BLE001 - handed back to the training thread
+                job.error = e
+                job.release_waiters()
+                with self._lock:
+                    if self._staging is job:
+                        self._staging = None
+                job.prepared = None  # type: ignore[assignment]
+                self._finish(job)
+                continue
+            with self._lock:
+                if self._staging is job:
+                    self._staging = None
+            self._persist_q.put(job)
+
+    def _finish_phase(self, job: Job, phase: int) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+        job.phase_done[phase].set()
+
+    def _persist_loop(self) -> None:
+        _lower_priority(self.nice)
+        while True:
+            job = self._persist_q.get()
+            if job is None:
+                return
+            try:
+                job.result = job.persist(job)
+            except BaseException as e:  # noqa: BLE001 - handed back to the training thread
+                job.error = e
+            # Drop references to the live state and buffers before signalling.
+            job.prepared = None  # type: ignore[assignment]
+            self._finish(job)
+
+    @staticmethod
+    def _finish(job: Job) -> None:
+        try:
+            job.on_done(job)
+        except BaseException as e:  # noqa: BLE001
+            if job.error is None:
+                job.error = e
+        finally:
+            job.done.set()

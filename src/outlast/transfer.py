@@ -1,0 +1,230 @@
+"""Carry out a load plan on this rank: storage reads, checks, copies, and the exchange.
+
+:func:`read_mine` does this rank's reads of a :class:`~outlast.plan.LoadPlan`: reads of
+adjacent byte ranges of one file become one ``preadv`` (up to ``_COALESCE`` bytes), a
+whole chunk that exactly fills a contiguous destination is read straight into it, and
+checksums (whole chunk or per block) are checked before any byte is used. Pieces for
+this rank are copied into their destinations; pieces for other ranks are packed, one
+byte buffer per destination rank. :func:`exchange` then sends and receives those
+buffers point to point (all receives posted first, so no order of sends can deadlock).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from . import dtypes
+from .collective import Group
+from .errors import CorruptCheckpointError
+from .plan import ChunkRead, LoadPlan, Piece
+from .reader import CheckpointReader, ReadRequest
+from .storage.local import checksum, tensor_bytes
+
+# Reads of adjacent ranges are merged up to this size (one syscall, one buffer).
+_COALESCE = 64 << 20
+# Messages larger than this are cut so no single transfer needs a huge buffer on the wire.
+_MESSAGE = 256 << 20
+
+
+@dataclass
+class TransferStats:
+    bytes_read: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    preads: int = 0
+
+
+def _dtype(read: ChunkRead, reader: CheckpointReader) -> torch.dtype:
+    return dtypes.from_safetensors(reader.manifest.tensors[read.chunk.fqn].dtype)
+
+
+def _as(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
+    if buf.numel() and buf.storage_offset() % torch.empty((), dtype=dtype).element_size():
+        buf = buf.clone()  # a misaligned slice of a coalesced buffer cannot be viewed as dtype
+    return buf.view(dtype).view(tuple(shape))
+
+
+def _verify(reader: CheckpointReader, read: ChunkRead, data: memoryview) -> None:
+    c = reader.manifest.tensors[read.chunk.fqn].chunks[read.chunk.index]
+    where = reader.file_path(c.file)
+
+    def bad(what: str, want: str, got: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"checksum mismatch in {where} for tensor {read.chunk.fqn!r} region offsets={list(c.box.offsets)} "
+            f"sizes={list(c.box.sizes)}{what}: expected {want}, got {got}. The file is damaged; use an "
+            "older checkpoint or restore the file.",
+            [f"{c.file}: {read.chunk.fqn} {list(c.box.offsets)}"],
+        )
+
+    if read.verify == "chunk":
+        got = checksum(data)
+        if got != c.checksum:
+            raise bad("", c.checksum, got)
+    elif read.verify == "blocks":
+        br, rb = c.block_rows, read.chunk.row_bytes
+        for k in range(read.row_lo // br, -(-read.row_hi // br)):
+            lo, hi = k * br, min(read.chunk.rows, (k + 1) * br)
+            got = checksum(data[(lo - read.row_lo) * rb : (hi - read.row_lo) * rb])
+            if got != c.block_checksums[k]:
+                raise bad(f" rows {lo}..{hi}", c.block_checksums[k], got)
+
+
+def read_mine(
+    reader: CheckpointReader,
+    plan: LoadPlan,
+    rank: int,
+    requests: list[ReadRequest],
+    stats: TransferStats,
+) -> dict[int, list[torch.Tensor]]:
+    """Do this rank's reads; fill its own pieces; return packed parts for other ranks."""
+    mine = plan.reads_of(rank)
+    m = reader.manifest
+    outgoing: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+    direct: list[ChunkRead] = []
+    spans: list[tuple[str, int, int, ChunkRead]] = []  # file, start, end, read
+    for rd in mine:
+        c = m.tensors[rd.chunk.fqn].chunks[rd.chunk.index]
+        if _direct_target(rd, requests) is not None:
+            direct.append(rd)
+            continue
+        start = c.offset + (rd.row_lo * rd.chunk.row_bytes if rd.chunk.box.ndim else 0)
+        spans.append((c.file, start, start + rd.nbytes, rd))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    groups: list[list[tuple[str, int, int, ChunkRead]]] = []
+    for s in spans:
+        g = groups[-1] if groups else None
+        if g and g[-1][0] == s[0] and g[-1][2] == s[1] and s[2] - g[0][1] <= _COALESCE:
+            g.append(s)
+        else:
+            groups.append([s])
+
+    order = {id(rd): i for i, rd in enumerate(plan.reads)}
+
+    def deliver(rd: ChunkRead, raw: torch.Tensor) -> None:
+        dt = _dtype(rd, reader)
+        src = _as(raw, dt, rd.box.sizes)
+        for j, p in enumerate(rd.pieces):
+            view = src[p.box.relative_to(rd.box)]
+            if p.rank == rank:
+                req = requests[p.request]
+                with torch.no_grad():
+                    req.dest[p.box.relative_to(req.box)].copy_(view)
+            else:
+                packed = view.contiguous().reshape(-1).view(torch.uint8)
+                outgoing.setdefault(p.rank, []).append((order[id(rd)], j, packed))
+
+    def run_group(g) -> None:
+        fd_file = g[0][0]
+        base, end = g[0][1], g[-1][2]
+        buf = torch.empty(end - base, dtype=torch.uint8)
+        from .storage.local import pread_into
+
+        pread_into(reader._fd(fd_file), tensor_bytes(buf), base, reader.file_path(fd_file))
+        for _, a, b, rd in g:
+            part = buf[a - base : b - base]
+            _verify(reader, rd, tensor_bytes(part))
+            deliver(rd, part)
+
+    def run_direct(rd: ChunkRead) -> None:
+        req = _direct_target(rd, requests)
+        c = m.tensors[rd.chunk.fqn].chunks[rd.chunk.index]
+        from .storage.local import pread_into
+
+        mv = tensor_bytes(req.dest)
+        pread_into(reader._fd(c.file), mv, c.offset, reader.file_path(c.file))
+        _verify(reader, rd, mv)
+
+    jobs = [(run_group, g) for g in groups] + [(run_direct, d) for d in direct]
+    stats.bytes_read += sum(rd.nbytes for rd in mine)
+    stats.preads += len(jobs)
+    if reader.threads <= 1 or len(jobs) <= 1:
+        for fn, arg in jobs:
+            fn(arg)
+    else:
+        with ThreadPoolExecutor(reader.threads, thread_name_prefix="outlast-read") as pool:
+            for f in [pool.submit(fn, arg) for fn, arg in jobs]:
+                f.result()
+    return {dst: [t for _, _, t in sorted(parts, key=lambda x: (x[0], x[1]))] for dst, parts in outgoing.items()}
+
+
+def _direct_target(rd: ChunkRead, requests: list[ReadRequest]) -> ReadRequest | None:
+    if len(rd.pieces) != 1 or rd.verify == "blocks":
+        return None
+    p = rd.pieces[0]
+    if p.rank != rd.reader:
+        return None
+    req = requests[p.request]
+    if p.box == rd.chunk.box == req.box and (rd.row_lo, rd.row_hi) == (0, rd.chunk.rows) or (
+        not rd.chunk.box.ndim and p.box == req.box
+    ):
+        if req.dest.device.type == "cpu" and req.dest.is_contiguous():
+            return req
+    return None
+
+
+def exchange(
+    group: Group,
+    plan: LoadPlan,
+    reader: CheckpointReader,
+    requests: list[ReadRequest],
+    outgoing: dict[int, list[torch.Tensor]],
+    stats: TransferStats,
+) -> None:
+    """Send packed pieces to their ranks and copy received pieces into destinations."""
+    me = group.rank
+    recvs = []
+    for src in range(group.size):
+        if src == me:
+            continue
+        msgs = plan.messages(src, me)
+        sizes = [p.box.numel * r.chunk.itemsize for r, p in msgs]
+        total = sum(sizes)
+        if not total:
+            continue
+        buf = torch.empty(total, dtype=torch.uint8)
+        works = [group.irecv(buf[a : a + _MESSAGE], src, tag=k) for k, a in enumerate(range(0, total, _MESSAGE))]
+        recvs.append((msgs, sizes, buf, works))
+    sends = []
+    for dst in sorted(outgoing):
+        parts = outgoing[dst]
+        buf = torch.cat(parts) if len(parts) > 1 else parts[0]
+        total = buf.numel()
+        stats.bytes_sent += total
+        sends += [group.isend(buf[a : a + _MESSAGE], dst, tag=k) for k, a in enumerate(range(0, total, _MESSAGE))]
+    for msgs, sizes, buf, works in recvs:
+        for w in works:
+            w.wait()
+        stats.bytes_received += buf.numel()
+        pos = 0
+        for (rd, p), n in zip(msgs, sizes):
+            req = requests[p.request]
+            src = _as(buf[pos : pos + n], req.dest.dtype, p.box.sizes)
+            with torch.no_grad():
+                req.dest[p.box.relative_to(req.box)].copy_(src)
+            pos += n
+    for w in sends:
+        w.wait()
+
+
+def check_coverage(path: str, reader: CheckpointReader, wants) -> None:
+    """Raise CorruptCheckpointError naming the first want the stored chunks do not cover."""
+    m = reader.manifest
+    for w in wants:
+        e = m.tensors[w.fqn]
+        got = 0
+        for c in e.chunks:
+            inter = c.box.intersect(w.box) if w.box.ndim else (c.box if c.box == w.box else None)
+            if inter is not None:
+                got += inter.numel
+        if got != w.box.numel:
+            files = sorted({c.file for c in e.chunks})
+            raise CorruptCheckpointError(
+                f"checkpoint {path} does not hold all of tensor {w.fqn!r} region offsets="
+                f"{list(w.box.offsets)} sizes={list(w.box.sizes)} (wanted by rank {w.rank}): "
+                f"{w.box.numel - got} elements are in no chunk (regions lost). Its chunks are in {files}; "
+                "use an older checkpoint."
+            )
+

@@ -1,0 +1,286 @@
+"""Checkpointer in one process: save/restore, hooks, back-pressure, failures, tiers, retention."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import types
+
+import pytest
+import torch
+
+import outlast
+from outlast.checkpointer import step_dir_name
+from outlast.errors import CheckpointError, CorruptCheckpointError, StorageError
+from outlast.storage import local as local_storage
+
+
+def make_state(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    return {"model": model, "optim": opt, "sched": sched, "data": {"pos": 0}, "extra": torch.zeros(5)}
+
+
+def train(state, step: int) -> None:
+    torch.manual_seed(1000 + step)
+    model, opt = state["model"], state["optim"]
+    model(torch.randn(8, 32)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    state["sched"].step()
+    state["data"]["pos"] = step
+
+
+def tensors_of(state) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v.clone() for k, v in state["model"].state_dict().items()}
+    for i, st in state["optim"].state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"optim.{i}.{k}"] = v.clone()
+    out["extra"] = state["extra"].clone()
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_roundtrip_and_metrics(tmp_path, caplog):
+    state = make_state()
+    snaps = {}
+    with caplog.at_level(logging.INFO, logger="outlast"):
+        with outlast.Checkpointer(tmp_path / "run") as ckpt:
+            assert ckpt.restore(state) is None
+            for step in range(3):
+                train(state, step)
+                ckpt.save(step, state)
+                ckpt.wait()
+                snaps[step] = (tensors_of(state), dict(state["data"]), state["sched"].state_dict())
+            m = ckpt.last_metrics
+    assert m.done and not m.skipped and m.error is None and m.step == 2
+    assert m.nbytes > 0 and m.persist_s > 0 and m.stall_s >= m.save_call_s
+    assert any("saved step 2" in r.message for r in caplog.records)
+    assert sorted(os.listdir(tmp_path / "run")) == [step_dir_name(s) for s in range(3)]
+
+    fresh = make_state(seed=1)
+    with outlast.Checkpointer(tmp_path / "run") as ckpt:
+        assert ckpt.restore(fresh) == 2
+    assert_same(tensors_of(fresh), snaps[2][0])
+    assert fresh["data"] == snaps[2][1]
+    assert fresh["sched"].state_dict() == snaps[2][2]
+
+
+def test_optimizer_hook_blocks_the_racing_step(tmp_path):
+    """Fails without the step pre-hook: optimizer.step() right after save() would change
+    the parameters before the (deliberately slow) copy reaches them."""
+    state = make_state()
+    train(state, 0)
+    before = tensors_of(state)
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt._engine.stage_delay = 0.05  # per tensor: the copy takes ~1 s
+        ckpt.save(1, state)
+        train(state, 1)  # forward (buffer hook), backward, optimizer.step (step hook)
+        ckpt.wait()
+        assert ckpt.last_metrics.blocked_s > 0
+    saved = outlast.read(tmp_path / step_dir_name(1))
+    for k, v in saved["model"].items():
+        assert torch.equal(v, before[f"model.{k}"]), k
+    assert not torch.equal(saved["model"]["0.weight"], state["model"][0].weight.detach())
+
+
+def test_wait_staged_covers_other_mutations(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt._engine.stage_delay = 0.02
+        ckpt.save(0, state)
+        ckpt.wait_staged()
+        state["extra"].fill_(7.0)  # not owned by an optimizer or module: our own rule
+    assert torch.equal(outlast.read(tmp_path / step_dir_name(0))["extra"], torch.zeros(5))
+
+
+def test_plain_values_are_captured_at_save(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt._engine.stage_delay = 0.02
+        state["data"]["pos"] = 41
+        ckpt.save(0, state)
+        state["data"]["pos"] = 42
+    assert outlast.read(tmp_path / step_dir_name(0))["data"]["pos"] == 41
+
+
+def test_if_busy_skip_and_wait(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path / "skip", if_busy="skip") as ckpt:
+        ckpt._engine.stage_delay = 0.05
+        assert ckpt.save(0, state) is True
+        assert ckpt.save(1, state) is False
+        ckpt.wait()
+        assert [m.skipped for m in ckpt.metrics] == [False, True]
+        assert ckpt.steps() == [0]
+    with outlast.Checkpointer(tmp_path / "wait") as ckpt:
+        ckpt._engine.stage_delay = 0.02
+        ckpt.save(0, state)
+        ckpt.save(1, state)
+        assert ckpt.metrics[1].backpressure_s > 0
+        ckpt.wait()
+        assert ckpt.steps() == [0, 1]
+
+
+class _FullDisk(types.ModuleType):
+    """``os`` as the shard writer sees it, with a disk that is full."""
+
+    def __init__(self):
+        super().__init__("os")
+        self.__dict__.update(os.__dict__)
+
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        self.write = write
+
+
+def test_write_failure_is_raised_on_next_call_and_nothing_is_committed(tmp_path, monkeypatch):
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path)
+    train(state, 0)
+    ckpt.save(0, state)
+    ckpt.wait()
+    good = tensors_of(state)
+    monkeypatch.setattr(local_storage, "os", _FullDisk())
+    train(state, 1)
+    ckpt.save(1, state)  # returns; the failure happens in the background
+    ckpt._inflight and ckpt._inflight[0].done.wait()
+    with pytest.raises(StorageError, match=r"step 1.*disk is full.*latest valid checkpoint is still step 0"):
+        ckpt.save(2, state)
+    monkeypatch.undo()
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path)) == [step_dir_name(0)]  # no partial step 1, no temp dir
+    fresh = make_state(seed=3)
+    with outlast.Checkpointer(tmp_path) as c2:
+        assert c2.restore(fresh) == 0
+    assert_same(tensors_of(fresh), good)
+
+
+def test_write_failure_is_raised_by_close(tmp_path, monkeypatch):
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path)
+    monkeypatch.setattr(local_storage, "os", _FullDisk())
+    ckpt.save(0, state)
+    with pytest.raises(StorageError, match="disk is full"):
+        ckpt.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_retention_keep_last_and_keep_every(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path, keep_last=2, keep_every=4) as ckpt:
+        for step in range(10):
+            ckpt.save(step, state)
+        ckpt.wait()
+        assert ckpt.steps() == [0, 4, 8, 9]
+
+
+def test_retention_never_deletes_the_only_valid_one(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+    # The newest becomes corrupt (a truncated file): it is not counted as valid, so
+    # step 1 is the only valid checkpoint and keep_last=1 must not delete it.
+    f = next((tmp_path / step_dir_name(2) / "data").iterdir())
+    os.truncate(f, 10)
+    with outlast.Checkpointer(tmp_path, keep_last=1) as ckpt:
+        ckpt._apply_retention_local()
+        assert sorted(os.listdir(tmp_path)) == [step_dir_name(1), step_dir_name(2)]
+        assert ckpt.steps() == [1]
+        ckpt.save(3, state)
+        ckpt.wait()
+        # Now step 3 is the newest valid: step 1 goes by keep_last, the broken step 2 as garbage.
+        assert sorted(os.listdir(tmp_path)) == [step_dir_name(3)]
+
+
+def test_restore_skips_incomplete_and_corrupt_newest(tmp_path):
+    state = make_state()
+    snaps = {}
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        for step in range(3):
+            train(state, step)
+            ckpt.save(step, state)
+            ckpt.wait()
+            snaps[step] = tensors_of(state)
+    # step 2: flip bytes inside a tensor (sizes intact: only checksums catch it, after
+    # the load has already written some tensors into the live state).
+    f = next((tmp_path / step_dir_name(2) / "data").iterdir())
+    raw = bytearray(f.read_bytes())
+    raw[-64:] = bytes(64)
+    raw[-65] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    # step 3: a save that never finished.
+    (tmp_path / step_dir_name(3) / "data").mkdir(parents=True)
+    (tmp_path / step_dir_name(3) / "data" / "w00000.safetensors").write_bytes(b"x" * 100)
+    fresh = make_state(seed=5)
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        with pytest.warns(UserWarning) as rec:
+            assert ckpt.restore(fresh) == 1
+    msgs = " | ".join(str(w.message) for w in rec)
+    assert step_dir_name(3) in msgs and "manifest" in msgs
+    assert step_dir_name(2) in msgs and "checksum" in msgs
+    assert_same(tensors_of(fresh), snaps[1])
+
+
+def test_restore_raises_when_every_checkpoint_fails_after_touching_state(tmp_path):
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, state)
+    f = next((tmp_path / step_dir_name(0) / "data").iterdir())
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    with outlast.Checkpointer(tmp_path) as ckpt, pytest.warns(UserWarning):
+        with pytest.raises(CorruptCheckpointError, match="partly overwritten"):
+            ckpt.restore(make_state())
+
+
+def test_leftover_temp_dirs_are_cleaned_at_startup(tmp_path):
+    (tmp_path / ".step-00000007.tmp-abcd1234" / "data").mkdir(parents=True)
+    with outlast.Checkpointer(tmp_path):
+        assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_remote_tier_restore_when_local_is_gone(tmp_path, scheme):
+    import shutil
+
+    url = f"file://{tmp_path / 'remote'}" if scheme == "file" else f"memory://outlast-test-{os.getpid()}"
+    state = make_state()
+    with outlast.Checkpointer(tmp_path / "local", remote=url, keep_last=2) as ckpt:
+        for step in range(4):
+            train(state, step)
+            ckpt.save(step, state)
+        ckpt.wait()
+        want = tensors_of(state)
+        assert [int(n[5:]) for n in sorted(ckpt.remote.names())] == [2, 3]
+    shutil.rmtree(tmp_path / "local")
+    # A newer upload that was cut short (data, no manifest) must not count.
+    with outlast.Checkpointer(tmp_path / "local", remote=url) as ckpt:
+        ckpt.remote.fs.makedirs(ckpt.remote._p(step_dir_name(9), "data"), exist_ok=True)
+        ckpt.remote.fs.pipe_file(ckpt.remote._p(step_dir_name(9), "data", "w00000.safetensors"), b"partial")
+        fresh = make_state(seed=9)
+        with pytest.warns(UserWarning, match="upload never finished"):
+            assert ckpt.restore(fresh) == 3
+        assert ckpt.steps() == [3]  # downloaded into the local tier
+    assert_same(tensors_of(fresh), want)
+    if scheme == "memory":
+        ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
+
+
+def test_closed_checkpointer_refuses(tmp_path):
+    ckpt = outlast.Checkpointer(tmp_path)
+    ckpt.close()
+    ckpt.close()
+    with pytest.raises(CheckpointError, match="closed"):
+        ckpt.save(0, make_state())
