@@ -129,12 +129,14 @@ def read_mine(
             deliver(rd, part)
 
     def run_direct(rd: ChunkRead) -> None:
-        req = _direct_target(rd, requests)
+        view = _direct_target(rd, requests)
         c = m.tensors[rd.chunk.fqn].chunks[rd.chunk.index]
         from .storage.local import pread_into
 
-        mv = tensor_bytes(req.dest)
-        pread_into(reader._fd(c.file), mv, c.offset, reader.file_path(c.file))
+        mv = tensor_bytes(view)
+        start = c.offset + (rd.row_lo * rd.chunk.row_bytes if rd.chunk.box.ndim else 0)
+        with torch.no_grad():
+            pread_into(reader._fd(c.file), mv, start, reader.file_path(c.file))
         _verify(reader, rd, mv)
 
     jobs = [(run_group, g) for g in groups] + [(run_direct, d) for d in direct]
@@ -150,18 +152,21 @@ def read_mine(
     return {dst: [t for _, _, t in sorted(parts, key=lambda x: (x[0], x[1]))] for dst, parts in outgoing.items()}
 
 
-def _direct_target(rd: ChunkRead, requests: list[ReadRequest]) -> ReadRequest | None:
-    if len(rd.pieces) != 1 or rd.verify == "blocks":
+def _direct_target(rd: ChunkRead, requests: list[ReadRequest]) -> torch.Tensor | None:
+    """The destination memory a read can land in without a staging copy, if any.
+
+    That is when the read's rows are exactly one local piece and the piece's place in
+    its destination is contiguous CPU memory (any row range of a row-major tensor is).
+    """
+    if len(rd.pieces) != 1:
         return None
     p = rd.pieces[0]
-    if p.rank != rd.reader:
+    if p.rank != rd.reader or p.box != rd.box:
         return None
     req = requests[p.request]
-    if p.box == rd.chunk.box == req.box and (rd.row_lo, rd.row_hi) == (0, rd.chunk.rows) or (
-        not rd.chunk.box.ndim and p.box == req.box
-    ):
-        if req.dest.device.type == "cpu" and req.dest.is_contiguous():
-            return req
+    view = req.dest[p.box.relative_to(req.box)] if req.box.ndim else req.dest
+    if view.device.type == "cpu" and view.is_contiguous():
+        return view
     return None
 
 

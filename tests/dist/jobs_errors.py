@@ -1,0 +1,76 @@
+"""Jobs for bad input: every rank must raise the same clear error, never hang."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import outlast
+from outlast import api
+from outlast.errors import CheckpointError, StorageError
+from tests.dist.harness import spawn
+
+
+def _catch(fn) -> dict:
+    try:
+        fn()
+    except CheckpointError as e:
+        return {"type": type(e).__name__, "msg": str(e)}
+    return {"type": None, "msg": ""}
+
+
+def errors_job(rank: int, world: int, root: str) -> dict:
+    out = {}
+    base = {"w": torch.arange(12.0).reshape(3, 4), "step": 1}
+    # 1. a tensor of another global shape on rank 1
+    bad = dict(base, w=torch.zeros(3, 5) if rank == 1 else base["w"])
+    out["shape"] = _catch(lambda: outlast.save(bad, os.path.join(root, "shape")))
+    # 2. different plain values for the same key
+    out["plain"] = _catch(lambda: outlast.save(dict(base, step=rank), os.path.join(root, "plain")))
+    # 3. a leaf only rank 1 cannot serialise
+    weird = dict(base, x=object() if rank == 1 else 3)
+    out["serial"] = _catch(lambda: outlast.save(weird, os.path.join(root, "serial")))
+    # 4. disk failure on rank 1 while writing
+    real = api.write_items
+
+    def failing(*a, **k):
+        if rank == 1:
+            raise StorageError("writing data/w00001.safetensors failed: No space left on device (the disk is full)")
+        return real(*a, **k)
+
+    api.write_items = failing
+    try:
+        out["disk"] = _catch(lambda: outlast.save(base, os.path.join(root, "disk")))
+    finally:
+        api.write_items = real
+    torch.distributed.barrier()
+    out["disk_leftovers"] = sorted(os.listdir(root))
+    # 5. a good save, then a live tensor of another shape on rank 1 at load
+    good = os.path.join(root, "good")
+    big = {"w": torch.arange(12.0).reshape(3, 4), "v": torch.ones(50, 4), "step": 1}
+    outlast.save(big, good, num_writers=1)
+    live = {"w": torch.zeros(3, 5) if rank == 1 else torch.zeros(3, 4), "v": torch.zeros(50, 4), "step": 0}
+    out["load_shape"] = _catch(lambda: outlast.load(live, good))
+    # 6. a missing writer file
+    torch.distributed.barrier()
+    if rank == 0:
+        os.remove(os.path.join(good, "data", "w00001.safetensors"))
+    torch.distributed.barrier()
+    live = {"w": torch.zeros(3, 4), "v": torch.zeros(50, 4), "step": 0}
+    out["missing_file"] = _catch(lambda: outlast.load(live, good))
+    # 7. the plan cache: same layout twice hits, a changed layout re-plans
+    p1 = outlast.prepare_save(base)
+    p2 = outlast.prepare_save({"w": base["w"] * 2, "step": 2})
+    p3 = outlast.prepare_save({"w": torch.zeros(3, 4), "u": torch.zeros(2), "step": 2} if rank == 0 else {"w": torch.zeros(3, 4), "step": 2})
+    out["cache"] = [p1.plan_cached, p2.plan_cached, p3.plan_cached]
+    outlast.persist(p2, os.path.join(root, "cached"))
+    if rank == 0:
+        out["cached_ok"] = torch.equal(outlast.read(os.path.join(root, "cached"))["w"], base["w"] * 2)
+    return out
+
+
+if __name__ == "__main__":
+    case, world, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    spawn({"errors": errors_job}[case], world, out, *sys.argv[4:])

@@ -1,0 +1,57 @@
+"""Bad input in a distributed save or load fails on every rank with a clear error."""
+
+import tempfile
+
+import pytest
+
+from tests.dist.harness import run_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_job("jobs_errors", "errors", 2, tempfile.mkdtemp(prefix="outlast-errors-"))
+
+
+def test_shape_conflict_names_tensor_and_both_shapes(results):
+    for r in results:
+        assert r["shape"]["type"] == "DistributedError"
+        assert "'w'" in r["shape"]["msg"] and "[3, 4]" in r["shape"]["msg"] and "[3, 5]" in r["shape"]["msg"]
+
+
+def test_plain_conflict_on_all_ranks(results):
+    for r in results:
+        assert r["plain"]["type"] == "DistributedError" and "'step'" in r["plain"]["msg"]
+
+
+def test_serialization_error_reaches_every_rank(results):
+    for r in results:
+        assert r["serial"]["type"] == "SerializationError" and "'x'" in r["serial"]["msg"]
+    assert "rank 1" in results[0]["serial"]["msg"]
+
+
+def test_disk_full_on_one_rank_fails_all_commits_nothing(results):
+    for r in results:
+        assert r["disk"]["type"] == "StorageError" and "disk is full" in r["disk"]["msg"]
+    assert "rank 1" in results[0]["disk"]["msg"]
+    assert not any(n.startswith("disk") or ".disk" in n for n in results[0]["disk_leftovers"])
+
+
+def test_live_shape_mismatch_at_load(results):
+    for r in results:
+        assert r["load_shape"]["type"] == "IncompatibleStateError"
+        assert "'w'" in r["load_shape"]["msg"] and "[3, 4]" in r["load_shape"]["msg"] and "[3, 5]" in r["load_shape"]["msg"]
+
+
+def test_missing_writer_file_names_lost_regions(results):
+    for r in results:
+        assert r["missing_file"]["type"] == "CorruptCheckpointError", r["missing_file"]
+        assert "w00001.safetensors" in r["missing_file"]["msg"]
+
+
+def test_plan_cache(results):
+    for r in results:
+        # the first layout was already planned by the disk-full save above: a hit
+        assert r["cache"] == [True, True, False]
+    assert results[0]["cached_ok"]
