@@ -37,10 +37,14 @@ class ConfigError(ValueError):
     """A training configuration value is wrong; the message names the field and the fix."""
 
 
+def _name(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
 def _int(section: str, name: str, value: Any, *, minimum: int = 0) -> None:
     # bool is an int subclass, and `steps = true` in a TOML file is a mistake, not 1.
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{section}.{name}={value!r} must be an int >= {minimum}")
+        raise ConfigError(f"{_name(section, name)}={value!r} must be an int >= {minimum}")
 
 
 def _num(section: str, name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -48,12 +52,12 @@ def _num(section: str, name: str, value: Any, *, low: float, high: float = math.
     ok = ok and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
-        raise ConfigError(f"{section}.{name}={value!r} must be a number {bound}")
+        raise ConfigError(f"{_name(section, name)}={value!r} must be a number {bound}")
 
 
 def _choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{section}.{name}={value!r} must be one of {list(choices)}")
+        raise ConfigError(f"{_name(section, name)}={value!r} must be one of {list(choices)}")
 
 
 @dataclass(frozen=True)
