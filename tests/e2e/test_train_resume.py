@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def final_model(run_dir, step=8):
-    return outlast.read(f"{run_dir}/checkpoints/step-{step:08d}", keys="model")["model"]
+    return outlast.read(f"{run_dir}/checkpoints/step-{step:08d}", keys="train.model")["train"]["model"]
 
 
 def assert_same_weights(a, b):

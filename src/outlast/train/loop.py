@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from .config import ConfigError, TrainConfig
 from .data import DocumentStream, load_documents
 from .model import Transformer, next_token_loss
 from .packing import pack
-from .state import ModelState, OptimizerState, RNGState, rank_seed
+from .state import RNGState, rank_seed
 
 __all__ = ["train", "LOSS_LOG", "FAULT_FILE", "read_log"]
 
@@ -110,68 +109,9 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _has_committed_checkpoint(directory: str) -> bool:
-    """Whether ``directory`` holds at least one committed checkpoint (public API only)."""
-    if not os.path.isdir(directory):
-        return False
-    for name in os.listdir(directory):
-        try:
-            outlast.manifest_of(os.path.join(directory, name))
-            return True
-        except outlast.errors.CheckpointError:
-            continue
-    return False
-
-
-class _InterimCheckpointer:
-    """Stand-in for ``outlast.Checkpointer`` until that lands (branch ``ckptr``): the same
-    calls, saving synchronously with ``outlast.save`` from rank 0 (DDP state is replicated)."""
-
-    def __init__(self, directory: str, keep_last: int) -> None:
-        self.directory, self.keep_last = directory, keep_last
-        self.metrics: list[dict] = []
-        os.makedirs(directory, exist_ok=True)
-
-    def _steps(self) -> list[int]:
-        out = []
-        for name in os.listdir(self.directory):
-            if name.startswith("step-"):
-                try:
-                    out.append(outlast.manifest_of(os.path.join(self.directory, name)).step)
-                except outlast.errors.CheckpointError:
-                    pass
-        return sorted(out)
-
-    def restore(self, state: dict) -> int | None:
-        steps = self._steps()
-        if not steps:
-            return None
-        outlast.load(state, os.path.join(self.directory, f"step-{steps[-1]:08d}"))
-        return steps[-1]
-
-    def save(self, step: int, state: dict) -> None:
-        if dist.get_rank() == 0:
-            m = outlast.save(state, os.path.join(self.directory, f"step-{step:08d}"), step=step, overwrite=True)
-            self.metrics.append({"step": step, "nbytes": m.nbytes})
-            self.last_metrics = SimpleNamespace(nbytes=m.nbytes)
-            for old in self._steps()[: -self.keep_last]:
-                import shutil
-
-                shutil.rmtree(os.path.join(self.directory, f"step-{old:08d}"))
-        dist.barrier()
-
-    def wait_staged(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _make_checkpointer(cfg: TrainConfig):
-    if not hasattr(outlast, "Checkpointer"):
-        if cfg.dist.mode == "fsdp":
-            raise ConfigError("dist.mode='fsdp' needs outlast.Checkpointer with distributed saves")
-        return _InterimCheckpointer(cfg.checkpoint_dir, cfg.checkpoint.keep_last)
+def _make_checkpointer(cfg: TrainConfig) -> "outlast.Checkpointer":
+    # Every rank builds it (collectively); it saves in the background, one checkpoint per
+    # step-NNNNNNNN folder, and keeps the newest keep_last.
     return outlast.Checkpointer(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
 
 
@@ -242,19 +182,19 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- restore the latest committed checkpoint, if any --------------------------------
     state = {
-        "model": ModelState(model),
-        "optim": OptimizerState(model, optimizer),
+        # Model and optimizer keyed by parameter name in their live layout (plain tensors
+        # under DDP, DTensor shards under FSDP2), so any layout and world size can load them.
+        "train": outlast.ModelOptimizerState(model, optimizer),
         "scheduler": scheduler,
         "data": stream,
         "rng": rng,
         "meta": meta,
     }
     checkpointer = _make_checkpointer(cfg)
-    # Rank 0 decides, so all ranks agree even without a shared view of the directory.
-    flag = torch.tensor([_has_committed_checkpoint(cfg.checkpoint_dir) if is_main else 0], device=device)
-    dist.broadcast(flag, src=0)
     t0 = time.time()
-    restored = checkpointer.restore(state) if int(flag.item()) else None
+    # The newest valid checkpoint, loaded in place whatever layout and world size saved
+    # it; None (and `state` untouched) on a fresh start.
+    restored = checkpointer.restore(state)
     start_step = int(restored or 0)
     restore_s = time.time() - t0
     # outlast.load replaces plain values (so read them from `state`); record this run's values for later saves.

@@ -1,16 +1,9 @@
-"""The trainer's checkpointable pieces that torch does not already make Stateful.
+"""Every rank's RNG state as checkpointable state.
 
-* :class:`ModelState` and :class:`OptimizerState` hand outlast the model and
-  optimizer through ``torch.distributed.checkpoint.state_dict``
-  (``get_*_state_dict`` / ``set_*_state_dict``). Those name every entry by the
-  parameter's fully qualified name, without DDP's ``module.`` prefix and with
-  optimizer state keyed by name instead of by position, so a checkpoint saved under
-  DDP on two ranks loads under FSDP2 or on one process unchanged. Under FSDP2 the
-  values are DTensors, which outlast saves and loads as regions of logical tensors.
-* :class:`RNGState` records every rank's torch RNG state, so a resume at the same
-  world size draws the same random numbers (dropout) as the run it continues.
-
-These are deliberately tiny: everything that decides *where bytes go* is outlast's.
+The model and optimizer go into a checkpoint through ``outlast.ModelOptimizerState``;
+the scheduler and the document stream are Stateful already. What is left is the RNG:
+:class:`RNGState` records every rank's torch RNG state, so a resume at the same world
+size draws the same random numbers (dropout) as the run it continues.
 """
 
 from __future__ import annotations
@@ -20,48 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
-__all__ = ["ModelState", "OptimizerState", "RNGState", "rank_seed"]
-
-
-class ModelState:
-    """The model's parameters and persistent buffers, by fully qualified name (wrappers stripped)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state)
-
-
-class OptimizerState:
-    """The optimizer's state and param groups, keyed by parameter name.
-
-    Note: torch's ``get_optimizer_state_dict`` initialises the state of an optimizer that
-    has never stepped by running a step with zero gradients and lr 0 (AdamW's ``step``
-    counter becomes 1). The trainer therefore asks for it only when it is about to be
-    overwritten by a restore, or after real steps; never on a fresh start.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+__all__ = ["RNGState", "rank_seed"]
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
