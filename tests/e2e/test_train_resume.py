@@ -77,3 +77,25 @@ def test_two_ranks_resume_bit_exact_and_on_one_rank_within_tolerance(tmp_path):
     a, b = final_model(shrunk), final_model(full)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    reason="Checkpointer.save reads untyped_storage() of DTensor parameters (outlast.engine._storage_key); "
+    "with that taking the DTensor's local tensor this passes (bit-exact, and 2->1 into DDP within 5e-8)",
+    raises=AssertionError,
+    strict=False,
+)
+def test_fsdp2_resume_bit_exact_and_into_ddp_on_one_rank(tmp_path):
+    fsdp = {"mode": "fsdp"}
+    full, split, into_ddp = tmp_path / "full", tmp_path / "split", tmp_path / "ddp"
+    check(run_train(tmp_path, small_config(full, dist=fsdp), 2, name="full"))
+    check(run_train(tmp_path, small_config(split, dist=fsdp, stop_after=4), 2, name="stop"))
+    shutil.copytree(split, into_ddp)
+    check(run_train(tmp_path, small_config(split, dist=fsdp), 2, name="resume"))
+    assert losses(split) == losses(full)
+    assert_same_weights(final_model(split), final_model(full))
+    # FSDP2 shards on 2 ranks -> DDP on 1 rank, no conversion step.
+    check(run_train(tmp_path, small_config(into_ddp), 1, name="into_ddp"))
+    ref, got = losses(full), losses(into_ddp)
+    for s in range(5, 9):
+        assert got[s] == pytest.approx(ref[s], rel=1e-5, abs=0), s

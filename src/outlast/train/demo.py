@@ -57,7 +57,7 @@ PLANS = {
     ),
     # For CI: the same story in well under a minute.
     "quick": DemoPlan(
-        steps=30, fault_step=18, every=5,
+        steps=30, fault_step=19, every=5,
         model={"preset": "tiny", "n_layers": 2, "d_model": 64, "d_ff": 256, "max_seq_len": 128},
         data={"docs_per_step": 6, "max_doc_tokens": 128, "token_budget": 128},
     ),

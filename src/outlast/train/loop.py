@@ -146,6 +146,11 @@ def train(cfg: TrainConfig) -> dict:
     # ---- processes, threads, device -------------------------------------------------
     rank, world_size, device = _init_distributed(cfg)
     is_main = rank == 0
+    if cfg.data.docs_per_step < world_size:
+        raise ConfigError(
+            f"data.docs_per_step={cfg.data.docs_per_step} is less than the world size {world_size}; "
+            "every rank needs at least one document per step (raise docs_per_step or use fewer ranks)"
+        )
     os.makedirs(cfg.run_dir, exist_ok=True)
     log = _Log(os.path.join(cfg.run_dir, LOSS_LOG) if is_main else None)
     if is_main:
@@ -232,11 +237,6 @@ def train(cfg: TrainConfig) -> dict:
 
         # This step's global batch (the same on every rank) and this rank's balanced share.
         batch = [stream.documents[stream.next_index()] for _ in range(cfg.data.docs_per_step)]
-        if len(batch) < world_size:
-            raise ConfigError(
-                f"data.docs_per_step={cfg.data.docs_per_step} is less than the world size {world_size}; "
-                "every rank needs at least one document"
-            )
         mine = partition([doc_cost(d.numel()) for d in batch], world_size, cfg.data.balance)[rank]
         micro_batches = pack([batch[i] for i in mine], budget, cfg.data.packing)
 
@@ -304,8 +304,11 @@ def train(cfg: TrainConfig) -> dict:
             rng.capture(step)
             t_save = time.time()
             checkpointer.save(step, state)
-            last = getattr(checkpointer, "last_metrics", None)
-            pending_save = (step, time.time() - t_save, getattr(last, "nbytes", None))
+            stall = time.time() - t_save
+            # Each rank writes its share of the checkpoint (replicas are written once); sum them.
+            nbytes = torch.tensor([checkpointer.last_metrics.nbytes], dtype=torch.float64, device=device)
+            dist.all_reduce(nbytes, op=dist.ReduceOp.SUM)
+            pending_save = (step, stall, int(nbytes.item()))
 
     # ---- finish: wait for the last save to commit ---------------------------------------
     t_close = time.time()
