@@ -55,6 +55,8 @@ N_PHASES = 3
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    # A DTensor (FSDP2 / tensor parallel) has no storage of its own: key by its local shard.
+    t = getattr(t, "_local_tensor", t)
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
