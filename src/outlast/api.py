@@ -31,7 +31,7 @@ import xxhash
 
 from . import __version__, dtypes
 from .collective import Group, group_of
-from .errors import CheckpointExistsError, DistributedError, IncompatibleStateError, SerializationError
+from .errors import CheckpointExistsError, DistributedError, IncompatibleStateError
 from .format import DATA_DIR, MANIFEST_NAME, Chunk, Manifest, PlainEntry, TensorEntry, fqn_of
 from .layouts import LocalTensor, local_tensor, staged
 from .plan import (
@@ -47,7 +47,7 @@ from .plan import (
 )
 from .reader import CheckpointReader, ReadRequest, open_manifest
 from .regions import Box
-from .storage.local import ShardWriter, checksum, commit_dir, remove_tree, temp_dir_for, tensor_bytes, write_manifest
+from .storage.local import ShardWriter, commit_dir, remove_tree, temp_dir_for, write_manifest
 from .tree import FlatState, flatten, insert
 
 __all__ = ["save", "load", "read", "LoadReport", "SaveReport", "SaveItem", "prepare_save", "persist"]
@@ -139,16 +139,13 @@ def describe_state(flat: FlatState) -> tuple[dict[str, LocalTensor], dict[str, P
     return tensors, plain, paths
 
 
-def _block_checksums(data: torch.Tensor, box: Box, nbytes: int) -> tuple[int, tuple[str, ...]]:
+def _block_rows(box: Box, nbytes: int) -> int:
+    """Rows per checksummed block of a chunk (0: the chunk gets no block checksums)."""
     if nbytes < _BLOCKS_FROM or box.ndim == 0 or box.sizes[0] < 2:
-        return 0, ()
-    rows = box.sizes[0]
-    row_bytes = nbytes // rows
+        return 0
+    row_bytes = nbytes // box.sizes[0]
     br = max(1, _BLOCK_BYTES // max(1, row_bytes))
-    if br >= rows:
-        return 0, ()
-    mv = tensor_bytes(data)
-    return br, tuple(checksum(mv[k * row_bytes : min(rows, k + br) * row_bytes]) for k in range(0, rows, br))
+    return 0 if br >= box.sizes[0] else br
 
 
 def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *, file_prefix: str = "w") -> tuple[dict[str, list[Chunk]], dict[str, int]]:
@@ -173,9 +170,10 @@ def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *
         try:
             recs = []
             for i in its:
-                data = staged(i.data)
-                rec = writer.write(i.key, data)
-                recs.append((i, rec, _block_checksums(data, i.box, i.nbytes)))
+                br = _block_rows(i.box, i.nbytes)
+                row_bytes = i.nbytes // i.box.sizes[0] if br else 0
+                rec = writer.write(i.key, staged(i.data), block_bytes=br * row_bytes)
+                recs.append((i, rec, (br, rec.block_checksums)))
             writer.close()
         except BaseException:
             writer.abort()

@@ -14,7 +14,7 @@ import secrets
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from .format import MANIFEST_NAME
 from .reader import open_manifest
 from .storage.local import is_temp_name, remove_tree
 from .storage.remote import STEP_DIR, RemoteTier

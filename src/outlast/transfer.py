@@ -19,7 +19,7 @@ import torch
 from . import dtypes
 from .collective import Group
 from .errors import CorruptCheckpointError
-from .plan import ChunkRead, LoadPlan, Piece
+from .plan import ChunkRead, LoadPlan
 from .reader import CheckpointReader, ReadRequest
 from .storage.local import checksum, tensor_bytes
 

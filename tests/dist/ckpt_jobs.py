@@ -8,7 +8,6 @@ uploads to a file:// remote tier and applies retention; a second run restores.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch

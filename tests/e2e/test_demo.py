@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import env_for_subprocess
+from train_helpers import env_for_subprocess
 
 pytestmark = pytest.mark.slow
 

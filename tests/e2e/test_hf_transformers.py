@@ -42,8 +42,6 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path, tie):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_save_pretrained_imports_and_loads_back(tmp_path, tie):
-    from transformers import LlamaForCausalLM
-
     cfg, model = _tiny_llama(tie, seed=3)
     model.save_pretrained(tmp_path / "hf")  # HF's own writer; drops lm_head.weight when tied
     outlast.convert(tmp_path / "hf", tmp_path / "ck", src_format="hf", dst_format="outlast", prefix="model")

@@ -7,7 +7,7 @@ import torch
 
 import outlast
 from outlast.errors import CheckpointExistsError, IncompatibleStateError, SerializationError
-from conftest import fresh_state, trained_state
+from state_helpers import fresh_state, trained_state
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
               torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]

@@ -13,7 +13,7 @@ import torch
 
 import outlast
 
-from conftest import check, losses, run_train, small_config
+from train_helpers import check, losses, run_train, small_config
 
 pytestmark = pytest.mark.slow
 

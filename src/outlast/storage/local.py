@@ -45,6 +45,7 @@ class WrittenTensor:
     offset: int
     nbytes: int
     checksum: str
+    block_checksums: tuple[str, ...] = ()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -112,16 +113,33 @@ class ShardWriter:
             hint = " (the disk is full: free space or save elsewhere)" if e.errno == errno.ENOSPC else ""
             raise StorageError(f"writing {self.path} failed: {e.strerror}{hint}") from e
 
-    def write(self, key: str, tensor: torch.Tensor) -> WrittenTensor:
+    def write(self, key: str, tensor: torch.Tensor, *, block_bytes: int = 0) -> WrittenTensor:
+        """Append the next declared tensor; returns where it went and its checksum(s).
+
+        With ``block_bytes``, also return the checksum of every ``block_bytes`` slice.
+        The bytes then go through memory once: each block is hashed (block and whole
+        tensor) and written while it is still in the CPU cache.
+        """
         k, _, _, nbytes = self._entries[self._next]
         if k != key:
             raise ValueError(f"ShardWriter expected tensor {k!r} next, got {key!r}")
         data = tensor_bytes(tensor)
         if len(data) != nbytes:
             raise ValueError(f"tensor {key!r} has {len(data)} bytes, declared {nbytes}")
-        digest = checksum(data)
-        self._write(data)
-        rec = WrittenTensor(key, self._base + self._starts[self._next], nbytes, digest)
+        blocks: tuple[str, ...] = ()
+        if block_bytes and nbytes > block_bytes:
+            whole = xxhash.xxh3_64()
+            digests = []
+            for lo in range(0, nbytes, block_bytes):
+                part = data[lo : lo + block_bytes]
+                digests.append(checksum(part))
+                whole.update(part)
+                self._write(part)
+            digest, blocks = whole.hexdigest(), tuple(digests)
+        else:
+            digest = checksum(data)
+            self._write(data)
+        rec = WrittenTensor(key, self._base + self._starts[self._next], nbytes, digest, blocks)
         self._next += 1
         return rec
 
