@@ -373,6 +373,21 @@ def prepare_save(
         >>> prepared = outlast.prepare_save({"model": model})   # collective
         >>> outlast.persist(prepared, "ckpt/step-10")           # collective
     """
+    return prepare_flat(state, num_writers=num_writers, process_group=process_group, min_split_bytes=min_split_bytes)
+
+
+def prepare_flat(
+    state: "dict | FlatState",
+    *,
+    num_writers: int | None = None,
+    process_group: Any = None,
+    min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES,
+) -> PreparedSave:
+    """:func:`prepare_save` for state that may already be flattened.
+
+    The Checkpointer flattens on the training thread (that is where ``state_dict()``
+    must be called and plain values captured) and plans on its staging thread.
+    """
     group = group_of(process_group)
     err: BaseException | None = None
     tensors: dict = {}
@@ -380,7 +395,7 @@ def prepare_save(
     paths: dict = {}
     meta = None
     try:
-        flat = flatten(state)
+        flat = state if isinstance(state, FlatState) else flatten(state)
         tensors, plain, paths = describe_state(flat)
         meta = _rank_meta(tensors, paths)
     except Exception as e:  # noqa: BLE001 - sent to every rank, then re-raised

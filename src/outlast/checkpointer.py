@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .api import load, persist, prepare_save
+from .api import load, persist, prepare_flat, prepare_save
+from .tree import flatten
 from .engine import PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingBuffers, find_owners, phase_of_items
 from .errors import (
     CheckpointError,
@@ -331,11 +332,29 @@ class Checkpointer:
             m.backpressure_s += time.perf_counter() - tb
         self._raise_pending()
 
-        prepared = prepare_save(state, num_writers=self.num_writers, **self._pg_kw())
         optimizers, modules = self._register_hooks(state)
-        phases = phase_of_items(prepared, optimizers, modules)
-        m.nbytes = prepared.nbytes
-        job = Job(step, prepared, phases, self._free.pop(), self._persist_job, self._job_done, metrics=m)
+        if self._pg is None:
+            # One process: only flatten here (state_dict() calls and plain values belong
+            # to this moment); planning runs first thing on the staging thread.
+            flat = flatten(state)
+            nw = self.num_writers
+
+            def prepare() -> tuple:
+                prepared = prepare_flat(flat, num_writers=nw)
+                return prepared, phase_of_items(prepared, optimizers, modules)
+
+            job = Job(step, None, [], self._free.pop(), self._persist_job, self._job_done, metrics=m,
+                      prepare=prepare, has_cuda=any(leaf.value.device.type == "cuda" for leaf in flat.tensors.values()
+                                                    if isinstance(leaf.value, torch.Tensor)))
+            if not any(True for mod in modules for _ in mod.buffers()):
+                job.phase_done[PHASE_FORWARD].set()  # nothing a forward pass mutates: never wait
+        else:
+            # Distributed: planning is collective, so it stays on this thread, where every
+            # rank reaches it in the same order (a rank failing to flatten fails all).
+            prepared = prepare_save(state, num_writers=self.num_writers, **self._pg_kw())
+            m.nbytes = prepared.nbytes
+            job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), self._free.pop(),
+                      self._persist_job, self._job_done, metrics=m)
         self._inflight.append(job)
         self.metrics.append(m)
         self._engine.submit(job)

@@ -172,7 +172,7 @@ class Job:
     """One save on its way through stage -> persist. ``finish`` runs on the persist thread."""
 
     step: int
-    prepared: PreparedSave
+    prepared: PreparedSave | None  # None until ``prepare`` has run on the staging thread
     phases: list[int]
     buffers: StagingBuffers
     persist: Callable[["Job"], Any]
@@ -186,6 +186,10 @@ class Job:
     blocked_s: float = 0.0
     result: Any = None
     metrics: Any = None  # the caller's record of this save (filled as it progresses)
+    # Deferred planning: ``prepare()`` returns ``(prepared, phases)``; run first thing on
+    # the staging thread so the training thread only flattens.
+    prepare: Callable[[], tuple[PreparedSave, list[int]]] | None = None
+    has_cuda: bool = False
 
     def staged(self) -> bool:
         return self.phase_done[-1].is_set()
@@ -231,7 +235,9 @@ class Engine:
 
     # -- training thread
     def submit(self, job: Job) -> None:
-        if self._stream is not None and any(i.data.device.type == "cuda" for i in job.prepared.items):
+        if job.prepared is not None:
+            job.has_cuda = any(i.data.device.type == "cuda" for i in job.prepared.items)
+        if self._stream is not None and job.has_cuda:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream())
             job.cuda_ready = ev
@@ -267,6 +273,11 @@ class Engine:
                 return
             t0 = time.perf_counter()
             try:
+                if job.prepared is None:
+                    job.prepared, job.phases = job.prepare()
+                    job.prepare = None
+                    if job.metrics is not None:
+                        job.metrics.nbytes = job.prepared.nbytes
                 bufs = job.buffers.for_items(job.prepared)
                 order = sorted(range(len(job.prepared.items)), key=lambda i: job.phases[i])
                 if job.cuda_ready is not None:
