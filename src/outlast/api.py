@@ -30,7 +30,7 @@ import torch
 import xxhash
 
 from . import __version__, dtypes
-from .collective import Group, group_of
+from .collective import Group, group_of, raise_gathered
 from .errors import CheckpointExistsError, DistributedError, IncompatibleStateError
 from .format import DATA_DIR, MANIFEST_NAME, Chunk, Manifest, PlainEntry, TensorEntry, fqn_of
 from .layouts import LocalTensor, local_tensor, staged
@@ -423,7 +423,7 @@ def prepare_flat(
         outcome = None if err is None else (type(err).__name__, str(err))
         got = group.all_gather((outcome, hit[0] if hit else None), "outlast.prepare_save")
         if any(o is not None for o, _ in got):
-            _raise_gathered(err, [o for o, _ in got], "outlast.prepare_save (flattening the state)")
+            raise_gathered(err, [o for o, _ in got], "outlast.prepare_save (flattening the state)")
         ids = {pid for _, pid in got}
         if len(ids) == 1 and None not in ids:
             plan = hit[1]
@@ -451,23 +451,6 @@ def prepare_flat(
 def _single_writers(meta: RankMeta) -> int:
     total = sum(r.box.numel * meta.tensors[r.fqn].itemsize for r in meta.regions)
     return max(1, min(DEFAULT_WRITERS, total // (16 << 20) or 1, len(meta.regions) or 1))
-
-
-def _raise_gathered(local: BaseException | None, outcomes: list, what: str) -> None:
-    """Raise the error one rank reported (same class on every rank; the rank's own on it)."""
-    from . import errors
-
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-    if not failed:
-        return
-    if local is not None:
-        raise local
-    r, (name, msg) = failed[0]
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.CheckpointError)):
-        cls = DistributedError
-    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-    raise cls(f"{what} failed on rank {r}{more}: {msg}")
 
 
 def _same_plain(gathered: list[dict], path: str) -> dict[str, PlainEntry]:
@@ -575,7 +558,7 @@ def persist(
     tmp = group.broadcast((tmp, None if err is None else (type(err).__name__, str(err))), what)
     tmp, failure = tmp
     if failure is not None:
-        _raise_gathered(err, [failure] + [None] * (group.size - 1), what)
+        raise_gathered(err, [failure] + [None] * (group.size - 1), what)
     # 2. Every rank writes its files; 3. outcomes, chunk records and plain values meet.
     err = None
     chunks: dict = {}
@@ -593,7 +576,7 @@ def persist(
     )
     gathered = group.all_gather(payload, what)
     try:
-        _raise_gathered(err, [g[0] for g in gathered], what)
+        raise_gathered(err, [g[0] for g in gathered], what)
         plain = _same_plain([g[3] for g in gathered], path)
     except BaseException:
         if group.rank == 0:
@@ -624,7 +607,7 @@ def persist(
         what,
     )
     if result[0] is not None:
-        _raise_gathered(err, [result[0]] + [None] * (group.size - 1), what)
+        raise_gathered(err, [result[0]] + [None] * (group.size - 1), what)
     if manifest is None:
         manifest = Manifest.loads(result[1], os.path.join(path, MANIFEST_NAME))
     report.bytes_written = prepared.nbytes
@@ -863,7 +846,7 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         err = e
     try:
         gathered = group.all_gather((None if err is None else (type(err).__name__, str(err)), digest, wants), what)
-        _raise_gathered(err, [g[0] for g in gathered], what)
+        raise_gathered(err, [g[0] for g in gathered], what)
         if len({g[1] for g in gathered}) != 1:
             raise DistributedError(
                 f"{what}: ranks read different manifests at {path}. Every rank must see the same "
@@ -886,7 +869,7 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
             outgoing = read_mine(reader, plan, group.rank, requests, stats)
         except Exception as e:  # noqa: BLE001
             err = e
-        _raise_gathered(err, group.all_gather(None if err is None else (type(err).__name__, str(err)), what), what)
+        raise_gathered(err, group.all_gather(None if err is None else (type(err).__name__, str(err)), what), what)
         exchange(group, plan, reader, requests, outgoing, stats)
         report.bytes_read = stats.bytes_read
         report.bytes_received = stats.bytes_received

@@ -66,19 +66,7 @@ class Group:
     def raise_together(self, local: BaseException | None, what: str) -> None:
         """Raise on every rank if ``local`` is an error on any rank; else return."""
         mine = None if local is None else (type(local).__name__, str(local))
-        outcomes = self.all_gather(mine, what)
-        failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
-        if not failed:
-            return
-        if local is not None:
-            raise local
-        r, (name, msg) = failed[0]
-        cls = getattr(errors, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-            cls = DistributedError
-        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        err = cls(f"{what} failed on rank {r}{more}: {msg}")
-        raise err
+        raise_gathered(local, self.all_gather(mine, what), what)
 
     def isend(self, tensor, dst: int, tag: int):
         import torch.distributed as dist
@@ -106,3 +94,22 @@ def group_of(process_group: Any = None) -> Group | None:
         return None
     pg = process_group if process_group is not None else dist.group.WORLD
     return Group(pg, dist.get_rank(pg), dist.get_world_size(pg))
+
+
+def raise_gathered(local: BaseException | None, outcomes: list, what: str) -> None:
+    """Given every rank's outcome (None, or (error class name, message)), raise if any failed.
+
+    The failing rank re-raises its own exception; the others raise the same outlast error
+    class (DistributedError for anything else) naming the first failing rank and its cause.
+    """
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return
+    if local is not None:
+        raise local
+    r, (name, msg) = failed[0]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = DistributedError
+    more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise cls(f"{what} failed on rank {r}{more}: {msg}")

@@ -168,6 +168,11 @@ def test_resume_in_plain_torch_matches_deepspeed_next_step(ckpts, stage):
     set_optimizer_state_dict(model, optim, st.optimizer_state_dict())
     assert optim.param_groups[0]["weight_decay"] == fx.WEIGHT_DECAY
 
+    assert_next_step_matches(fx, model, optim, meta)
+
+
+def assert_next_step_matches(fx, model, optim, meta) -> None:
+    """The resumed model's loss, and its loss after one more step, equal DeepSpeed's."""
     x, y = fx.batch(meta["train_steps"])
     loss = fx.loss_fn(model(x), y)
     assert loss.item() == pytest.approx(meta["loss_resume"], rel=1e-6)
@@ -273,14 +278,7 @@ def test_converted_checkpoint_resumes_under_outlast_in_one_process(ckpts, tmp_pa
     optim = torch.optim.AdamW(fx.param_groups(model), lr=fx.LR, betas=fx.BETAS, eps=fx.EPS)
     report = outlast.load({"train": outlast.ModelOptimizerState(model, optim)}, out)
     assert report.missing == []
-    x, y = fx.batch(meta["train_steps"])
-    loss = fx.loss_fn(model(x), y)
-    assert loss.item() == pytest.approx(meta["loss_resume"], rel=1e-6)
-    loss.backward()
-    optim.step()
-    with torch.no_grad():
-        x, y = fx.batch(meta["train_steps"] + 1)
-        assert fx.loss_fn(model(x), y).item() == pytest.approx(meta["loss_next"], rel=1e-5)
+    assert_next_step_matches(fx, model, optim, meta)
 
 
 def test_converted_checkpoint_resumes_under_fsdp2_at_another_world_size(ckpts, tmp_path):
