@@ -9,7 +9,6 @@ rather than loaded all at once.
 
 from __future__ import annotations
 
-import pickle
 
 import torch
 
@@ -65,11 +64,15 @@ def _load(path: str):
             if "mmap" not in str(e):
                 raise
             return load(False)
-    except pickle.UnpicklingError as e:
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} is not a readable torch.save file: {e}") from None
+    except Exception as e:  # noqa: BLE001 - narrowed below
+        # weights_only refusals are pickle.UnpicklingError; matched by name so this module
+        # has no business importing pickle at all.
+        if type(e).__name__ != "UnpicklingError":
+            raise
         raise UnsupportedFormatError(
             f"{path} holds objects that torch.load(weights_only=True) refuses to build ({e}); "
             "outlast never unpickles arbitrary objects. Re-save only tensors and plain values, "
             "e.g. torch.save(model.state_dict(), path), from code you trust."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{path} is not a readable torch.save file: {e}") from None
