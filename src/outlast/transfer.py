@@ -78,11 +78,10 @@ def read_mine(
     rank: int,
     requests: list[ReadRequest],
     stats: TransferStats,
-) -> dict[int, list[torch.Tensor]]:
-    """Do this rank's reads; fill its own pieces; return packed parts for other ranks."""
+) -> dict[int, torch.Tensor]:
+    """Do this rank's reads; fill its own pieces; return one packed send buffer per rank."""
     mine = plan.reads_of(rank)
     m = reader.manifest
-    outgoing: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
     direct: list[ChunkRead] = []
     spans: list[tuple[str, int, int, ChunkRead]] = []  # file, start, end, read
     for rd in mine:
@@ -101,20 +100,33 @@ def read_mine(
         else:
             groups.append([s])
 
-    order = {id(rd): i for i, rd in enumerate(plan.reads)}
+    # One send buffer per destination, laid out in plan.messages order (the order the
+    # receiver unpacks): each piece is copied once, straight from the read into its slot.
+    outgoing: dict[int, torch.Tensor] = {}
+    slot: dict[tuple[int, int], torch.Tensor] = {}
+    for dst in range(plan.world_size):
+        if dst == rank:
+            continue
+        msgs = plan.messages(rank, dst)
+        offsets, total = _layout(msgs)
+        if not total:
+            continue
+        buf = outgoing[dst] = torch.empty(total, dtype=torch.uint8)
+        for (rd, p), (a, b) in zip(msgs, offsets):
+            slot[(id(rd), id(p))] = buf[a:b]
 
     def deliver(rd: ChunkRead, raw: torch.Tensor) -> None:
         dt = _dtype(rd, reader)
         src = _as(raw, dt, rd.box.sizes)
-        for j, p in enumerate(rd.pieces):
+        for p in rd.pieces:
             view = src[p.box.relative_to(rd.box)]
             if p.rank == rank:
                 req = requests[p.request]
-                with torch.no_grad():
-                    req.dest[p.box.relative_to(req.box)].copy_(view)
+                target = req.dest[p.box.relative_to(req.box)]
             else:
-                packed = view.contiguous().reshape(-1).view(torch.uint8)
-                outgoing.setdefault(p.rank, []).append((order[id(rd)], j, packed))
+                target = _as(slot[(id(rd), id(p))], dt, p.box.sizes)
+            with torch.no_grad():
+                target.copy_(view)
 
     def run_group(g) -> None:
         fd_file = g[0][0]
@@ -149,7 +161,21 @@ def read_mine(
         with ThreadPoolExecutor(reader.threads, thread_name_prefix="outlast-read") as pool:
             for f in [pool.submit(fn, arg) for fn, arg in jobs]:
                 f.result()
-    return {dst: [t for _, _, t in sorted(parts, key=lambda x: (x[0], x[1]))] for dst, parts in outgoing.items()}
+    return outgoing
+
+
+def _layout(msgs: list) -> tuple[list[tuple[int, int]], int]:
+    """Byte ranges of each message piece in the packed buffer, and its size.
+
+    Sender and receiver both derive it from ``plan.messages``. Pieces start at multiples
+    of 8 bytes so each can be viewed as its dtype in place (no realigning copy).
+    """
+    out, pos = [], 0
+    for rd, p in msgs:
+        n = p.box.numel * rd.chunk.itemsize
+        out.append((pos, pos + n))
+        pos += n + (-n % 8)
+    return out, pos
 
 
 def _direct_target(rd: ChunkRead, requests: list[ReadRequest]) -> torch.Tensor | None:
@@ -175,7 +201,7 @@ def exchange(
     plan: LoadPlan,
     reader: CheckpointReader,
     requests: list[ReadRequest],
-    outgoing: dict[int, list[torch.Tensor]],
+    outgoing: dict[int, torch.Tensor],
     stats: TransferStats,
 ) -> None:
     """Send packed pieces to their ranks and copy received pieces into destinations."""
@@ -185,31 +211,27 @@ def exchange(
         if src == me:
             continue
         msgs = plan.messages(src, me)
-        sizes = [p.box.numel * r.chunk.itemsize for r, p in msgs]
-        total = sum(sizes)
+        offsets, total = _layout(msgs)
         if not total:
             continue
         buf = torch.empty(total, dtype=torch.uint8)
         works = [group.irecv(buf[a : a + _MESSAGE], src, tag=k) for k, a in enumerate(range(0, total, _MESSAGE))]
-        recvs.append((msgs, sizes, buf, works))
+        recvs.append((msgs, offsets, buf, works))
     sends = []
     for dst in sorted(outgoing):
-        parts = outgoing[dst]
-        buf = torch.cat(parts) if len(parts) > 1 else parts[0]
+        buf = outgoing[dst]
         total = buf.numel()
-        stats.bytes_sent += total
+        stats.bytes_sent += sum(b - a for a, b in _layout(plan.messages(me, dst))[0])  # payload, not padding
         sends += [group.isend(buf[a : a + _MESSAGE], dst, tag=k) for k, a in enumerate(range(0, total, _MESSAGE))]
-    for msgs, sizes, buf, works in recvs:
+    for msgs, offsets, buf, works in recvs:
         for w in works:
             w.wait()
-        stats.bytes_received += buf.numel()
-        pos = 0
-        for (rd, p), n in zip(msgs, sizes):
+        stats.bytes_received += sum(b - a for a, b in offsets)
+        for (rd, p), (a, b) in zip(msgs, offsets):
             req = requests[p.request]
-            src = _as(buf[pos : pos + n], req.dest.dtype, p.box.sizes)
+            src = _as(buf[a:b], req.dest.dtype, p.box.sizes)
             with torch.no_grad():
                 req.dest[p.box.relative_to(req.box)].copy_(src)
-            pos += n
     for w in sends:
         w.wait()
 
