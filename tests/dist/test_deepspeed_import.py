@@ -295,3 +295,12 @@ def test_converted_checkpoint_resumes_under_fsdp2_at_another_world_size(ckpts, t
     for r in results:
         assert r["loss_resume"] == pytest.approx(meta["loss_resume"], rel=1e-6)
         assert r["loss_next"] == pytest.approx(meta["loss_next"], rel=1e-5)
+
+
+@pytest.mark.parametrize("world,stage,dtype", [(2, 1, "bf16"), (3, 3, "fp32"), (1, 2, "bf16"), (2, 3, "bf16")])
+def test_tensor_specs_describe_iter_tensors_without_assembling(ckpts, world, stage, dtype):
+    from outlast import dtypes
+
+    st = read_deepspeed(case_dir(ckpts, world, stage, dtype))
+    got = [(n, dtypes.to_safetensors(t.dtype), tuple(t.shape)) for n, t in st.iter_tensors()]
+    assert st.tensor_specs() == got

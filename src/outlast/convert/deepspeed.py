@@ -345,13 +345,17 @@ class DeepSpeedState:
         """The full fp32 master weight of one trainable parameter."""
         return _assemble(self._layout[fqn], self._fp32_flats, self._shapes[fqn])
 
-    def model_tensor(self, fqn: str) -> torch.Tensor:
-        """The full module tensor (parameter or buffer) in the model's dtype."""
+    def model_tensor(self, fqn: str, *, copy: bool = True) -> torch.Tensor:
+        """The full module tensor (parameter or buffer) in the model's dtype.
+
+        ``copy=False`` may return the reader's own (memory-mapped) tensor: for streaming
+        consumers that only read it, it saves a copy of the bytes.
+        """
         fqn = self.shared.get(fqn, fqn)
         if fqn in self._module:
-            return self._module[fqn].clone()
+            return self._module[fqn].clone() if copy else self._module[fqn]
         if fqn in self._frozen:
-            return self._frozen[fqn].clone()
+            return self._frozen[fqn].clone() if copy else self._frozen[fqn]
         # ZeRO-3 saves no module weights; DeepSpeed's own bf16/fp16 weights are this cast
         # of the master (it copies fp32 -> low precision after every step).
         return self.master_tensor(fqn).to(self.model_dtype)
@@ -402,12 +406,41 @@ class DeepSpeedState:
         model's ``state_dict()`` lists both names and a strict load needs both.
         """
         for n in self.model_fqns():
-            yield f"model.{n}", self.model_tensor(n)
+            yield f"model.{n}", self.model_tensor(n, copy=False)
         for n in self._layout:
             yield f"master.{n}", self.master_tensor(n)
         for n in self._layout:
             for key, t in self.optim_tensors(n).items():
                 yield f"optim.state.{n}.{key}", t
+
+    def tensor_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """``(name, safetensors dtype, shape)`` of everything :meth:`iter_tensors` yields, in
+        the same order, without assembling any tensor (so a converter can write headers
+        first and stream each tensor once)."""
+        from .. import dtypes
+
+        def st(dt: torch.dtype) -> str:
+            return dtypes.to_safetensors(dt)
+
+        out = []
+        for n in self.model_fqns():
+            src = self.shared.get(n, n)
+            t = self._module.get(src, self._frozen.get(src))
+            if t is not None:
+                out.append((f"model.{n}", st(t.dtype), tuple(t.shape)))
+            else:
+                out.append((f"model.{n}", st(self.model_dtype), self._shapes[src]))
+        master_dt = self._fp32_flats[0][0].dtype
+        for n in self._layout:
+            out.append((f"master.{n}", st(master_dt), self._shapes[n]))
+        for n in self._layout:
+            step = self._steps[self._group_of[n]]
+            if step is not None:
+                t = step if torch.is_tensor(step) else torch.tensor(float(step))
+                out.append((f"optim.state.{n}.step", st(t.dtype), tuple(t.shape)))
+            for key, flats in self._state_flats.items():
+                out.append((f"optim.state.{n}.{key}", st(flats[0][0].dtype), self._shapes[n]))
+        return out
 
     def optimizer_state_dict(self) -> dict[str, Any]:
         """The optimizer state as ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``
