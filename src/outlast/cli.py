@@ -98,8 +98,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
     Exits 0 if all is well, 1 naming every bad file and tensor, 3 if PATH holds no
     complete checkpoint.
     """
-    from tqdm import tqdm
-
+    from .convert.core import progress_bar
     from .reader import CheckpointReader
 
     try:
@@ -109,8 +108,7 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
         return
     with reader:
         total = sum(c.nbytes for t in reader.manifest.tensors.values() for c in t.chunks)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
-                   disable=quiet or as_json or None, file=sys.stderr)
+        bar = progress_bar(total, "verify", False if (quiet or as_json) else None)
         problems = reader.verify(progress=bar.update)
         bar.close()
     if as_json:
