@@ -139,7 +139,7 @@ def describe_state(flat: FlatState) -> tuple[dict[str, LocalTensor], dict[str, P
     return tensors, plain, paths
 
 
-def _block_rows(box: Box, nbytes: int) -> int:
+def block_rows_for(box: Box, nbytes: int) -> int:
     """Rows per checksummed block of a chunk (0: the chunk gets no block checksums)."""
     if nbytes < _BLOCKS_FROM or box.ndim == 0 or box.sizes[0] < 2:
         return 0
@@ -170,7 +170,7 @@ def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *
         try:
             recs = []
             for i in its:
-                br = _block_rows(i.box, i.nbytes)
+                br = block_rows_for(i.box, i.nbytes)
                 row_bytes = i.nbytes // i.box.sizes[0] if br else 0
                 rec = writer.write(i.key, staged(i.data), block_bytes=br * row_bytes)
                 recs.append((i, rec, (br, rec.block_checksums)))

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__, dtypes
-from .api import check_destination
+from .api import block_rows_for, check_destination
 from .errors import IncompatibleStateError, SerializationError
 from .format import DATA_DIR, Chunk, Manifest, PlainEntry, TensorEntry
 from .layouts import staged
@@ -213,8 +213,13 @@ class CheckpointWriter:
         index = self._file_of[self._next]
         if index != self._shard_index:
             self._open_shard(index)
-        rec = self._shard.write(fqn, staged(tensor.detach()))
-        self._chunks[fqn] = Chunk(Box.full(spec.shape), self._rel(index), rec.key, rec.offset, rec.nbytes, rec.checksum)
+        box = Box.full(spec.shape)
+        # The same row-block checksums a save writes, so resharded loads of converted or
+        # merged checkpoints can verify partial reads too.
+        br = block_rows_for(box, spec.nbytes)
+        rec = self._shard.write(fqn, staged(tensor.detach()), block_bytes=br * (spec.nbytes // box.sizes[0]) if br else 0)
+        self._chunks[fqn] = Chunk(box, self._rel(index), rec.key, rec.offset, rec.nbytes, rec.checksum,
+                                  br, rec.block_checksums)
         self._next += 1
         self.bytes_written += rec.nbytes
 
