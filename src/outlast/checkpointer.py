@@ -367,16 +367,21 @@ class Checkpointer:
         t0 = time.perf_counter()
         persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
         m.persist_s = time.perf_counter() - t0
-        if self.rank != 0:
-            return
-        t1 = time.perf_counter()
-        self._apply_retention_local()
-        m.retention_s = time.perf_counter() - t1
-        if self.remote is not None:
-            t2 = time.perf_counter()
-            self.remote.upload(path)
-            self._apply_retention_remote()
-            m.upload_s = time.perf_counter() - t2
+        try:
+            if self.rank == 0:
+                t1 = time.perf_counter()
+                self._apply_retention_local()
+                m.retention_s = time.perf_counter() - t1
+                if self.remote is not None:
+                    t2 = time.perf_counter()
+                    self.remote.upload(path)
+                    self._apply_retention_remote()
+                    m.upload_s = time.perf_counter() - t2
+        finally:
+            if self._pg is not None:
+                # A save is "done" on every rank only once rank 0 has applied retention and
+                # uploaded: wait() then means the same on all ranks (steps() agrees).
+                torch.distributed.barrier(group=self._pg)
 
     def _job_done(self, job: Job) -> None:
         m: SaveMetrics = job.metrics
