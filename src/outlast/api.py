@@ -47,7 +47,16 @@ from .plan import (
 )
 from .reader import CheckpointReader, ReadRequest, open_manifest
 from .regions import Box
-from .storage.local import ShardWriter, commit_dir, remove_tree, temp_dir_for, write_manifest
+from .storage.local import (
+    ShardWriter,
+    commit_dir,
+    hash_stream,
+    remove_tree,
+    shard_layout,
+    temp_dir_for,
+    write_file_image,
+    write_manifest,
+)
 from .tree import FlatState, flatten, insert
 
 __all__ = ["save", "load", "read", "LoadReport", "SaveReport", "SaveItem", "prepare_save", "persist"]
@@ -148,6 +157,64 @@ def block_rows_for(box: Box, nbytes: int) -> int:
     return 0 if br >= box.sizes[0] else br
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """Where the items of one shard file go: ``order`` lists item indices in file order,
+    ``offsets`` their absolute byte offsets; ``head`` is everything before the first."""
+
+    rel: str
+    order: tuple[int, ...]
+    head: bytes
+    offsets: tuple[int, ...]
+    size: int
+
+
+def layout_files(items: Sequence[SaveItem], writer_of: Sequence[int], *, file_prefix: str = "w") -> list[FileLayout]:
+    """The shard files that ``items`` go to, one per writer id, and where each item lies.
+
+    Widest dtypes first: with the 8-byte-aligned header every tensor then starts at a
+    multiple of its item size (what safetensors' own writer guarantees), so readers can
+    mmap it without a copy. Then by key, so a file's bytes do not depend on the order the
+    planner listed items.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, w in enumerate(writer_of):
+        groups.setdefault(w, []).append(i)
+    out = []
+    for w in sorted(groups):
+        order = sorted(groups[w], key=lambda i: (-dtypes.itemsize(items[i].dtype), items[i].key))
+        head, offsets, size = shard_layout([_entry(items[i]) for i in order])
+        out.append(FileLayout(f"{DATA_DIR}/{file_prefix}{w:05d}.safetensors", tuple(order), head, tuple(offsets), size))
+    return out
+
+
+def _entry(item: SaveItem) -> tuple[str, str, tuple, int]:
+    return (item.key, item.dtype, item.box.sizes, item.nbytes)
+
+
+def _block_bytes(item: SaveItem) -> tuple[int, int]:
+    br = block_rows_for(item.box, item.nbytes)
+    return br, (br * (item.nbytes // item.box.sizes[0]) if br else 0)
+
+
+def _in_parallel(fn, layouts: list[FileLayout]) -> list:
+    if len(layouts) <= 1:
+        return [fn(lay) for lay in layouts]
+    with ThreadPoolExecutor(len(layouts), thread_name_prefix="outlast-write") as pool:
+        return list(pool.map(fn, layouts))
+
+
+def _collect(items: Sequence[SaveItem], layouts: list[FileLayout], results: list) -> tuple[dict[str, list[Chunk]], dict[str, int]]:
+    chunks: dict[str, list[Chunk]] = {}
+    files: dict[str, int] = {}
+    for lay, recs in zip(layouts, results):
+        files[lay.rel] = lay.size
+        for i, off, (digest, br, blocks) in zip(lay.order, lay.offsets, recs):
+            it = items[i]
+            chunks.setdefault(it.fqn, []).append(Chunk(it.box, lay.rel, it.key, off, it.nbytes, digest, br, blocks))
+    return chunks, files
+
+
 def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *, file_prefix: str = "w") -> tuple[dict[str, list[Chunk]], dict[str, int]]:
     """Write ``items`` into one shard file per writer id under ``tmp/data``.
 
@@ -155,44 +222,51 @@ def write_items(tmp: str, items: Sequence[SaveItem], writer_of: Sequence[int], *
     the same file. Returns the chunks per fqn and the size of each file written. Files
     are written in parallel threads (os.write and xxhash release the GIL).
     """
-    groups: dict[int, list[SaveItem]] = {}
-    for item, w in zip(items, writer_of):
-        groups.setdefault(w, []).append(item)
+    layouts = layout_files(items, writer_of, file_prefix=file_prefix)
 
-    def write_one(w: int) -> tuple[str, int, list[tuple[SaveItem, Any, tuple]]]:
-        rel = f"{DATA_DIR}/{file_prefix}{w:05d}.safetensors"
-        # Widest dtypes first: with the 8-byte-aligned header every tensor then starts at a
-        # multiple of its item size (what safetensors' own writer guarantees), so readers
-        # can mmap it without a copy.
-        # Then by key, so a file's bytes do not depend on the order the planner listed items.
-        its = sorted(groups[w], key=lambda i: (-dtypes.itemsize(i.dtype), i.key))
-        writer = ShardWriter(os.path.join(tmp, rel), [(i.key, i.dtype, i.box.sizes, i.nbytes) for i in its])
+    def write_one(lay: FileLayout) -> list[tuple]:
+        writer = ShardWriter(os.path.join(tmp, lay.rel), [_entry(items[i]) for i in lay.order])
         try:
             recs = []
-            for i in its:
-                br = block_rows_for(i.box, i.nbytes)
-                row_bytes = i.nbytes // i.box.sizes[0] if br else 0
-                rec = writer.write(i.key, staged(i.data), block_bytes=br * row_bytes)
-                recs.append((i, rec, (br, rec.block_checksums)))
+            for i in lay.order:
+                br, bb = _block_bytes(items[i])
+                rec = writer.write(items[i].key, staged(items[i].data), block_bytes=bb)
+                recs.append((rec.checksum, br, rec.block_checksums))
             writer.close()
         except BaseException:
             writer.abort()
             raise
-        return rel, writer.size, recs
+        return recs
 
-    chunks: dict[str, list[Chunk]] = {}
-    files: dict[str, int] = {}
-    ws = sorted(groups)
-    if len(ws) <= 1:
-        results = [write_one(w) for w in ws]
-    else:
-        with ThreadPoolExecutor(len(ws), thread_name_prefix="outlast-write") as pool:
-            results = list(pool.map(write_one, ws))
-    for rel, size, recs in results:
-        files[rel] = size
-        for item, rec, (br, bcs) in recs:
-            chunks.setdefault(item.fqn, []).append(Chunk(item.box, rel, rec.key, rec.offset, rec.nbytes, rec.checksum, br, bcs))
-    return chunks, files
+    return _collect(items, layouts, _in_parallel(write_one, layouts))
+
+
+def write_images(tmp: str, items: Sequence[SaveItem], images: Sequence[tuple[FileLayout, torch.Tensor]]) -> tuple[dict[str, list[Chunk]], dict[str, int]]:
+    """Write shard files whose bytes are already laid out in memory (the Checkpointer's
+    staging buffers, see :func:`layout_files`): checksum every item in place, then write
+    each image with O_DIRECT (:func:`~outlast.storage.local.write_file_image`). Same
+    result as :func:`write_items` for the same items, without the page-cache copy."""
+    by_rel = {lay.rel: img for lay, img in images}
+    layouts = [lay for lay, _ in images]
+
+    def write_one(lay: FileLayout) -> list[tuple]:
+        img = by_rel[lay.rel]
+        data = memoryview(img.numpy())
+        recs = []
+        for i, off in zip(lay.order, lay.offsets):
+            br, bb = _block_bytes(items[i])
+            digest, blocks = hash_stream(data[off : off + items[i].nbytes], bb)
+            recs.append((digest, br, blocks))
+        write_file_image(os.path.join(tmp, lay.rel), img, lay.size)
+        return recs
+
+    return _collect(items, layouts, _in_parallel(write_one, layouts))
+
+
+def _write_data(tmp: str, prepared: "PreparedSave") -> tuple[dict[str, list[Chunk]], dict[str, int]]:
+    if prepared.images is not None:
+        return write_images(tmp, prepared.items, prepared.images)
+    return write_items(tmp, prepared.items, prepared.writer_of)
 
 
 def build_manifest(
@@ -263,6 +337,8 @@ class PreparedSave:
     group: Any = None
     plan_cached: bool = False
     report: SaveReport | None = None
+    # Staged shard files, each already laid out in one buffer (see ``with_images``).
+    images: list[tuple[FileLayout, torch.Tensor]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -271,7 +347,15 @@ class PreparedSave:
     def with_data(self, data: Sequence[torch.Tensor]) -> "PreparedSave":
         """The same plan with ``items[i].data`` replaced by ``data[i]`` (staged copies)."""
         items = [SaveItem(i.fqn, i.dtype, i.box, d, i.whole) for i, d in zip(self.items, data, strict=True)]
-        return dataclasses.replace(self, items=items, report=None)
+        return dataclasses.replace(self, items=items, report=None, images=None)
+
+    def with_images(self, images: Sequence[tuple[FileLayout, torch.Tensor]], data: Sequence[torch.Tensor]) -> "PreparedSave":
+        """The same plan, persisted from ``images``: for each :class:`FileLayout` of
+        ``layout_files(items, writer_of)``, a buffer holding that file's bytes.
+        ``data[i]`` (the bytes of item i inside its image) replaces the live tensors."""
+        out = self.with_data(data)
+        out.images = list(images)
+        return out
 
 
 class _PlanCache:
@@ -525,7 +609,7 @@ def persist(
         check_destination(path, overwrite)
         tmp = temp_dir_for(path)
         try:
-            chunks, files = write_items(tmp, prepared.items, prepared.writer_of)
+            chunks, files = _write_data(tmp, prepared)
             manifest = build_manifest(
                 _tensor_metas(prepared), prepared.plain, chunks, files,
                 step=step, world_size=prepared.world_size, extra=extra,
@@ -564,7 +648,7 @@ def persist(
     chunks: dict = {}
     files: dict = {}
     try:
-        chunks, files = write_items(tmp, prepared.items, prepared.writer_of)
+        chunks, files = _write_data(tmp, prepared)
     except Exception as e:  # noqa: BLE001
         err = e
     payload = (

@@ -148,10 +148,13 @@ class Checkpointer:
     a second optimizer not in the state) must call :meth:`wait_staged` first. Tensors
     that ``state_dict()`` creates fresh (RNG states) are safe.
 
-    **Background work.** Staging and persistence run on two threads at low priority
-    (``nice``); copies use one core through GIL-free ``memmove`` in 4 MiB chunks and
-    writes use ``num_writers`` files (default 1) so the training's own intra-op threads
-    keep the cores. bench/stall.py measures the result against DCP's ``async_save``.
+    **Background work.** Staging and persistence run on two threads. The copy runs at
+    normal priority (the step hook may wait for it) on one core through GIL-free
+    ``memmove`` in 4 MiB chunks, into buffers laid out as the shard files; persistence
+    runs at low priority (``nice``), checksums those buffers in place and writes them
+    with O_DIRECT (no page-cache copy; buffered where the filesystem refuses it) to
+    ``num_writers`` files (default 1), so the training's own intra-op threads keep the
+    cores. bench/stall.py measures the result against DCP's ``async_save``.
 
     **Back-pressure.** At most ``max_in_flight`` saves are in progress (staged, persisted,
     uploaded). A save requested beyond that waits for the oldest (``if_busy="wait"``;
@@ -179,7 +182,7 @@ class Checkpointer:
         if_busy: ``"wait"`` or ``"skip"`` when ``max_in_flight`` saves are in progress.
         num_writers: shard files written in parallel per save.
         verify: check every chunk's checksum when restoring.
-        nice: scheduling niceness added to the background threads (0 to disable).
+        nice: scheduling niceness added to the persist thread (0 to disable).
     """
 
     def __init__(

@@ -25,7 +25,7 @@ import secrets
 import shutil
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import xxhash
@@ -35,6 +35,9 @@ from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 
 # Large writes keep the disk streaming; one call per tensor up to this size.
 _WRITE_BLOCK = 64 << 20
+# O_DIRECT needs the address, file offset and length of every write to be multiples of
+# the device's logical block size (512 or 4096 bytes on common devices): use the larger.
+DIRECT_ALIGN = 4096
 # A header larger than this is refused as hostile (safetensors uses the same bound).
 MAX_HEADER = 100 << 20
 
@@ -60,6 +63,38 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 def checksum(data) -> str:
     """The chunk checksum of the format: xxh3-64 as 16 lowercase hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def hash_stream(data: memoryview, block_bytes: int = 0, sink: Callable[[memoryview], None] | None = None) -> tuple[str, tuple[str, ...]]:
+    """The checksum of ``data`` and, when ``block_bytes`` and it is larger, of every
+    ``block_bytes`` slice. Each slice is handed to ``sink`` (a write) while still hot in
+    the CPU cache, so the bytes go through memory once."""
+    if block_bytes and len(data) > block_bytes:
+        whole = xxhash.xxh3_64()
+        digests = []
+        for lo in range(0, len(data), block_bytes):
+            part = data[lo : lo + block_bytes]
+            digests.append(checksum(part))
+            whole.update(part)
+            if sink is not None:
+                sink(part)
+        return whole.hexdigest(), tuple(digests)
+    if sink is not None:
+        sink(data)
+    return checksum(data), ()
+
+
+def _write_error(path: str, e: OSError) -> StorageError:
+    hint = " (the disk is full: free space or save elsewhere)" if e.errno == errno.ENOSPC else ""
+    return StorageError(f"writing {path} failed: {e.strerror}{hint}")
+
+
+def shard_layout(entries: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict | None = None) -> tuple[bytes, list[int], int]:
+    """The bytes before the first tensor of a shard file (length prefix and header), the
+    absolute offset of every entry's bytes and the file size: where :class:`ShardWriter`
+    puts everything, known before any tensor is read."""
+    head, starts = _header_bytes(entries, metadata)
+    return head, [len(head) + s for s in starts], len(head) + sum(e[3] for e in entries)
 
 
 def _header_bytes(entries: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict | None) -> tuple[bytes, list[int]]:
@@ -93,11 +128,8 @@ class ShardWriter:
     def __init__(self, path: str, entries: Sequence[tuple[str, str, Sequence[int], int]], metadata: dict | None = None):
         self.path = path
         self._entries = list(entries)
-        head, starts = _header_bytes(self._entries, metadata)
-        self._base = len(head)
-        self._starts = starts
+        head, self._offsets, self.size = shard_layout(self._entries, metadata)
         self._next = 0
-        self.size = self._base + sum(e[3] for e in self._entries)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
@@ -110,8 +142,7 @@ class ShardWriter:
                 n = os.write(self._fd, mv[:_WRITE_BLOCK])
                 mv = mv[n:]
         except OSError as e:
-            hint = " (the disk is full: free space or save elsewhere)" if e.errno == errno.ENOSPC else ""
-            raise StorageError(f"writing {self.path} failed: {e.strerror}{hint}") from e
+            raise _write_error(self.path, e) from e
 
     def write(self, key: str, tensor: torch.Tensor, *, block_bytes: int = 0) -> WrittenTensor:
         """Append the next declared tensor; returns where it went and its checksum(s).
@@ -126,20 +157,8 @@ class ShardWriter:
         data = tensor_bytes(tensor)
         if len(data) != nbytes:
             raise ValueError(f"tensor {key!r} has {len(data)} bytes, declared {nbytes}")
-        blocks: tuple[str, ...] = ()
-        if block_bytes and nbytes > block_bytes:
-            whole = xxhash.xxh3_64()
-            digests = []
-            for lo in range(0, nbytes, block_bytes):
-                part = data[lo : lo + block_bytes]
-                digests.append(checksum(part))
-                whole.update(part)
-                self._write(part)
-            digest, blocks = whole.hexdigest(), tuple(digests)
-        else:
-            digest = checksum(data)
-            self._write(data)
-        rec = WrittenTensor(key, self._base + self._starts[self._next], nbytes, digest, blocks)
+        digest, blocks = hash_stream(data, block_bytes, self._write)
+        rec = WrittenTensor(key, self._offsets[self._next], nbytes, digest, blocks)
         self._next += 1
         return rec
 
@@ -174,6 +193,82 @@ def write_shard(path: str, items: Sequence[tuple[str, torch.Tensor]], *, fsync: 
         w.abort()
         raise
     return recs, w.size
+
+
+def round_up(n: int, align: int = DIRECT_ALIGN) -> int:
+    return -(-n // align) * align
+
+
+def aligned_buffer(nbytes: int, *, pin: bool = False) -> torch.Tensor:
+    """A uint8 CPU tensor of ``round_up(nbytes)`` bytes starting at a ``DIRECT_ALIGN``
+    boundary, so it can be written with O_DIRECT as it is. ``pin``: page-locked memory
+    (fast, asynchronous copies from an accelerator)."""
+    n = round_up(max(nbytes, 1))
+    raw = torch.empty(n + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=pin)
+    skip = -raw.data_ptr() % DIRECT_ALIGN
+    return raw[skip : skip + n]  # the slice keeps the whole allocation alive
+
+
+def _clear_direct(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+def write_file_image(path: str, image: torch.Tensor, size: int, *, fsync: bool = True) -> bool:
+    """Write the first ``size`` bytes of ``image`` (from :func:`aligned_buffer`, already
+    laid out as the file) to a new file at ``path``. Returns True if it went with O_DIRECT.
+
+    O_DIRECT hands the pages to the device without copying them into the page cache:
+    for a checkpoint that nobody reads back soon, that copy is pure CPU and memory cost
+    taken from the training (about 0.3 s of kernel time per 240 MiB on a 2-core machine
+    against 0.01 s direct). The last block is written whole and the file truncated to
+    ``size``. Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems)
+    the same bytes go through the page cache instead.
+    """
+    if image.dtype != torch.uint8 or image.dim() != 1 or image.numel() < size:
+        raise ValueError(f"write_file_image needs a uint8 buffer of at least {size} bytes")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    direct = getattr(os, "O_DIRECT", 0) if image.data_ptr() % DIRECT_ALIGN == 0 and image.numel() >= round_up(size) else 0
+    try:
+        try:
+            fd = os.open(path, flags | direct, 0o644)
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            direct = 0
+            fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        raise StorageError(f"cannot create shard file {path}: {e.strerror}") from e
+    mv = memoryview(image.numpy()) if size else memoryview(b"")
+    end = round_up(size) if direct else size
+    off = 0
+    try:
+        try:
+            while off < end:
+                try:
+                    n = os.write(fd, mv[off : min(end, off + _WRITE_BLOCK)])
+                except OSError as e:
+                    if not direct or e.errno != errno.EINVAL:
+                        raise
+                    n = -1  # the filesystem accepted O_DIRECT at open but not this write
+                if direct and (n < 0 or n % DIRECT_ALIGN):
+                    _clear_direct(fd)  # go on through the page cache from where we are
+                    direct, end = 0, size
+                    if n < 0:
+                        continue
+                if n == 0:
+                    raise OSError(errno.EIO, "the write made no progress")
+                off += n
+            if off > size:
+                os.ftruncate(fd, size)
+            if fsync:
+                os.fsync(fd)
+        except OSError as e:
+            raise _write_error(path, e) from e
+    finally:
+        os.close(fd)
+    return bool(direct)
 
 
 def read_header(path: str) -> tuple[dict, int]:
