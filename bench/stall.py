@@ -10,8 +10,11 @@ and, per save, the stall on the training thread:
   (DCP needs the previous one finished before the next starts) plus, where DCP stages
   asynchronously, the wait for staging before ``optimizer.step()``.
 
-Modes run interleaved (none, outlast, dcp, none, ...) for ``--rounds`` rounds so drift of
-a shared machine hits all of them alike. Prints a table and a final JSON line.
+Modes run interleaved for ``--rounds`` rounds, each in a fresh process (so none inherits
+another's background process, allocator caches or dirty pages), the order rotating from
+round to round, so drift of a shared machine hits all of them alike. ``x none`` is the
+median loop time over the median no-checkpoint loop time; ``x none/round`` the median of
+each round's ratio. Prints a table and a final JSON line.
 
     PYTHONPATH=src python bench/stall.py [--steps 40 --every 10 --rounds 1]
 """
@@ -23,6 +26,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -161,6 +165,33 @@ def _run_dcp(model, opt, batches, every, root):
     return loop, stalls, stager
 
 
+def child(args) -> dict:
+    """Run one mode in this (fresh) process and return its measurements."""
+    model, opt = make()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 2048, (args.batch, args.seq), generator=gen) for _ in range(args.steps)]
+    for x in batches[:3]:  # warm up: allocate optimizer state, fault in memory
+        train_step(model, opt, x)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    runners = {"none": run_none, "outlast": run_outlast, "dcp": run_dcp}
+    root = tempfile.mkdtemp(prefix="outlast-bench-", dir=args.dir)
+    try:
+        out = runners[args.child](model, opt, batches, args.every, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    res = {"mode": args.child, "loop_s": out[0], "stalls_s": out[1], "state_bytes": nbytes,
+           "threads": torch.get_num_threads()}
+    if args.child == "outlast":
+        ms = out[2]
+        res["stage_s"] = [m.stage_s for m in ms]
+        res["persist_s"] = [m.persist_s for m in ms]
+        res["blocked_s"] = [m.blocked_s for m in ms]
+    if args.child == "dcp" and out[2] is not None:
+        out[2].close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
@@ -170,57 +201,70 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=33)
     ap.add_argument("--modes", default="none,outlast,dcp")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds of quiet between runs")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
 
-    model, opt = make()
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 2048, (args.batch, args.seq), generator=gen) for _ in range(args.steps)]
-    for x in batches[:3]:  # warm up: allocate optimizer state, fault in memory
-        train_step(model, opt, x)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    nbytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-    print(f"state: {nbytes / 2**20:.0f} MiB (model + AdamW), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} intra-op threads, {os.cpu_count()} cpus", file=sys.stderr)
-
+    # Every (round, mode) runs in a fresh process, so no mode inherits another's state
+    # (DCP's background process, allocator caches, dirty pages), and the order of modes
+    # rotates from round to round so none always runs right after another.
     modes = args.modes.split(",")
-    runners = {"none": run_none, "outlast": run_outlast, "dcp": run_dcp}
-    loops = {m: [] for m in modes}
-    stalls = {m: [] for m in modes}
+    loops: dict = {m: [] for m in modes}
+    per_round: dict = {m: [] for m in modes}
+    stalls: dict = {m: [] for m in modes}
     extra: dict = {}
-    root = tempfile.mkdtemp(prefix="outlast-bench-", dir=args.dir)
-    try:
-        for r in range(args.rounds):
+    info: dict = {}
+    for r in range(args.rounds):
+        order = modes[r % len(modes):] + modes[: r % len(modes)]
+        got = {}
+        for mode in order:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--steps", str(args.steps),
+                   "--every", str(args.every), "--batch", str(args.batch), "--seq", str(args.seq)]
+            if args.dir:
+                cmd += ["--dir", args.dir]
+            os.sync()  # let the previous run's writeback finish before this one starts
+            time.sleep(args.settle)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"mode {mode} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            res = json.loads(lines[-1][len("RESULT "):])
+            info = {"state_bytes": res["state_bytes"], "threads": res["threads"]}
+            got[mode] = res
+            loops[mode].append(res["loop_s"])
+            stalls[mode] += res["stalls_s"]
+            for k in ("stage_s", "persist_s", "blocked_s"):
+                extra.setdefault(f"{mode}_{k}", []).extend(res.get(k, []))
+            print(f"round {r} {mode:8s} loop {res['loop_s']:.2f} s  stalls(ms) "
+                  f"{[round(x * 1e3, 1) for x in res['stalls_s']]}", file=sys.stderr)
+        if "none" in got:
             for mode in modes:
-                out = runners[mode](model, opt, batches, args.every, root)
-                loops[mode].append(out[0])
-                stalls[mode] += out[1]
-                if mode == "outlast":
-                    ms = out[2]
-                    extra.setdefault("outlast_stage_s", []).extend(m.stage_s for m in ms)
-                    extra.setdefault("outlast_persist_s", []).extend(m.persist_s for m in ms)
-                    extra.setdefault("outlast_blocked_s", []).extend(m.blocked_s for m in ms)
-                if mode == "dcp" and out[2] is not None:
-                    out[2].close()
-                print(f"round {r} {mode:8s} loop {out[0]:.2f} s  stalls(ms) {[round(s * 1e3, 1) for s in out[1]]}", file=sys.stderr)
-                shutil.rmtree(os.path.join(root, mode), ignore_errors=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+                per_round[mode].append(got[mode]["loop_s"] / got["none"]["loop_s"])
 
+    print(f"state: {info['state_bytes'] / 2**20:.0f} MiB (model + AdamW), torch {torch.__version__}, "
+          f"{info['threads']} intra-op threads, {os.cpu_count()} cpus", file=sys.stderr)
     base = statistics.median(loops["none"]) if "none" in loops else None
-    res: dict = {"state_mib": round(nbytes / 2**20, 1), "steps": args.steps, "every": args.every, "rounds": args.rounds,
-                 "step_s": round(base / args.steps, 4) if base else None}
-    print(f"\n{'mode':10s} {'loop s':>8s} {'x none':>7s} {'stall med ms':>13s} {'stall p95 ms':>13s} {'saves':>6s}")
+    res: dict = {"state_mib": round(info["state_bytes"] / 2**20, 1), "steps": args.steps, "every": args.every,
+                 "rounds": args.rounds, "step_s": round(base / args.steps, 4) if base else None}
+    print(f"\n{'mode':10s} {'loop s':>8s} {'x none':>7s} {'x none/round':>13s} {'stall med ms':>13s} "
+          f"{'stall p95 ms':>13s} {'saves':>6s}")
     for mode in modes:
         loop = statistics.median(loops[mode])
         st = stalls[mode]
         rel = loop / base if base else float("nan")
+        rel_r = statistics.median(per_round[mode]) if per_round[mode] else float("nan")
         med = statistics.median(st) * 1e3 if st else 0.0
         p95 = pct(st, 0.95) * 1e3 if st else 0.0
-        print(f"{mode:10s} {loop:8.2f} {rel:7.3f} {med:13.2f} {p95:13.2f} {len(st):6d}")
-        res[mode] = {"loop_s": round(loop, 3), "rel_to_none": round(rel, 4), "stall_median_ms": round(med, 3),
-                     "stall_p95_ms": round(p95, 3), "saves": len(st)}
+        print(f"{mode:10s} {loop:8.2f} {rel:7.3f} {rel_r:13.3f} {med:13.2f} {p95:13.2f} {len(st):6d}")
+        res[mode] = {"loop_s": round(loop, 3), "rel_to_none": round(rel, 4),
+                     "rel_to_none_per_round": [round(x, 4) for x in per_round[mode]],
+                     "stall_median_ms": round(med, 3), "stall_p95_ms": round(p95, 3), "saves": len(st)}
     for k, v in extra.items():
-        res[k.replace("_s", "_median_s")] = round(statistics.median(v), 4)
+        if v:
+            res[k.replace("_s", "_median_s")] = round(statistics.median(v), 4)
     if "outlast" in res and "dcp" in res and res["dcp"]["stall_median_ms"]:
         res["stall_ratio_outlast_vs_dcp"] = round(res["outlast"]["stall_median_ms"] / res["dcp"]["stall_median_ms"], 4)
     print(json.dumps(res))
