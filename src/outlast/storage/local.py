@@ -223,7 +223,7 @@ def write_file_image(path: str, image: torch.Tensor, size: int, *, fsync: bool =
     for a checkpoint that nobody reads back soon, that copy is pure CPU and memory cost
     taken from the training (about 0.3 s of kernel time per 240 MiB on a 2-core machine
     against 0.01 s direct). The last block is written whole and the file truncated to
-    ``size``. Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems)
+    ``size``. Where the filesystem refuses O_DIRECT (tmpfs before Linux 6.6, some network filesystems)
     the same bytes go through the page cache instead.
     """
     if image.dtype != torch.uint8 or image.dim() != 1 or image.numel() < size:
