@@ -197,11 +197,12 @@ def _block_bytes(item: SaveItem) -> tuple[int, int]:
     return br, (br * (item.nbytes // item.box.sizes[0]) if br else 0)
 
 
-def _in_parallel(fn, layouts: list[FileLayout]) -> list:
-    if len(layouts) <= 1:
-        return [fn(lay) for lay in layouts]
-    with ThreadPoolExecutor(len(layouts), thread_name_prefix="outlast-write") as pool:
-        return list(pool.map(fn, layouts))
+def _in_parallel(fn, files: list) -> list:
+    """``fn`` of every file, one thread per file (writes and hashing release the GIL)."""
+    if len(files) <= 1:
+        return [fn(f) for f in files]
+    with ThreadPoolExecutor(len(files), thread_name_prefix="outlast-write") as pool:
+        return list(pool.map(fn, files))
 
 
 def _collect(items: Sequence[SaveItem], layouts: list[FileLayout], results: list) -> tuple[dict[str, list[Chunk]], dict[str, int]]:
@@ -246,11 +247,8 @@ def write_images(tmp: str, items: Sequence[SaveItem], images: Sequence[tuple[Fil
     staging buffers, see :func:`layout_files`): checksum every item in place, then write
     each image with O_DIRECT (:func:`~outlast.storage.local.write_file_image`). Same
     result as :func:`write_items` for the same items, without the page-cache copy."""
-    by_rel = {lay.rel: img for lay, img in images}
-    layouts = [lay for lay, _ in images]
-
-    def write_one(lay: FileLayout) -> list[tuple]:
-        img = by_rel[lay.rel]
+    def write_one(image: tuple[FileLayout, torch.Tensor]) -> list[tuple]:
+        lay, img = image
         data = memoryview(img.numpy())
         recs = []
         for i, off in zip(lay.order, lay.offsets):
@@ -260,7 +258,7 @@ def write_images(tmp: str, items: Sequence[SaveItem], images: Sequence[tuple[Fil
         write_file_image(os.path.join(tmp, lay.rel), img, lay.size)
         return recs
 
-    return _collect(items, layouts, _in_parallel(write_one, layouts))
+    return _collect(items, [lay for lay, _ in images], _in_parallel(write_one, list(images)))
 
 
 def _write_data(tmp: str, prepared: "PreparedSave") -> tuple[dict[str, list[Chunk]], dict[str, int]]:

@@ -125,7 +125,9 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, chunk: int = COPY_CHUNK) -> 
 
     Contiguous CPU sources are copied with ``memmove`` in ``chunk``-byte pieces (ctypes
     releases the GIL around each call); anything else (a strided view, a lazily
-    conjugated tensor, a tensor on an accelerator) goes through ``Tensor.copy_``.
+    conjugated tensor, a tensor on an accelerator) goes through ``Tensor.copy_`` into
+    ``dst`` viewed as ``src``'s dtype and shape (the shard layout puts every tensor at a
+    multiple of its item size), so no temporary copy is made.
     """
     n = src.numel() * src.element_size()
     if dst.dtype != torch.uint8 or dst.numel() != n or not dst.is_contiguous():
@@ -138,8 +140,7 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor, chunk: int = COPY_CHUNK) -> 
             ctypes.memmove(d + off, s + off, min(chunk, n - off))
         return
     with torch.no_grad():
-        src = src.resolve_conj().resolve_neg().contiguous()
-        dst.copy_(src.reshape(-1).view(torch.uint8), non_blocking=src.device.type == "cuda")
+        dst.view(src.dtype).view(src.shape).copy_(src, non_blocking=src.device.type == "cuda")
 
 
 class StagingBuffers:
@@ -175,10 +176,6 @@ class StagingBuffers:
             self._signature = sig
             self.allocations += 1
         return self.views
-
-    @property
-    def nbytes(self) -> int:
-        return sum(img.numel() for _, img in self.images)
 
 
 @dataclass
