@@ -35,3 +35,29 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k], b[k]), k
+
+
+def reseal_manifest(ckpt: str, edit) -> dict:
+    """Apply ``edit(raw_dict)`` to ``ckpt``'s manifest and rewrite it with a *valid* self-checksum.
+
+    Stands for a crafted (or buggy-writer) manifest that is internally consistent: the
+    manifest checksum catches accidental damage, so tests of the deeper checks must get
+    past it the way an attacker would.
+    """
+    import json
+    import os
+
+    import xxhash
+
+    mp = os.path.join(ckpt, "manifest.json")
+    with open(mp) as f:
+        raw = json.load(f)
+    edit(raw)
+    raw.pop("manifest_checksum", None)
+    raw["manifest_checksum"] = "0" * 16
+    data = json.dumps(raw, indent=1).encode()
+    at = data.rindex(b"0" * 16)
+    data = data[:at] + xxhash.xxh3_64_hexdigest(data).encode() + data[at + 16:]
+    with open(mp, "wb") as f:
+        f.write(data)
+    return raw

@@ -17,15 +17,26 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from . import dtypes
 from .errors import CorruptCheckpointError, UnsupportedFormatError
-from .regions import Box
+from .regions import Box, tiling_fault
 
 FORMAT_ID = "outlast.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 CHECKSUM_ALGORITHM = "xxh3-64"
+MANIFEST_CHECKSUM = "manifest_checksum"
+_PLACEHOLDER = "0" * 16
+
+# Bounds on hostile input, far above anything a real checkpoint holds: a crafted manifest
+# must fail with CorruptCheckpointError, not exhaust memory or time.
+MAX_MANIFEST_BYTES = 1 << 30   # ~1 KiB per chunk: a million chunks
+MAX_NDIM = 64
+MAX_DIM = 1 << 62              # a dimension's size, an offset
+MAX_NBYTES = 1 << 62           # a tensor's bytes
 
 # A path element is a str or int dict key, or a one-element list [i] for a list index.
 PathElem = "str | int | list[int]"
@@ -142,36 +153,66 @@ class Manifest:
         }
 
     def dumps(self) -> bytes:
+        """The manifest file's bytes, ending in the checksum of the manifest itself.
+
+        The checksum is the xxh3-64 of these very bytes with its own 16 hex digits read
+        as zeros, so a flipped dtype, shape or plain value is caught on open even though
+        it parses (see ``docs/format.md``).
+        """
+        doc = self.to_json()
+        doc[MANIFEST_CHECKSUM] = _PLACEHOLDER
         # allow_nan: Python floats such as inf/nan in plain state must survive a round trip.
-        return json.dumps(self.to_json(), indent=1, allow_nan=True).encode()
+        data = json.dumps(doc, indent=1, allow_nan=True).encode()
+        at = data.rindex(_PLACEHOLDER.encode())
+        digest = xxhash.xxh3_64_hexdigest(data).encode()
+        return data[:at] + digest + data[at + 16:]
 
     @classmethod
     def loads(cls, data: bytes, where: str) -> "Manifest":
-        """Parse and validate manifest bytes; ``where`` names the file in errors."""
-        try:
-            raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        """Parse and validate manifest bytes; ``where`` names the file in errors.
+
+        Raises CorruptCheckpointError for anything malformed (never IndexError,
+        OverflowError, RecursionError or MemoryError), UnsupportedFormatError for a newer
+        format version.
+        """
+        if len(data) > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
-                f"{where} is not valid JSON ({e}); the checkpoint is damaged: "
+                f"{where} is {len(data)} bytes, more than the {MAX_MANIFEST_BYTES}-byte limit for a "
+                "manifest; it is not an outlast manifest or it is damaged"
+            )
+        try:
+            raw = json.loads(data, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            raise CorruptCheckpointError(
+                f"{where} is malformed: the key {e.args[0]!r} appears twice in one object, so readers "
+                "could disagree about its value. The checkpoint cannot be trusted; use an older one."
+            ) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise CorruptCheckpointError(
+                f"{where} is not valid JSON ({why}); the checkpoint is damaged: "
                 "restore it from another copy or use an older checkpoint"
             ) from None
-        return cls.from_json(raw, where)
+        if isinstance(raw, dict) and MANIFEST_CHECKSUM in raw:
+            # A newer version may checksum differently: say "upgrade" before "damaged".
+            _check_version(raw, where)
+            _check_self_checksum(data, raw[MANIFEST_CHECKSUM], where)
+        try:
+            return cls.from_json(raw, where)
+        except (CorruptCheckpointError, UnsupportedFormatError):
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError, MemoryError) as e:
+            # The validator should have refused it by name; never let a parser fault escape raw.
+            raise CorruptCheckpointError(
+                f"{where} is malformed ({type(e).__name__}: {e}). The checkpoint cannot be trusted; "
+                "use an older checkpoint or restore this one from another copy."
+            ) from e
 
     @classmethod
     def from_json(cls, raw: Any, where: str) -> "Manifest":
         v = _Validator(where)
         v.check(isinstance(raw, dict), "", "the manifest must be a JSON object")
-        fmt = raw.get("format")
-        v.check(fmt == FORMAT_ID, "format", f"expected {FORMAT_ID!r}, got {fmt!r}")
-        version = raw.get("version")
-        v.check(isinstance(version, int) and not isinstance(version, bool), "version", "must be an integer")
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormatError(
-                f"{where} uses outlast format version {version} (written by "
-                f"{raw.get('library', 'an unknown library')}); this outlast reads versions up to "
-                f"{FORMAT_VERSION}. Upgrade outlast (pip install -U outlast) to read it."
-            )
-        v.check(version >= 1, "version", f"unknown version {version}")
+        _check_version(raw, where)
         files = v.obj(raw, "files")
         for name, size in files.items():
             v.check(_safe_rel(name), f"files.{name}", "must be a relative path inside the checkpoint")
@@ -180,13 +221,19 @@ class Manifest:
         v.check(step is None or _is_int(step), "step", "must be an integer or null")
         ws = raw.get("world_size", 1)
         v.check(_is_int(ws) and ws >= 1, "world_size", "must be a positive integer")
+        tensors_raw, plain_raw = v.obj(raw, "tensors"), v.obj(raw, "plain")
+        # A list index [i] in a path must name an element that exists: each element holds
+        # at least one entry, so i < entries. (A crafted [10**12] would build a huge list.)
+        v.max_index = len(tensors_raw) + len(plain_raw)
         tensors: dict[str, TensorEntry] = {}
-        for fqn, t in v.obj(raw, "tensors").items():
+        for fqn, t in tensors_raw.items():
             tensors[fqn] = v.tensor(fqn, t, files)
         plain: dict[str, PlainEntry] = {}
-        for fqn, p in v.obj(raw, "plain").items():
+        for fqn, p in plain_raw.items():
             v.check(isinstance(p, dict) and "value" in p, f"plain.{fqn}", "must be an object with a value")
-            plain[fqn] = PlainEntry(v.path(f"plain.{fqn}", p.get("path")), p["value"])
+            v.check(fqn not in tensors, f"plain.{fqn}", "names a tensor too; every name must be unique")
+            plain[fqn] = PlainEntry(v.path(f"plain.{fqn}", p.get("path"), fqn), p["value"])
+        v.unique_keys(tensors)
         extra = raw.get("extra", {})
         v.check(isinstance(extra, dict), "extra", "must be an object")
         return cls(
@@ -199,6 +246,58 @@ class Manifest:
             world_size=ws,
             extra=extra,
         )
+
+
+def _check_version(raw: dict, where: str) -> None:
+    v = _Validator(where)
+    fmt = raw.get("format")
+    v.check(fmt == FORMAT_ID, "format", f"expected {FORMAT_ID!r}, got {fmt!r}")
+    version = raw.get("version")
+    v.check(_is_int(version), "version", "must be an integer")
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where} uses outlast format version {version} (written by "
+            f"{raw.get('library', 'an unknown library')}); this outlast reads versions up to "
+            f"{FORMAT_VERSION}. Upgrade outlast (pip install -U outlast) to read it."
+        )
+    v.check(version >= 1, "version", f"unknown version {version}")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return out
+
+
+def _check_self_checksum(data: bytes, want: Any, where: str) -> None:
+    # The digest is the last string in the file: only '"', white space and '}' follow it.
+    ok = isinstance(want, str) and len(want) == 16
+    at = data.rfind(want.encode()) if ok else -1
+    if at < 0 or data[at + 16:].strip(b' \t\r\n"}') or data[at + 16:at + 17] != b'"':
+        raise CorruptCheckpointError(
+            f"{where} is malformed: field {MANIFEST_CHECKSUM!r} must be the last field, a 16-digit "
+            "hex string. The checkpoint cannot be trusted; use an older checkpoint."
+        )
+    got = xxhash.xxh3_64_hexdigest(data[:at] + _PLACEHOLDER.encode() + data[at + 16:])
+    if got != want:
+        raise CorruptCheckpointError(
+            f"checksum mismatch in {where}: the manifest itself is damaged (expected {want}, got "
+            f"{got}), so no dtype, shape or value in it can be trusted. Use an older checkpoint or "
+            "restore this one from another copy."
+        )
+
+
+def _is_hex16(x: Any) -> bool:
+    return isinstance(x, str) and len(x) == 16 and all(ch in "0123456789abcdef" for ch in x)
 
 
 def _is_int(x: Any) -> bool:
@@ -234,21 +333,37 @@ class _Validator:
         self.check(isinstance(val, dict), key, "missing or not an object")
         return val
 
+    max_index = 0
+
     def ints(self, fieldname: str, val: Any) -> tuple[int, ...]:
         self.check(
             isinstance(val, list) and all(_is_int(x) and x >= 0 for x in val),
             fieldname,
             "must be a list of non-negative integers",
         )
+        self.check(len(val) <= MAX_NDIM, fieldname, f"has {len(val)} dimensions, more than {MAX_NDIM}")
+        self.check(all(x <= MAX_DIM for x in val), fieldname, f"holds a value above {MAX_DIM}")
         return tuple(val)
 
-    def path(self, fieldname: str, val: Any) -> list:
-        ok = isinstance(val, list) and len(val) >= 1 and all(
+    def path(self, fieldname: str, val: Any, fqn: str) -> list:
+        ok = isinstance(val, list) and 1 <= len(val) <= 1024 and all(
             isinstance(p, str) or _is_int(p) or (isinstance(p, list) and len(p) == 1 and _is_int(p[0]))
             for p in val
         )
         self.check(ok, f"{fieldname}.path", "must be a non-empty list of keys")
+        for p in val:
+            if isinstance(p, list):
+                self.check(0 <= p[0] < self.max_index, f"{fieldname}.path", f"list index {p[0]} is out of range")
+        self.check(fqn_of(val) == fqn, f"{fieldname}.path", f"names {fqn_of(val)!r}, not the entry's name {fqn!r}")
         return val
+
+    def unique_keys(self, tensors: dict) -> None:
+        seen: dict[tuple[str, str], str] = {}
+        for fqn, t in tensors.items():
+            for c in t.chunks:
+                other = seen.setdefault((c.file, c.key), fqn)
+                if other is not fqn:
+                    self.fail(f"tensors.{fqn}", f"chunk key {c.key!r} in {c.file} is used twice (also by {other!r})")
 
     def tensor(self, fqn: str, t: Any, files: dict) -> TensorEntry:
         at = f"tensors.{fqn}"
@@ -256,11 +371,11 @@ class _Validator:
         dt = t.get("dtype")
         self.check(isinstance(dt, str) and dtypes.known(dt), f"{at}.dtype", f"unknown dtype {dt!r}")
         shape = self.ints(f"{at}.shape", t.get("shape"))
+        item = dtypes.itemsize(dt)
+        self.check(math.prod(shape) * item <= MAX_NBYTES, f"{at}.shape", f"{list(shape)} is impossibly large")
         chunks_raw = t.get("chunks")
         self.check(isinstance(chunks_raw, list), f"{at}.chunks", "must be a list")
-        item = dtypes.itemsize(dt)
         chunks = []
-        covered = 0
         for i, c in enumerate(chunks_raw):
             cat = f"{at}.chunks[{i}]"
             self.check(isinstance(c, dict), cat, "must be an object")
@@ -271,30 +386,27 @@ class _Validator:
             self.check(box.within(shape), cat, f"region {offs}+{sizes} lies outside shape {list(shape)}")
             f = c.get("file")
             self.check(isinstance(f, str) and f in files, f"{cat}.file", f"names a file {f!r} not listed in 'files'")
-            self.check(isinstance(c.get("key"), str), f"{cat}.key", "must be a string")
+            self.check(isinstance(c.get("key"), str) and c["key"] != "", f"{cat}.key", "must be a non-empty string")
             off, nb = c.get("offset"), c.get("nbytes")
             self.check(_is_int(off) and off >= 0, f"{cat}.offset", "must be a non-negative integer")
             self.check(_is_int(nb) and nb == box.numel * item, f"{cat}.nbytes", "does not match the region size")
             self.check(off + nb <= files[f], cat, f"byte range ends past the size of {f}")
             cs = c.get("checksum")
-            self.check(isinstance(cs, str) and len(cs) == 16, f"{cat}.checksum", "must be a 16-digit hex string")
+            self.check(_is_hex16(cs), f"{cat}.checksum", "must be a 16-digit lowercase hex string")
             br, bcs = c.get("block_rows", 0), c.get("block_checksums", [])
             if br or "block_checksums" in c:
                 rows = sizes[0] if sizes else 0
                 self.check(_is_int(br) and 1 <= br and rows >= 1, f"{cat}.block_rows", "must be a positive integer for a chunk with rows")
                 self.check(
-                    isinstance(bcs, list) and len(bcs) == -(-rows // br) and all(isinstance(x, str) and len(x) == 16 for x in bcs),
+                    isinstance(bcs, list) and len(bcs) == -(-rows // br) and all(_is_hex16(x) for x in bcs),
                     f"{cat}.block_checksums",
                     f"must be {-(-rows // max(1, br if _is_int(br) else 1))} 16-digit hex strings",
                 )
-            covered += box.numel
             chunks.append(Chunk(box, f, c["key"], off, nb, cs, br or 0, tuple(bcs) if br else ()))
-        self.check(
-            covered == math.prod(shape) or (math.prod(shape) == 0),
-            at,
-            f"chunks cover {covered} of {math.prod(shape)} elements",
-        )
-        return TensorEntry(self.path(at, t.get("path")), dt, shape, chunks)
+        # Structural, not arithmetic: the chunks must tile the tensor (no overlap, no gap).
+        fault = tiling_fault(shape, [c.box for c in chunks])
+        self.check(fault is None, at, f"chunks do not tile shape {list(shape)}: {fault}")
+        return TensorEntry(self.path(at, t.get("path"), fqn), dt, shape, chunks)
 
 
 def fqn_of(path: list) -> str:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["Box", "flat_range_to_boxes", "covers"]
+__all__ = ["Box", "flat_range_to_boxes", "covers", "first_overlap", "tiling_fault"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,59 @@ def overlapping_pairs(boxes: Sequence[Box]) -> list[tuple[int, int]]:
             if boxes[i].intersect(boxes[j]) is not None:
                 out.append((i, j))
     return out
+
+
+def first_overlap(boxes: Sequence[Box]) -> tuple[int, int] | None:
+    """Indices ``(i, j)`` of two overlapping boxes, or None if no two overlap.
+
+    A sweep along dimension 0: boxes sorted by their first offset, each compared only
+    with the earlier boxes whose dim-0 range is still open. Row-block and shard layouts
+    (disjoint along dim 0, or a few column shards per row range) cost O(n log n).
+    Empty boxes overlap nothing.
+
+    Example:
+        >>> first_overlap([Box((0,), (2,)), Box((2,), (2,)), Box((1,), (2,))])
+        (0, 2)
+    """
+    live = [i for i, b in enumerate(boxes) if b.numel > 0]
+    if len(live) < 2:
+        return None
+    if boxes[live[0]].ndim == 0:
+        return (live[0], live[1])  # two 0-d boxes are the same element
+    live.sort(key=lambda i: boxes[i].offsets[0])
+    active: list[int] = []  # boxes whose dim-0 range may still reach the current one
+    for i in live:
+        b = boxes[i]
+        start = b.offsets[0]
+        active = [a for a in active if boxes[a].offsets[0] + boxes[a].sizes[0] > start]
+        for a in active:
+            if boxes[a].intersect(b) is not None:
+                return (min(a, i), max(a, i))
+        active.append(i)
+    return None
+
+
+def tiling_fault(shape: Sequence[int], boxes: Sequence[Box]) -> str | None:
+    """Why ``boxes`` do not tile a tensor of ``shape`` exactly, or None if they do.
+
+    Tiling is structural: every box inside the shape, no two overlapping, and together
+    exactly as many elements as the tensor (no overlap + equal volume = no gap). Counting
+    elements alone would accept rows 0:2 stored twice and rows 2:4 missing.
+
+    Example:
+        >>> tiling_fault((4,), [Box((0,), (2,)), Box((0,), (2,))])
+        'regions 0 and 1 overlap at offsets=[0] sizes=[2]'
+    """
+    for i, b in enumerate(boxes):
+        if not b.within(shape):
+            return f"region {i} (offsets={list(b.offsets)} sizes={list(b.sizes)}) lies outside shape {list(shape)}"
+    pair = first_overlap(boxes)
+    if pair is not None:
+        i, j = pair
+        x = boxes[i].intersect(boxes[j])
+        return f"regions {i} and {j} overlap at offsets={list(x.offsets)} sizes={list(x.sizes)}"
+    total = math.prod(shape)
+    got = sum(b.numel for b in boxes)
+    if got != total:
+        return f"regions cover {got} of {total} elements ({total - got} missing)"
+    return None

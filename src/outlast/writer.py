@@ -22,7 +22,7 @@ import torch
 from . import __version__, dtypes
 from .api import block_rows_for, check_destination
 from .errors import IncompatibleStateError, SerializationError
-from .format import DATA_DIR, Chunk, Manifest, PlainEntry, TensorEntry
+from .format import DATA_DIR, Chunk, Manifest, PlainEntry, TensorEntry, fqn_of
 from .layouts import staged
 from .regions import Box
 from .storage.local import ShardWriter, commit_dir, remove_tree, temp_dir_for, write_manifest
@@ -135,6 +135,12 @@ class CheckpointWriter:
                 raise SerializationError(f"tensor {s.fqn!r} is declared twice for {self.path}")
             if not dtypes.known(s.dtype):
                 raise SerializationError(f"tensor {s.fqn!r}: unknown safetensors dtype {s.dtype!r}")
+            if fqn_of(s.entry_path) != s.fqn:
+                # Readers refuse a manifest whose entry name is not its path's name.
+                raise SerializationError(
+                    f"tensor {s.fqn!r}: its path {s.entry_path} names {fqn_of(s.entry_path)!r}; "
+                    "a TensorSpec's fqn must be its path joined with '.'"
+                )
             seen.add(s.fqn)
         self.plain: dict[str, PlainEntry] = {}
         for k, v in (plain or {}).items():

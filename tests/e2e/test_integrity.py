@@ -16,6 +16,7 @@ from outlast.errors import (
     UnsupportedFormatError,
 )
 from outlast.reader import CheckpointReader
+from state_helpers import reseal_manifest
 
 
 @pytest.fixture
@@ -90,10 +91,7 @@ def test_missing_checkpoint(tmp_path):
 
 def test_future_version_asks_to_upgrade(saved):
     path, _ = saved
-    mp = os.path.join(path, "manifest.json")
-    m = json.load(open(mp))
-    m["version"] = 2
-    json.dump(m, open(mp, "w"))
+    reseal_manifest(path, lambda m: m.update(version=2))
     with pytest.raises(UnsupportedFormatError, match="Upgrade outlast"):
         outlast.read(path)
 
@@ -136,14 +134,11 @@ def test_verify_checks_row_block_checksums(ckpt_dir):
     import json
 
     outlast.save({"big": torch.randn(4096, 1024)}, ckpt_dir)  # 16 MiB: has row blocks
-    mp = os.path.join(ckpt_dir, "manifest.json")
-    m = json.load(open(mp))
-    chunk = m["tensors"]["big"]["chunks"][0]
+    chunk = json.load(open(os.path.join(ckpt_dir, "manifest.json")))["tensors"]["big"]["chunks"][0]
     assert chunk.get("block_checksums"), "a 16 MiB chunk should carry block checksums"
     with CheckpointReader(ckpt_dir) as r:
         assert r.verify() == []
-    chunk["block_checksums"][1] = "0" * 16
-    json.dump(m, open(mp, "w"))
+    reseal_manifest(ckpt_dir, lambda m: m["tensors"]["big"]["chunks"][0]["block_checksums"].__setitem__(1, "0" * 16))
     with CheckpointReader(ckpt_dir) as r:
         problems = r.verify()
     assert len(problems) == 1 and "block checksum mismatch in row block(s) [1]" in problems[0] and "'big'" in problems[0]

@@ -30,11 +30,11 @@ def test_plan_files_fills_then_rolls_over():
 
 def test_stream_roundtrip_with_paths_plain_and_several_files(tmp_path):
     ts = _tensors()
-    specs = [TensorSpec.of(k, v, ["model", k]) for k, v in ts.items()]
+    specs = [TensorSpec.of(f"model.{k}", v, ["model", k]) for k, v in ts.items()]
     with CheckpointWriter(tmp_path / "c", specs, step=7, plain={"step": 7, "cfg": {"lr": 0.1}}, max_file_bytes=1024) as w:
-        assert w.next_fqn == "w"
+        assert w.next_fqn == "model.w"
         for k, v in ts.items():
-            w.write(k, v)
+            w.write(f"model.{k}", v)
     m = outlast.manifest_of(tmp_path / "c")
     assert m.step == 7 and len(m.files) == 2  # "w" (4 KiB) alone, then the small ones together
     back = outlast.read(tmp_path / "c")
