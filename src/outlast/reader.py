@@ -24,8 +24,9 @@ from .errors import (
     CorruptCheckpointError,
     IncompatibleStateError,
     IncompleteCheckpointError,
+    StorageError,
 )
-from .format import MANIFEST_NAME, Chunk, Manifest, TensorEntry
+from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from .regions import Box
 from .storage.local import checksum, is_temp_name, pread_into, read_header, tensor_bytes
 
@@ -57,8 +58,14 @@ def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def open_manifest(path: str) -> Manifest:
-    """Read and validate ``path/manifest.json`` with errors a user can act on."""
+def open_manifest(path: str, *, check_files: bool = True) -> Manifest:
+    """Read and validate ``path/manifest.json`` with errors a user can act on.
+
+    With ``check_files`` (the default: every open) each data file must also exist at the
+    size the manifest lists, with a valid safetensors header whose entry for every chunk
+    agrees with it (key, dtype, shape, byte range). Checksums of the bytes are checked
+    when they are read (or by :meth:`CheckpointReader.verify`).
+    """
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
     if not os.path.isdir(path):
@@ -70,9 +77,70 @@ def open_manifest(path: str) -> Manifest:
             f"{path} has no {MANIFEST_NAME}: it is an incomplete checkpoint{hint} and cannot be "
             "loaded. Load an older checkpoint (outlast ls shows them) or delete this directory."
         )
-    with open(mpath, "rb") as f:
-        data = f.read()
-    return Manifest.loads(data, mpath)
+    try:
+        with open(mpath, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise StorageError(f"reading {mpath} failed: {e.strerror}") from e
+    m = Manifest.loads(data, mpath)
+    if check_files:
+        problems = file_problems(path, m)
+        if problems:
+            raise CorruptCheckpointError(
+                f"checkpoint {path} is damaged: {problems[0]}"
+                + (f" (and {len(problems) - 1} more problem(s); outlast verify lists them)" if len(problems) > 1 else "")
+                + ". Use an older checkpoint or restore the file.",
+                problems,
+            )
+    return m
+
+
+def file_problems(path: str, manifest: Manifest, headers: dict | None = None) -> list[str]:
+    """Every disagreement between the data files on disk and ``manifest``, one line each.
+
+    Checks existence, exact size, the safetensors header, and each chunk's header entry.
+    ``headers``, if given, receives ``{file: (header, data_start) or None}``.
+    """
+    problems: list[str] = []
+    headers = {} if headers is None else headers
+    for rel, size in sorted(manifest.files.items()):
+        p = os.path.join(path, rel)
+        try:
+            actual = os.path.getsize(p)
+        except FileNotFoundError:
+            problems.append(f"{rel}: file missing (holds {_describe_file(manifest, rel)})")
+            headers[rel] = None
+            continue
+        except OSError as e:
+            problems.append(f"{rel}: cannot be read ({e.strerror})")
+            headers[rel] = None
+            continue
+        if actual != size:
+            problems.append(f"{rel}: size is {actual} bytes, manifest says {size} (truncated or overwritten)")
+        try:
+            headers[rel] = read_header(p)
+        except CorruptCheckpointError as e:
+            problems.append(f"{rel}: {e}")
+            headers[rel] = None
+    for fqn, e in manifest.tensors.items():
+        for c in e.chunks:
+            hdr = headers.get(c.file)
+            if hdr is None:
+                continue
+            h, base = hdr
+            info = h.get(c.key)
+            want = {"dtype": e.dtype, "shape": list(c.box.sizes), "data_offsets": [c.offset - base, c.offset - base + c.nbytes]}
+            if not isinstance(info, dict) or any(info.get(k) != v for k, v in want.items()):
+                problems.append(
+                    f"{c.file}: tensor {fqn!r}: safetensors header entry {c.key!r} is {info!r}, the manifest says {want}"
+                )
+    return problems
+
+
+def _describe_file(manifest: Manifest, rel: str) -> str:
+    names = [f for f, t in manifest.tensors.items() if any(c.file == rel for c in t.chunks)]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"regions of {len(names)} tensor(s): {shown}" if names else "no tensors"
 
 
 class CheckpointReader:
@@ -86,9 +154,10 @@ class CheckpointReader:
         ...     w = r.read_tensor("model.weight")
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, check_files: bool = True):
         self.path = os.fspath(path)
-        self.manifest = open_manifest(self.path)
+        # check_files=False opens a checkpoint with damaged files so verify() can list them.
+        self.manifest = open_manifest(self.path, check_files=check_files)
         self.threads = threads or default_threads()
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
@@ -125,9 +194,7 @@ class CheckpointReader:
             return fd
 
     def _describe_file(self, rel: str) -> str:
-        names = [f for f, t in self.manifest.tensors.items() if any(c.file == rel for c in t.chunks)]
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        return f"regions of {len(names)} tensor(s): {shown}" if names else "no tensors"
+        return _describe_file(self.manifest, rel)
 
     # -- reads
     def entry(self, fqn: str) -> TensorEntry:
@@ -230,33 +297,14 @@ class CheckpointReader:
     # -- verification
     def verify(self, *, progress: Callable[[int], None] | None = None) -> list[str]:
         """Check every file and chunk; return a list of problems (empty if all is well)."""
-        problems: list[str] = []
         headers: dict[str, tuple[dict, int] | None] = {}
-        for rel, size in sorted(self.manifest.files.items()):
-            p = self.file_path(rel)
-            if not os.path.exists(p):
-                problems.append(f"{rel}: file missing (holds {self._describe_file(rel)})")
-                headers[rel] = None
-                continue
-            actual = os.path.getsize(p)
-            if actual != size:
-                problems.append(f"{rel}: size is {actual} bytes, manifest says {size} (truncated or overwritten)")
-            try:
-                headers[rel] = read_header(p)
-            except CorruptCheckpointError as e:
-                problems.append(f"{rel}: {e}")
-                headers[rel] = None
+        problems = file_problems(self.path, self.manifest, headers)
         for fqn, e in self.manifest.tensors.items():
             for c in e.chunks:
-                hdr = headers.get(c.file)
-                if hdr is None:
+                if headers.get(c.file) is None:
                     if progress:
                         progress(c.nbytes)
                     continue
-                h, base = hdr
-                info = h.get(c.key)
-                if not isinstance(info, dict) or info.get("data_offsets") != [c.offset - base, c.offset - base + c.nbytes]:
-                    problems.append(f"{c.file}: tensor {fqn!r}: safetensors header entry {c.key!r} disagrees with the manifest")
                 region = f"region offsets={list(c.box.offsets)} sizes={list(c.box.sizes)}"
                 try:
                     buf = bytearray(c.nbytes)

@@ -42,6 +42,36 @@ def cases(m):
     yield "bad_path.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(path=[{"x": 1}])), "CorruptCheckpointError", "path"
     yield "plain_without_value.json", mut(lambda c: c["plain"]["step"].pop("value")), "CorruptCheckpointError", "plain.step"
 
+    # Element counts add up but the chunks do not tile: rows 0:2 and row 0 again, row 2 lost.
+    def overlap(c):
+        t = c["tensors"]["model.embed.weight"]
+        a = dict(t["chunks"][0], sizes=[2, 4], nbytes=32)
+        b = dict(t["chunks"][0], sizes=[1, 4], nbytes=16, key="model.embed.weight#dup")
+        t["chunks"] = [a, b]
+    yield "overlapping_chunks.json", mut(overlap), "CorruptCheckpointError", "overlap"
+    yield "name_not_path.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(path=["model", "other"])), "CorruptCheckpointError", "not the entry's name"
+    yield "plain_name_not_path.json", mut(lambda c: c["plain"]["step"].update(path=["steps"])), "CorruptCheckpointError", "not the entry's name"
+
+    def huge_index(c):
+        e = c["tensors"].pop("layers.0")
+        e["path"] = ["layers", [10**12]]
+        c["tensors"]["layers.1000000000000"] = e
+    yield "huge_list_index.json", mut(huge_index), "CorruptCheckpointError", "out of range"
+
+    def name_collision(c):
+        c["plain"]["model.counts"] = {"path": ["model", "counts"], "value": 1}
+    yield "tensor_and_plain_same_name.json", mut(name_collision), "CorruptCheckpointError", "unique"
+    yield "too_many_dims.json", mut(lambda c: c["tensors"]["model.embed.weight"].update(shape=[1] * 65)), "CorruptCheckpointError", "dimensions"
+    yield "impossibly_large.json", mut(lambda c: c["tensors"]["model.empty"].update(shape=[2**62, 2**62])), "CorruptCheckpointError", "impossibly large"
+    yield "empty_key.json", mut(lambda c: first_chunk(c).update(key="")), "CorruptCheckpointError", "non-empty"
+    yield "uppercase_checksum.json", mut(lambda c: first_chunk(c).update(checksum=first_chunk(c)["checksum"].upper())), "CorruptCheckpointError", "lowercase hex"
+    yield "deep_nesting.json", "[" * 100000 + "]" * 100000, "CorruptCheckpointError", "not valid JSON"
+    # The same key twice in one object: json.loads would silently keep the last one.
+    dup = json.dumps(m, indent=1).replace('"step": 7,', '"step": 7,\n "step": 8,', 1)
+    yield "duplicate_key.json", dup, "CorruptCheckpointError", "appears twice"
+    bad_self = json.dumps(dict(m, manifest_checksum="0123456789abcdef"), indent=1)
+    yield "bad_manifest_checksum.json", bad_self, "CorruptCheckpointError", "manifest itself is damaged"
+
 
 def main():
     with open(GOLDEN) as f:

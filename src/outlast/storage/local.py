@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import secrets
 import shutil
@@ -272,7 +273,12 @@ def write_file_image(path: str, image: torch.Tensor, size: int, *, fsync: bool =
 
 
 def read_header(path: str) -> tuple[dict, int]:
-    """Parse a safetensors header defensively. Returns (header without metadata, data start)."""
+    """Parse a safetensors header defensively. Returns (header without metadata, data start).
+
+    Refuses, as CorruptCheckpointError naming the file: a short file, an impossible
+    header length, JSON that does not parse or repeats a key, and entries that do not
+    tile the data region the way safetensors requires (:func:`header_fault`).
+    """
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -286,13 +292,55 @@ def read_header(path: str) -> tuple[dict, int]:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"data file {path} is missing") from None
     try:
-        header = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON") from None
+        header = json.loads(head, object_pairs_hook=_unique_pairs)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON (or repeats a key)") from None
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    fault = header_fault(header, size - 8 - n)
+    if fault is not None:
+        raise CorruptCheckpointError(f"{path}: safetensors header is malformed: {fault}")
     return header, 8 + n
+
+
+def _unique_pairs(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def header_fault(header: dict, data_len: int) -> str | None:
+    """Why a safetensors header (metadata removed) is invalid for ``data_len`` data bytes, or None.
+
+    Each entry needs a known dtype, a shape of non-negative ints and ``data_offsets``
+    ``[begin, end]`` with ``end - begin`` equal to the shape's bytes; sorted by offset the
+    entries cover the data region exactly, without holes or overlap (safetensors' rule).
+    """
+    spans = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            return f"entry {key!r} is not an object"
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not (isinstance(dt, str) and dtypes.known(dt)):
+            return f"entry {key!r} has unknown dtype {dt!r}"
+        if not (isinstance(shape, list) and len(shape) <= 64 and all(type(x) is int and 0 <= x <= 1 << 62 for x in shape)):
+            return f"entry {key!r} has an invalid shape"
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(x) is int for x in offs) and 0 <= offs[0] <= offs[1]):
+            return f"entry {key!r} has invalid data_offsets {offs!r}"
+        if offs[1] - offs[0] != math.prod(shape) * dtypes.itemsize(dt):
+            return f"entry {key!r}: data_offsets {offs} do not hold shape {shape} of {dt}"
+        spans.append((offs[0], offs[1], key))
+    spans.sort()
+    at = 0
+    for begin, end, key in spans:
+        if begin != at:
+            return f"entry {key!r} starts at {begin}, expected {at} (a hole or an overlap)"
+        at = end
+    if at != data_len:
+        return f"entries cover {at} data bytes, the file holds {data_len}"
+    return None
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
