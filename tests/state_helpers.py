@@ -54,6 +54,7 @@ def reseal_manifest(ckpt: str, edit) -> dict:
         raw = json.load(f)
     edit(raw)
     raw.pop("manifest_checksum", None)
+    raw["sealed"] = raw.pop("sealed", True)
     raw["manifest_checksum"] = "0" * 16
     data = json.dumps(raw, indent=1).encode()
     at = data.rindex(b"0" * 16)

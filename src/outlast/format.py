@@ -160,6 +160,9 @@ class Manifest:
         it parses (see ``docs/format.md``).
         """
         doc = self.to_json()
+        # Two marks, so no single flipped byte can turn the check off: renaming either key
+        # leaves the other one demanding the checksum.
+        doc["sealed"] = True
         doc[MANIFEST_CHECKSUM] = _PLACEHOLDER
         # allow_nan: Python floats such as inf/nan in plain state must survive a round trip.
         data = json.dumps(doc, indent=1, allow_nan=True).encode()
@@ -193,9 +196,15 @@ class Manifest:
                 f"{where} is not valid JSON ({why}); the checkpoint is damaged: "
                 "restore it from another copy or use an older checkpoint"
             ) from None
-        if isinstance(raw, dict) and MANIFEST_CHECKSUM in raw:
+        if isinstance(raw, dict) and (MANIFEST_CHECKSUM in raw or "sealed" in raw):
             # A newer version may checksum differently: say "upgrade" before "damaged".
             _check_version(raw, where)
+            if raw.get("sealed") is not True or MANIFEST_CHECKSUM not in raw:
+                raise CorruptCheckpointError(
+                    f"{where} is damaged: it must carry both 'sealed': true and its "
+                    f"{MANIFEST_CHECKSUM!r}, and one of them is missing or altered. Use an older "
+                    "checkpoint or restore this one from another copy."
+                )
             _check_self_checksum(data, raw[MANIFEST_CHECKSUM], where)
         try:
             return cls.from_json(raw, where)

@@ -69,8 +69,9 @@ def cases(m):
     # The same key twice in one object: json.loads would silently keep the last one.
     dup = json.dumps(m, indent=1).replace('"step": 7,', '"step": 7,\n "step": 8,', 1)
     yield "duplicate_key.json", dup, "CorruptCheckpointError", "appears twice"
-    bad_self = json.dumps(dict(m, manifest_checksum="0123456789abcdef"), indent=1)
+    bad_self = json.dumps(dict(m, sealed=True, manifest_checksum="0123456789abcdef"), indent=1)
     yield "bad_manifest_checksum.json", bad_self, "CorruptCheckpointError", "manifest itself is damaged"
+    yield "sealed_without_checksum.json", json.dumps(dict(m, sealed=True), indent=1), "CorruptCheckpointError", "'sealed': true"
 
 
 def main():
