@@ -47,15 +47,12 @@ from .plan import (
 )
 from .reader import CheckpointReader, ReadRequest, open_manifest
 from .regions import Box
+from .storage.commit import Transaction
 from .storage.local import (
     ShardWriter,
-    commit_dir,
     hash_stream,
-    remove_tree,
     shard_layout,
-    temp_dir_for,
     write_file_image,
-    write_manifest,
 )
 from .tree import FlatState, flatten, insert
 
@@ -605,18 +602,13 @@ def persist(
     prepared.report = report
     if group is None:
         check_destination(path, overwrite)
-        tmp = temp_dir_for(path)
-        try:
-            chunks, files = _write_data(tmp, prepared)
+        with Transaction(path, overwrite=overwrite) as tx:
+            chunks, files = _write_data(tx.tmp, prepared)
             manifest = build_manifest(
                 _tensor_metas(prepared), prepared.plain, chunks, files,
                 step=step, world_size=prepared.world_size, extra=extra,
             )
-            write_manifest(tmp, manifest.dumps())
-            commit_dir(tmp, path, overwrite=overwrite)
-        except BaseException:
-            remove_tree(tmp)
-            raise
+            tx.commit(manifest.dumps())
         report.bytes_written = prepared.nbytes
         report.files_written = len(files)
         report.bytes_per_rank = [prepared.nbytes]
@@ -630,11 +622,12 @@ def persist(
             "pass the same process_group to prepare_save and persist"
         )
     # 1. Rank 0 checks the destination and creates the staging directory.
-    tmp = err = None
+    tmp = err = tx = None
     if group.rank == 0:
         try:
             check_destination(path, overwrite)
-            tmp = temp_dir_for(path)
+            tx = Transaction(path, overwrite=overwrite)
+            tmp = tx.tmp
         except Exception as e:  # noqa: BLE001
             err = e
     tmp = group.broadcast((tmp, None if err is None else (type(err).__name__, str(err))), what)
@@ -661,8 +654,8 @@ def persist(
         raise_gathered(err, [g[0] for g in gathered], what)
         plain = _same_plain([g[3] for g in gathered], path)
     except BaseException:
-        if group.rank == 0:
-            remove_tree(tmp)
+        if tx is not None:
+            tx.abort()
         raise
     # 4. Rank 0 writes the manifest last and commits; everyone learns the outcome.
     manifest = None
@@ -679,10 +672,9 @@ def persist(
                 prepared.plan.tensors, plain, all_chunks, all_files,
                 step=step, world_size=group.size, extra=extra,
             )
-            write_manifest(tmp, manifest.dumps())
-            commit_dir(tmp, path, overwrite=overwrite)
+            tx.commit(manifest.dumps())
         except Exception as e:  # noqa: BLE001
-            remove_tree(tmp)
+            tx.abort()
             err = e
     result = group.broadcast(
         (None if err is None else (type(err).__name__, str(err)), None if manifest is None else manifest.dumps()),

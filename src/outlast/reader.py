@@ -28,6 +28,7 @@ from .errors import (
 )
 from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from .regions import Box
+from .storage.commit import recover
 from .storage.local import checksum, is_temp_name, pread_into, read_header, tensor_bytes
 
 
@@ -66,7 +67,7 @@ def open_manifest(path: str, *, check_files: bool = True) -> Manifest:
     agrees with it (key, dtype, shape, byte range). Checksums of the bytes are checked
     when they are read (or by :meth:`CheckpointReader.verify`).
     """
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not recover(path):
         raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
     if not os.path.isdir(path):
         raise CheckpointNotFoundError(f"{path} is not a checkpoint directory")
@@ -346,6 +347,10 @@ def list_checkpoints(root: str) -> list[dict]:
     """
     rows = []
     candidates = []
+    if os.path.isdir(root):  # a commit cut between its two renames: put the old one back first
+        for name in os.listdir(root):
+            if name.startswith(".") and ".old-" in name:
+                recover(os.path.join(root, name[1:].split(".old-")[0]))
     if os.path.exists(os.path.join(root, MANIFEST_NAME)):
         candidates.append(root)
     if os.path.isdir(root):

@@ -25,7 +25,8 @@ from .errors import IncompatibleStateError, SerializationError
 from .format import DATA_DIR, Chunk, Manifest, PlainEntry, TensorEntry, fqn_of
 from .layouts import staged
 from .regions import Box
-from .storage.local import ShardWriter, commit_dir, remove_tree, temp_dir_for, write_manifest
+from .storage.commit import Transaction
+from .storage.local import ShardWriter
 
 __all__ = ["CheckpointWriter", "TensorSpec", "DEFAULT_MAX_FILE_BYTES"]
 
@@ -156,7 +157,8 @@ class CheckpointWriter:
         self.bytes_written = 0
         self.committed: Manifest | None = None
         check_destination(self.path, overwrite)
-        self._tmp: str | None = temp_dir_for(self.path)
+        self._tx: Transaction | None = Transaction(self.path, overwrite=overwrite)
+        self._tmp: str | None = self._tx.tmp
 
     # -- lifecycle
     def __enter__(self) -> "CheckpointWriter":
@@ -260,12 +262,11 @@ class CheckpointWriter:
             self._check_complete()
             self._close_shard()
             manifest = self.manifest()
-            write_manifest(self._tmp, manifest.dumps())
-            commit_dir(self._tmp, self.path, overwrite=self.overwrite)
+            self._tx.commit(manifest.dumps())
         except BaseException:
             self.abort()
             raise
-        self._tmp = None
+        self._tmp = self._tx = None
         self.committed = manifest
         return manifest
 
@@ -274,6 +275,6 @@ class CheckpointWriter:
         if self._shard is not None:
             self._shard.abort()
             self._shard = None
-        if self._tmp is not None:
-            remove_tree(self._tmp)
-            self._tmp = None
+        if self._tx is not None:
+            self._tx.abort()
+            self._tmp = self._tx = None

@@ -31,7 +31,7 @@ import torch
 
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, IncompatibleStateError, StorageError
 from ..format import PlainEntry
-from ..storage.local import commit_dir, fsync_dir, temp_dir_for
+from ..storage.commit import Transaction
 from ..writer import DEFAULT_MAX_FILE_BYTES, CheckpointWriter, TensorSpec
 
 __all__ = ["convert", "open_source", "Source", "ConvertResult", "SOURCE_FORMATS", "DEST_FORMATS"]
@@ -310,34 +310,19 @@ def foreign_tmp(final: str, overwrite: bool, markers: tuple[str, ...]) -> str:
                 f"{final} holds files that are not a checkpoint ({', '.join(sorted(entries)[:3])}...); "
                 "outlast will not replace it"
             )
-    # temp_dir_for makes tmp/data for outlast's layout; commit_foreign removes it again.
-    return temp_dir_for(final)
+    return Transaction(final).tmp
 
 
 def commit_foreign(tmp: str, final: str, overwrite: bool) -> None:
-    """Rename a finished foreign output into place atomically (see storage.local.commit_dir)."""
-    try:
-        for name in os.listdir(tmp):
-            p = os.path.join(tmp, name)
-            if os.path.isfile(p):
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        final = os.path.abspath(final)
-        if os.path.isdir(final) and not os.listdir(final):
-            os.rmdir(final)  # an empty directory the user made for us: not worth an exchange
-        commit_dir(tmp, final, overwrite=overwrite)
-        # The empty data/ staging folder is outlast's layout, not the foreign format's.
-        data = os.path.join(final, "data")
-        if os.path.isdir(data) and not os.listdir(data):
-            os.rmdir(data)
-            fsync_dir(final)
-    except OSError as e:
-        if isinstance(e, (StorageError, CheckpointExistsError)):
-            raise
-        raise StorageError(f"committing {final} failed: {e.strerror}") from e
+    """Publish a finished foreign output with the same transaction as a save (storage.commit)."""
+    # The staging directory has outlast's empty data/ folder; the foreign format has none.
+    data = os.path.join(tmp, "data")
+    if os.path.isdir(data) and not os.listdir(data):
+        os.rmdir(data)
+    final = os.path.abspath(final)
+    if os.path.isdir(final) and not os.listdir(final):
+        os.rmdir(final)  # an empty directory the user made for us: not worth an exchange
+    Transaction(final, overwrite=overwrite, tmp=tmp).commit()
 
 
 # ---------------------------------------------------------------- sinks

@@ -1,4 +1,4 @@
-"""Shard files and atomic commits on a local (POSIX) filesystem.
+"""Shard files on a local (POSIX) filesystem: writing, header parsing, positional reads.
 
 A shard file is a valid safetensors file written by outlast itself rather than by
 ``safetensors.torch.save_file`` because outlast needs three things that function does
@@ -6,23 +6,16 @@ not give: the header written first and the tensor bytes streamed after it straig
 from the tensors' memory (no second copy of a multi-GB state), a checksum of every
 tensor computed while its bytes are written, and an fsync before the commit.
 
-Commit protocol: everything is written under a hidden sibling directory
-``.<name>.tmp-<token>``; data files and ``manifest.json`` are fsync'd, the directory is
-fsync'd, and one ``rename`` makes it visible under its final name (``renameat2`` with
-``RENAME_EXCHANGE`` when replacing an existing checkpoint, so there is no moment without
-a valid checkpoint at that name). A crash at any point leaves either the old state or
-the complete new checkpoint; leftovers are hidden ``.tmp-`` directories that
-``outlast ls`` reports and the Checkpointer removes.
+The commit (staging directory, fsyncs, the atomic publish and its recovery) is
+:mod:`outlast.storage.commit`, shared by every writer.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import math
 import os
-import secrets
 import shutil
 import struct
 from dataclasses import dataclass
@@ -32,7 +25,7 @@ import torch
 import xxhash
 
 from .. import dtypes
-from ..errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ..errors import CorruptCheckpointError, StorageError
 
 # Large writes keep the disk streaming; one call per tensor up to this size.
 _WRITE_BLOCK = 64 << 20
@@ -359,86 +352,10 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         got += k
 
 
-# ---------------------------------------------------------------- atomic directories
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_dir_for(final: str) -> str:
-    """Create and return the hidden staging directory for a checkpoint at ``final``."""
-    final = os.path.abspath(final)
-    parent, name = os.path.split(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
-    os.makedirs(os.path.join(tmp, "data"))
-    return tmp
-
-
-def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2). False if the platform cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), a)
-
-
-def commit_dir(tmp: str, final: str, *, overwrite: bool) -> None:
-    """Make the fully written ``tmp`` directory visible as ``final``, atomically."""
-    fsync_dir(os.path.join(tmp, "data"))
-    fsync_dir(tmp)
-    parent = os.path.dirname(os.path.abspath(final))
-    if not os.path.lexists(final):
-        try:
-            os.rename(tmp, final)
-        except OSError as e:
-            raise StorageError(f"committing {final} failed: {e.strerror}") from e
-        fsync_dir(parent)
-        return
-    if not overwrite:
-        raise CheckpointExistsError(f"{final} already exists; pass overwrite=True to replace it")
-    if _exchange(tmp, final):
-        fsync_dir(parent)
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old checkpoint
-        return
-    # No atomic exchange here: move the old one aside first. A crash in between leaves
-    # the old checkpoint intact under the .old- name and the new one complete under tmp.
-    old = os.path.join(parent, f".{os.path.basename(final)}.old-{secrets.token_hex(4)}")
-    os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_manifest(tmp: str, data: bytes) -> None:
-    p = os.path.join(tmp, "manifest.json")
-    try:
-        with open(p, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise StorageError(f"writing {p} failed: {e.strerror}") from e
+# ---------------------------------------------------------------- directories
+# Staging, fsync and the atomic publish live in storage/commit.py (one transaction for
+# every writer); fsync_dir and is_temp_name are re-exported for older imports.
+from .commit import fsync_dir, is_temp_name  # noqa: E402,F401
 
 
 def remove_tree(path: str) -> None:

@@ -19,7 +19,7 @@ import fsspec
 
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format import DATA_DIR, MANIFEST_NAME, Manifest
-from .local import commit_dir, remove_tree, temp_dir_for
+from .commit import Transaction
 
 __all__ = ["RemoteTier", "STEP_DIR"]
 
@@ -110,19 +110,16 @@ class RemoteTier:
 
     def download(self, name: str, local_dir: str) -> str:
         """Fetch ``name`` into ``local_dir`` atomically (hidden temp dir, then rename)."""
-        tmp = temp_dir_for(local_dir)
-        try:
-            for f in self.fs.ls(self._p(name, DATA_DIR), detail=False):
-                base = f.rstrip("/").rsplit("/", 1)[-1]
-                self.fs.get_file(self._p(name, DATA_DIR, base), os.path.join(tmp, DATA_DIR, base))
-            self.fs.get_file(self._p(name, MANIFEST_NAME), os.path.join(tmp, MANIFEST_NAME))
-            commit_dir(tmp, local_dir, overwrite=True)
-        except OSError as e:
-            remove_tree(tmp)
-            raise self._err(f"downloading {name}", e) from e
-        except BaseException:
-            remove_tree(tmp)
-            raise
+        # The same transaction as a save: files fsync'd, manifest last, atomic publish.
+        tx = Transaction(local_dir, overwrite=True)
+        with tx:
+            try:
+                for f in self.fs.ls(self._p(name, DATA_DIR), detail=False):
+                    base = f.rstrip("/").rsplit("/", 1)[-1]
+                    self.fs.get_file(self._p(name, DATA_DIR, base), os.path.join(tx.tmp, DATA_DIR, base))
+                tx.commit(self.fs.cat_file(self._p(name, MANIFEST_NAME)))
+            except OSError as e:
+                raise self._err(f"downloading {name}", e) from e
         return local_dir
 
     def delete(self, name: str) -> None:
