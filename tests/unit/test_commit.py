@@ -80,7 +80,8 @@ CRASH_CHILD = textwrap.dedent("""
     import os, signal, sys, torch, outlast
     from outlast.storage import commit
     final = sys.argv[1]
-    outlast.save({"x": torch.arange(4.0)}, final)
+    if len(sys.argv) < 3:
+        outlast.save({"x": torch.arange(4.0)}, final)
     commit._exchange = lambda a, b: False          # a filesystem without RENAME_EXCHANGE
     real = os.rename
     def rename(a, b):
@@ -101,6 +102,18 @@ def test_kill_between_the_two_renames_is_recovered_on_the_next_open(tmp_path):
     rows = outlast.reader.list_checkpoints(str(tmp_path))  # `outlast ls` recovers it too
     assert [r["name"] for r in rows if r["status"] == "committed"] == ["ck"]
     assert outlast.read(final)["x"].tolist() == [0.0, 1.0, 2.0, 3.0]  # the last good one, exactly
+
+
+def test_a_stale_moved_aside_copy_is_never_what_recovers(tmp_path):
+    """Found by the soak: a kill during the cleanup of an earlier two-step commit left an older
+    .old- copy with its manifest; a later cut commit then 'recovered' that older one."""
+    final = str(tmp_path / "ck")
+    outlast.save({"x": torch.full((4,), 1.0)}, final)
+    os.rename(final, str(tmp_path / ".ck.old-00000000"))   # v1, left by a cut cleanup
+    outlast.save({"x": torch.arange(4.0)}, final)           # v2 committed since
+    p = subprocess.run([sys.executable, "-c", CRASH_CHILD, final, "keep"], timeout=120, capture_output=True)
+    assert p.returncode == -9, p.stderr.decode()
+    assert outlast.read(final)["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_open_of_a_missing_checkpoint_recovers_the_moved_aside_copy(tmp_path):

@@ -112,17 +112,33 @@ def recover(final: str) -> bool:
         entries = os.listdir(parent)
     except OSError:
         return False
-    olds = sorted(e for e in entries if e.startswith(f".{name}.old-"))
-    for e in olds:
-        p = os.path.join(parent, e)
-        if os.path.exists(os.path.join(p, MANIFEST_NAME)):
+    # A commit removes the manifest of every stale moved-aside copy before it moves the
+    # current one aside, so at most one has a manifest; the newest manifest wins regardless.
+    olds = []
+    for e in entries:
+        if e.startswith(f".{name}.old-"):
             try:
-                os.rename(p, final)
-                fsync_dir(parent)
+                olds.append((os.stat(os.path.join(parent, e, MANIFEST_NAME)).st_mtime_ns, e))
             except OSError:
-                return False
-            return True
-    return False
+                continue
+    if not olds:
+        return False
+    try:
+        os.rename(os.path.join(parent, max(olds)[1]), final)
+        fsync_dir(parent)
+    except OSError:
+        return False
+    return True
+
+
+def _retire(path: str) -> None:
+    """Delete a moved-aside copy so that no crash midway leaves it loadable: manifest first."""
+    try:
+        os.unlink(os.path.join(path, MANIFEST_NAME))
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class Transaction:
@@ -204,9 +220,13 @@ class Transaction:
         # No atomic exchange on this filesystem: move the old one aside first. A crash in
         # between leaves the old checkpoint complete under .old- (recover() renames it back)
         # and the new one complete under .tmp-.
-        old = os.path.join(parent, f".{os.path.basename(self.final)}.old-{secrets.token_hex(4)}")
+        name = os.path.basename(self.final)
+        for e in os.listdir(parent):  # stale copies from an earlier cut commit: never recover those
+            if e.startswith(f".{name}.old-"):
+                _retire(os.path.join(parent, e))
+        old = os.path.join(parent, f".{name}.old-{secrets.token_hex(4)}")
         os.rename(self.final, old)
         fsync_dir(parent)
         os.rename(self.tmp, self.final)
         fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
