@@ -9,6 +9,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Fail the run on any skip or xfail nobody allowed (tests/skip_guard.py).
+pytest_plugins = ["skip_guard"]
+
 
 @pytest.fixture
 def ckpt_dir(tmp_path):

@@ -883,7 +883,7 @@ def load(
         DistributedError: ranks disagree (e.g. see different files at ``path``).
 
     Example:
-        >>> report = outlast.load({"model": model, "optim": opt}, "ckpt/step-10")
+        >>> report = outlast.load({"model": model, "optim": opt}, "ckpt/step-100")
     """
     path = os.fspath(path)
     group = group_of(process_group)
@@ -1004,7 +1004,7 @@ def read(path: str | os.PathLike, keys: Iterable[str] | str | None = None, *, ve
         verify: check chunk checksums.
 
     Example:
-        >>> sd = outlast.read("ckpt/step-10", keys="model")["model"]
+        >>> sd = outlast.read("ckpt/step-100", keys="model")["model"]
     """
     path = os.fspath(path)
     if isinstance(keys, str):

@@ -48,7 +48,8 @@ class FlatShard:
     Example:
         >>> w = torch.arange(12.).reshape(3, 4)            # the logical tensor
         >>> part = w.reshape(-1)[5:9].clone()              # rank 1's slice
-        >>> outlast.save({"w": outlast.FlatShard(part, (3, 4), 5)}, path)  # collective
+        >>> outlast.save({"w": outlast.FlatShard(part, (3, 4), 5)}, path)  # doctest: +SKIP
+        ... # collective: every rank passes its own slice; together they cover w
     """
 
     def __init__(self, local: torch.Tensor, global_shape: Sequence[int], start: int):

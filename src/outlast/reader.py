@@ -151,7 +151,7 @@ class CheckpointReader:
     context manager (or call :meth:`close`) to release file descriptors.
 
     Example:
-        >>> with CheckpointReader("ckpt") as r:
+        >>> with CheckpointReader("ckpt/step-100") as r:
         ...     w = r.read_tensor("model.weight")
     """
 

@@ -148,6 +148,7 @@ class Transaction:
         >>> with Transaction("ckpt/step-10") as tx:
         ...     write_files(tx.tmp)
         ...     tx.commit(manifest_bytes)
+
     Leaving the ``with`` block by an exception before :meth:`commit` removes the staging
     directory; ``final`` is untouched.
     """

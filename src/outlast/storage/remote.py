@@ -31,9 +31,9 @@ class RemoteTier:
 
     Example:
         >>> tier = RemoteTier("memory://exp1")
-        >>> tier.upload("runs/exp1/step-00000100")
-        >>> tier.steps()
-        {100: 'step-00000100'}
+        >>> sent = tier.upload("runs/exp1/step-00000100")
+        >>> tier.names()
+        ['step-00000100']
     """
 
     def __init__(self, url: str, **storage_options) -> None:
