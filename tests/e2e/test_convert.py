@@ -181,6 +181,60 @@ def test_dcp_metadata_with_foreign_global_is_refused_not_run(tmp_path, monkeypat
     assert not (tmp_path / "pwned").exists()
 
 
+def _dcp_with(tmp_path, edit):
+    """A real DCP checkpoint whose metadata's storage entries ``edit(info) -> info`` rewrote."""
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp
+    from outlast.convert.dcp import read_metadata
+
+    d = tmp_path / "dcp"
+    dcp.save({"w": torch.arange(16.0)}, checkpoint_id=str(d), no_dist=True)
+    meta = read_metadata(str(d))
+    meta.storage_data = {k: edit(v, dataclasses.replace) for k, v in meta.storage_data.items()}
+    (d / ".metadata").write_bytes(pickle.dumps(meta))  # a crafted file, as an attacker would write it
+    return d
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda v, r: r(v, relative_path="../../etc/passwd"), "outside"),
+    (lambda v, r: r(v, relative_path="/etc/passwd"), "not a relative path"),
+    (lambda v, r: r(v, length=v.length + 10**6), "truncated"),
+    (lambda v, r: r(v, offset=-1), "invalid byte range"),
+    (lambda v, r: r(v, relative_path="missing.distcp"), "missing"),
+])
+def test_dcp_metadata_paths_and_lengths_are_checked_before_reading(tmp_path, edit, fragment):
+    d = _dcp_with(tmp_path, edit)
+    with pytest.raises(CorruptCheckpointError, match=fragment) as e:
+        outlast.convert(d, tmp_path / "ck", src_format="dcp", dst_format="outlast")
+    assert ".metadata" in str(e.value) and "'w'" in str(e.value)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_dcp_metadata_admits_only_listed_classes(tmp_path):
+    """A class of DCP's metadata module that is not on the list (here: one made up) is refused."""
+    import torch.distributed.checkpoint.metadata as md
+
+    class Sneaky:
+        pass
+
+    Sneaky.__module__ = md.__name__
+    Sneaky.__qualname__ = Sneaky.__name__ = "Sneaky"
+    md.Sneaky = Sneaky
+    try:
+        d = tmp_path / "dcp"
+        d.mkdir()
+        (d / ".metadata").write_bytes(pickle.dumps(Sneaky()))
+    finally:
+        del md.Sneaky
+    md.Sneaky = Sneaky  # present at load time too: only the allow-list may refuse it
+    try:
+        with pytest.raises(UnsupportedFormatError, match="Sneaky"):
+            outlast.convert(d, tmp_path / "ck", src_format="dcp", dst_format="outlast")
+    finally:
+        del md.Sneaky
+
+
 def test_torch_save_imports_nested_and_nests_state_dicts(tmp_path):
     state = _full_state()
     torch.save(state, tmp_path / "full.pt")

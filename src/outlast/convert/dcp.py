@@ -47,6 +47,12 @@ METADATA_FILE = ".metadata"
 _READ_BATCH_BYTES = 256 << 20
 
 _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+# The classes DCP's metadata is made of, by name: nothing else in that module (it imports
+# other things) and nothing a newer torch adds until it is reviewed and listed here.
+_METADATA_CLASSES = frozenset({
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+    "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
+})
 _ALLOWED = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
@@ -73,11 +79,10 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        if module == _METADATA_MODULE:
+        if module == _METADATA_MODULE and name in _METADATA_CLASSES:
             import torch.distributed.checkpoint.metadata as md
 
             obj = getattr(md, name, None)
-            # Only the classes defined there (dataclasses, the enum), nothing imported.
             if isinstance(obj, type) and obj.__module__ == _METADATA_MODULE:
                 return obj
         raise UnsupportedFormatError(
@@ -109,7 +114,41 @@ def read_metadata(path: str) -> Any:
 
     if not isinstance(meta, Metadata):
         raise CorruptCheckpointError(f"{mpath} holds a {type(meta).__name__}, not DCP Metadata")
+    _check_storage(meta, path, mpath)
     return meta
+
+
+def _check_storage(meta: Any, path: str, mpath: str) -> None:
+    """Every item's file stays inside ``path``, exists, and holds its byte range."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    root = os.path.realpath(path)
+    sizes: dict[str, int] = {}
+    storage = getattr(meta, "storage_data", None)
+    if not isinstance(storage, dict):
+        raise CorruptCheckpointError(f"{mpath} has no storage map (storage_data); it is not usable DCP metadata")
+    for index, info in storage.items():
+        fqn = getattr(index, "fqn", index)
+        if not isinstance(info, _StorageInfo):
+            raise CorruptCheckpointError(f"{mpath}: the storage entry of {fqn!r} is a {type(info).__name__}, not _StorageInfo")
+        rel, off, length = info.relative_path, info.offset, info.length
+        if not (isinstance(rel, str) and rel and not os.path.isabs(rel)):
+            raise CorruptCheckpointError(f"{mpath}: {fqn!r} names file {rel!r}, not a relative path inside {path}")
+        full = os.path.realpath(os.path.join(root, rel))
+        if os.path.commonpath([root, full]) != root:
+            raise CorruptCheckpointError(f"{mpath}: {fqn!r} names file {rel!r}, which lies outside {path}; refused")
+        if not (type(off) is int and type(length) is int and off >= 0 and length >= 0):
+            raise CorruptCheckpointError(f"{mpath}: {fqn!r} has an invalid byte range offset={off!r} length={length!r}")
+        if full not in sizes:
+            try:
+                sizes[full] = os.path.getsize(full)
+            except OSError:
+                raise CorruptCheckpointError(f"{mpath}: {fqn!r} is stored in {rel}, which is missing from {path}") from None
+        if off + length > sizes[full]:
+            raise CorruptCheckpointError(
+                f"{mpath}: {fqn!r} needs bytes {off}..{off + length} of {rel}, which has only {sizes[full]} "
+                "(truncated or the metadata is wrong)"
+            )
 
 
 def _cause(e: BaseException) -> BaseException:
