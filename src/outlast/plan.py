@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import DistributedError
-from .regions import Box
+from .regions import Box, first_overlap
 
 __all__ = [
     "balance",
@@ -295,21 +295,17 @@ def _check_tiling(tensors: dict[str, TensorMeta], holders: dict[tuple[str, Box],
                     f"tensor {fqn!r}: rank(s) {who} hold region offsets={list(b.offsets)} "
                     f"sizes={list(b.sizes)}, outside the global shape {list(m.shape)}"
                 )
-        # Sorting by offsets lets a sweep find overlaps without comparing every pair in
-        # the common case; boxes overlapping a later one are compared exactly.
-        for a_i, a in enumerate(boxes):
-            for b in boxes[a_i + 1 :]:
-                if b.offsets[:1] >= a.ends[:1] and a.ndim:
-                    break
-                if a.intersect(b) is not None:
-                    ra = [r for r, _ in holders[(fqn, a)]]
-                    rb = [r for r, _ in holders[(fqn, b)]]
-                    raise DistributedError(
-                        f"tensor {fqn!r}: ranks hold overlapping but different regions: rank(s) {ra} "
-                        f"offsets={list(a.offsets)} sizes={list(a.sizes)} and rank(s) {rb} "
-                        f"offsets={list(b.offsets)} sizes={list(b.sizes)}. The ranks' layouts "
-                        "(DTensor placements, FlatShard ranges) disagree."
-                    )
+        pair = first_overlap(boxes)  # the same sweep that validates a manifest's chunks
+        if pair is not None:
+            a, b = boxes[pair[0]], boxes[pair[1]]
+            ra = [r for r, _ in holders[(fqn, a)]]
+            rb = [r for r, _ in holders[(fqn, b)]]
+            raise DistributedError(
+                f"tensor {fqn!r}: ranks hold overlapping but different regions: rank(s) {ra} "
+                f"offsets={list(a.offsets)} sizes={list(a.sizes)} and rank(s) {rb} "
+                f"offsets={list(b.offsets)} sizes={list(b.sizes)}. The ranks' layouts "
+                "(DTensor placements, FlatShard ranges) disagree."
+            )
         covered = sum(b.numel for b in boxes)
         total = math.prod(m.shape)
         if covered != total:

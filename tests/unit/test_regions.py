@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outlast.regions import Box, covers, flat_range_to_boxes, overlapping_pairs
+from outlast.regions import Box, covers, first_overlap, flat_range_to_boxes, overlapping_pairs, tiling_fault
 
 
 def test_intersection_and_relative_slices():
@@ -52,3 +52,37 @@ def test_covers():
     parts = [Box((0, 0), (2, 3)), Box((2, 0), (1, 3))]
     assert covers(parts, Box((0, 0), (3, 3)))
     assert not covers(parts[:1], Box((0, 0), (3, 3)))
+
+
+@st.composite
+def _boxes(draw):
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    n = draw(st.integers(0, 8))
+    out = []
+    for _ in range(n):
+        offs = tuple(draw(st.integers(0, s - 1)) for s in shape)
+        sizes = tuple(draw(st.integers(0, s - o)) for s, o in zip(shape, offs))
+        out.append(Box(offs, sizes))
+    return shape, out
+
+
+@settings(max_examples=300, deadline=None)
+@given(_boxes())
+def test_first_overlap_agrees_with_the_pairwise_check(case):
+    shape, boxes = case
+    pairs = overlapping_pairs(boxes)
+    got = first_overlap(boxes)
+    assert (got is None) == (not pairs)
+    if got is not None:
+        assert boxes[got[0]].intersect(boxes[got[1]]) is not None
+
+
+def test_tiling_is_structural_not_a_count():
+    halves = [Box((0, 0), (2, 4)), Box((2, 0), (2, 4))]
+    assert tiling_fault((4, 4), halves) is None
+    twice = [Box((0, 0), (2, 4)), Box((0, 0), (2, 4))]  # 16 elements, but rows 2:4 are missing
+    assert "overlap" in tiling_fault((4, 4), twice)
+    assert "missing" in tiling_fault((4, 4), halves[:1])
+    assert "outside" in tiling_fault((3, 4), halves)
+    cols = [Box((0, c), (4, 1)) for c in range(4)]  # column shards: one active set per row range
+    assert tiling_fault((4, 4), cols) is None
