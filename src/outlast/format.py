@@ -243,6 +243,7 @@ class Manifest:
             v.check(fqn not in tensors, f"plain.{fqn}", "names a tensor too; every name must be unique")
             plain[fqn] = PlainEntry(v.path(f"plain.{fqn}", p.get("path"), fqn), p["value"])
         v.unique_keys(tensors)
+        v.tree([(f"tensors.{k}", e.path) for k, e in tensors.items()] + [(f"plain.{k}", e.path) for k, e in plain.items()])
         extra = raw.get("extra", {})
         v.check(isinstance(extra, dict), "extra", "must be an object")
         return cls(
@@ -270,6 +271,9 @@ def _check_version(raw: dict, where: str) -> None:
             f"{FORMAT_VERSION}. Upgrade outlast (pip install -U outlast) to read it."
         )
     v.check(version >= 1, "version", f"unknown version {version}")
+
+
+_LEAF = object()
 
 
 class _DuplicateKey(ValueError):
@@ -366,6 +370,27 @@ class _Validator:
         self.check(fqn_of(val) == fqn, f"{fieldname}.path", f"names {fqn_of(val)!r}, not the entry's name {fqn!r}")
         return val
 
+    def tree(self, entries: list[tuple[str, list]]) -> None:
+        """The paths must form one tree: no entry inside another, and below each node either
+        list indices or dict keys, never both (else rebuilding the nested state fails)."""
+        root: dict = {}
+        kinds: dict[int, str] = {}
+        for where, path in entries:
+            node = root
+            for depth, p in enumerate(path):
+                kind = "list" if isinstance(p, list) else "dict"
+                key = ("l", p[0]) if isinstance(p, list) else ("d", p)
+                if kinds.setdefault(id(node), kind) != kind:
+                    self.fail(f"{where}.path", f"mixes list indices and dict keys under {fqn_of(path[:depth]) or 'the root'!r}")
+                last = depth == len(path) - 1
+                child = node.get(key)
+                if child is _LEAF or (last and child is not None):
+                    self.fail(f"{where}.path", f"{fqn_of(path[: depth + 1])!r} is both a value and a container")
+                if last:
+                    node[key] = _LEAF
+                else:
+                    node = node.setdefault(key, {})
+
     def unique_keys(self, tensors: dict) -> None:
         seen: dict[tuple[str, str], str] = {}
         for fqn, t in tensors.items():
@@ -412,6 +437,11 @@ class _Validator:
                     f"must be {-(-rows // max(1, br if _is_int(br) else 1))} 16-digit hex strings",
                 )
             chunks.append(Chunk(box, f, c["key"], off, nb, cs, br or 0, tuple(bcs) if br else ()))
+        # An empty tensor's chunk must be its full box, so the shard header pins its shape.
+        self.check(
+            math.prod(shape) > 0 or all(c.box == Box.full(shape) for c in chunks),
+            f"{at}.chunks", f"a tensor of shape {list(shape)} has no elements: its chunk must be the whole tensor",
+        )
         # Structural, not arithmetic: the chunks must tile the tensor (no overlap, no gap).
         fault = tiling_fault(shape, [c.box for c in chunks])
         self.check(fault is None, at, f"chunks do not tile shape {list(shape)}: {fault}")

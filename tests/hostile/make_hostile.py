@@ -65,6 +65,11 @@ def cases(m):
     yield "impossibly_large.json", mut(lambda c: c["tensors"]["model.empty"].update(shape=[2**62, 2**62])), "CorruptCheckpointError", "impossibly large"
     yield "empty_key.json", mut(lambda c: first_chunk(c).update(key="")), "CorruptCheckpointError", "non-empty"
     yield "uppercase_checksum.json", mut(lambda c: first_chunk(c).update(checksum=first_chunk(c)["checksum"].upper())), "CorruptCheckpointError", "lowercase hex"
+    # Found by bench/fuzz.py: paths that cannot form one nested state, and an empty tensor
+    # whose declared shape no shard header pins.
+    yield "mixed_list_and_dict.json", mut(lambda c: c["tensors"]["layers.1.bias"]["path"].__setitem__(1, 1)), "CorruptCheckpointError", "mixes list indices and dict keys"
+    yield "value_and_container.json", mut(lambda c: c["plain"].update({"model": {"path": ["model"], "value": 1}})), "CorruptCheckpointError", "both a value and a container"
+    yield "empty_tensor_reshaped.json", mut(lambda c: c["tensors"]["model.empty"].update(shape=[0, 6])), "CorruptCheckpointError", "must be the whole tensor"
     yield "deep_nesting.json", "[" * 100000 + "]" * 100000, "CorruptCheckpointError", "not valid JSON"
     # The same key twice in one object: json.loads would silently keep the last one.
     dup = json.dumps(m, indent=1).replace('"step": 7,', '"step": 7,\n "step": 8,', 1)
