@@ -512,8 +512,8 @@ def plan_load_reads(chunks: Sequence[StoredChunk], wants: Sequence[Want], world_
             read_load[reader] += (hi - lo) * c.row_bytes if c.box.ndim else c.nbytes
         for r in mine:
             whole = (r.row_lo, r.row_hi) == (0, c.rows)
-            if not verify:
-                r.verify = "chunk" if whole else "none"
+            if not verify:  # no checksums at all, whole chunk or not (one meaning on every path)
+                r.verify = "none"
                 continue
             before = r.nbytes
             if not whole and c.block_rows:

@@ -1,19 +1,19 @@
 """Opening committed checkpoints and reading regions of their tensors.
 
-A :class:`CheckpointReader` validates the manifest once, then serves reads: whole
-tensors (:meth:`read_tensor`) or many regions at once (:meth:`read_regions`), each
-stored chunk read from disk once, checked against its checksum, and copied into every
-destination that needs part of it. A chunk that exactly fills a contiguous CPU
-destination is read straight into that tensor's memory (no staging copy). Reads run on a
-small thread pool: ``preadv``, xxhash and ``Tensor.copy_`` release the GIL.
+A :class:`CheckpointReader` validates the manifest and the data files once, then
+serves reads: whole tensors (:meth:`read_tensor`) or many regions at once
+(:meth:`read_regions`). Reads go through the same engine as a distributed load (the
+load planner of :mod:`outlast.plan` and the executor of :mod:`outlast.transfer`, with
+one rank and no exchange): only the rows needed are read, widened to their checksum
+blocks, adjacent ranges are coalesced into one ``preadv``, a read that exactly fills a
+contiguous destination lands in it directly, and every byte is checked before use.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -29,7 +29,7 @@ from .errors import (
 from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from .regions import Box
 from .storage.commit import recover
-from .storage.local import checksum, is_temp_name, pread_into, read_header, tensor_bytes
+from .storage.local import checksum, is_temp_name, pread_into, read_header
 
 
 @dataclass
@@ -44,15 +44,7 @@ class ReadRequest:
 @dataclass
 class ReadStats:
     bytes_read: int = 0
-    chunks_read: int = 0
-    direct_reads: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, nbytes: int, direct: bool) -> None:
-        with self._lock:
-            self.bytes_read += nbytes
-            self.chunks_read += 1
-            self.direct_reads += int(direct)
+    chunks_read: int = 0  # storage reads (preads) made
 
 
 def default_threads() -> int:
@@ -237,8 +229,15 @@ class CheckpointReader:
         (data lost) or a checksum fails, IncompatibleStateError if a request names an
         unknown tensor or has the wrong dtype.
         """
-        consumers: dict[tuple[str, int], tuple[str, Chunk, list]] = {}
-        for req in requests:
+        # One read engine: the load planner and executor of a distributed load, with one
+        # rank and no exchange. So every caller gets the same partial row reads (widened to
+        # checksum blocks), coalesced preads, direct reads into contiguous destinations,
+        # and the same meaning of verify.
+        from .plan import StoredChunk, Want, plan_load_reads
+        from .transfer import TransferStats, read_mine
+
+        wants, stored, seen = [], [], set()
+        for k, req in enumerate(requests):
             e = self.entry(req.fqn)
             want = dtypes.from_safetensors(e.dtype)
             if req.dest.dtype != want:
@@ -247,52 +246,24 @@ class CheckpointReader:
                 )
             if tuple(req.dest.shape) != req.box.sizes:
                 raise ValueError(f"{req.fqn}: destination shape {tuple(req.dest.shape)} != region {req.box.sizes}")
-            got = 0
-            for i, c in enumerate(e.chunks):
-                inter = c.box.intersect(req.box)
-                if inter is None:
-                    continue
-                got += inter.numel
-                consumers.setdefault((req.fqn, i), (req.fqn, c, []))[2].append((req, inter))
+            got = sum(i.numel for c in e.chunks if (i := c.box.intersect(req.box)) is not None)
+            if req.box.ndim == 0:
+                got = 1 if e.chunks else 0
             if got != req.box.numel:
                 raise CorruptCheckpointError(
                     f"checkpoint {self.path} does not hold all of tensor {req.fqn!r} region "
                     f"offsets={list(req.box.offsets)} sizes={list(req.box.sizes)}: {req.box.numel - got} "
                     "elements are in no chunk (regions lost)"
                 )
-        jobs = sorted(consumers.values(), key=lambda j: (j[1].file, j[1].offset))
-        stats = ReadStats()
-
-        def run(job) -> None:
-            fqn, chunk, users = job
-            direct = (
-                len(users) == 1
-                and users[0][1] == chunk.box == users[0][0].box
-                and users[0][0].dest.device.type == "cpu"
-                and users[0][0].dest.is_contiguous()
-            )
-            if direct:
-                self._read_chunk_into(fqn, chunk, tensor_bytes(users[0][0].dest), verify)
-            else:
-                raw = torch.empty(chunk.nbytes, dtype=torch.uint8)
-                self._read_chunk_into(fqn, chunk, tensor_bytes(raw), verify)
-                src = raw.view(users[0][0].dest.dtype).view(chunk.box.sizes) if chunk.nbytes else None
-                for req, inter in users:
-                    if inter.numel == 0:
-                        continue
-                    with torch.no_grad():
-                        req.dest[inter.relative_to(req.box)].copy_(src[inter.relative_to(chunk.box)])
-            stats.add(chunk.nbytes, direct)
-            if progress is not None:
-                progress(chunk.nbytes)
-
-        if self.threads <= 1 or len(jobs) <= 1:
-            for j in jobs:
-                run(j)
-        else:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="outlast-read") as pool:
-                for f in [pool.submit(run, j) for j in jobs]:
-                    f.result()
+            wants.append(Want(req.fqn, req.box, 0, k))
+            if req.fqn not in seen:
+                seen.add(req.fqn)
+                item = dtypes.itemsize(e.dtype)
+                stored += [StoredChunk(req.fqn, i, c.box, item, c.block_rows) for i, c in enumerate(e.chunks)]
+        plan = plan_load_reads(stored, wants, 1, verify=verify)
+        ts = TransferStats()
+        read_mine(self, plan, 0, list(requests), ts, progress=progress)
+        stats = ReadStats(bytes_read=ts.bytes_read, chunks_read=ts.preads)
         return stats
 
     # -- verification

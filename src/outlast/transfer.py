@@ -78,8 +78,13 @@ def read_mine(
     rank: int,
     requests: list[ReadRequest],
     stats: TransferStats,
+    *,
+    progress=None,
 ) -> dict[int, torch.Tensor]:
-    """Do this rank's reads; fill its own pieces; return one packed send buffer per rank."""
+    """Do this rank's reads; fill its own pieces; return one packed send buffer per rank.
+
+    ``progress(nbytes)``, if given, is called after each read (from reader threads).
+    """
     mine = plan.reads_of(rank)
     m = reader.manifest
     direct: list[ChunkRead] = []
@@ -139,6 +144,8 @@ def read_mine(
             part = buf[a - base : b - base]
             _verify(reader, rd, tensor_bytes(part))
             deliver(rd, part)
+        if progress is not None:
+            progress(end - base)
 
     def run_direct(rd: ChunkRead) -> None:
         view = _direct_target(rd, requests)
@@ -150,6 +157,8 @@ def read_mine(
         with torch.no_grad():
             pread_into(reader._fd(c.file), mv, start, reader.file_path(c.file))
         _verify(reader, rd, mv)
+        if progress is not None:
+            progress(rd.nbytes)
 
     jobs = [(run_group, g) for g in groups] + [(run_direct, d) for d in direct]
     stats.bytes_read += sum(rd.nbytes for rd in mine)
