@@ -4,7 +4,7 @@ A 70B-like decoder (80 layers, hidden 8192, MLP 28672, vocab 128256) laid out as
 (TP=8 within a node: q/k/v/gate/up sharded on dim 0, o/down on dim 1; FSDP shards every
 TP-local block on dim 0). For each world size: the save plan (``plan_save``) and a load
 plan onto a layout of half the ranks (``plan_load_reads``), the re-plan key a rank computes
-to reuse a cached plan (``api._signature``, O(own regions)), manifest bytes per chunk, and
+to reuse a cached plan (``saving._signature``, O(own regions)), manifest bytes per chunk, and
 Karmarkar-Karp rank balancing (2,048 documents over 128 ranks) against LPT's quality.
 Issue 11's targets: plans for 4,096 ranks < 1 s; re-plan < 10 ms; <= 1 KiB per chunk;
 KK <= 50 ms per step.
@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 
 from _common import emit_json, print_table  # noqa: E402
 
-from outlast import api  # noqa: E402
+from outlast import saving  # noqa: E402
 from outlast.format import Chunk, Manifest, TensorEntry  # noqa: E402
 from outlast.plan import RankMeta, RegionMeta, StoredChunk, TensorMeta, Want, plan_load_reads, plan_save  # noqa: E402
 from outlast.regions import Box  # noqa: E402
@@ -97,7 +97,7 @@ def main() -> None:
         plan_load_reads(chunks, wants, half, verify=True)
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        api._signature(ranks[0], 1, 4 << 20)
+        saving._signature(ranks[0], 1, 4 << 20)
         t_sig = time.perf_counter() - t0
         entries: dict[str, TensorEntry] = {}
         for j, i in enumerate(plan.items):

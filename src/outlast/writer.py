@@ -20,7 +20,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from . import __version__, dtypes
-from .api import block_rows_for, check_destination
+from .saving import check_destination
+from .shards import block_rows_for
 from .errors import IncompatibleStateError, SerializationError
 from .format import DATA_DIR, Chunk, Manifest, PlainEntry, TensorEntry, fqn_of
 from .layouts import staged

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import outlast
-from outlast import api
+from outlast import saving
 from outlast.errors import CheckpointError, StorageError
 from tests.dist.harness import spawn
 
@@ -33,18 +33,18 @@ def errors_job(rank: int, world: int, root: str) -> dict:
     weird = dict(base, x=object() if rank == 1 else 3)
     out["serial"] = _catch(lambda: outlast.save(weird, os.path.join(root, "serial")))
     # 4. disk failure on rank 1 while writing
-    real = api.write_items
+    real = saving.write_items  # what persist calls
 
     def failing(*a, **k):
         if rank == 1:
             raise StorageError("writing data/w00001.safetensors failed: No space left on device (the disk is full)")
         return real(*a, **k)
 
-    api.write_items = failing
+    saving.write_items = failing
     try:
         out["disk"] = _catch(lambda: outlast.save(base, os.path.join(root, "disk")))
     finally:
-        api.write_items = real
+        saving.write_items = real
     torch.distributed.barrier()
     out["disk_leftovers"] = sorted(os.listdir(root))
     # 5. a good save, then a live tensor of another shape on rank 1 at load
