@@ -48,10 +48,8 @@ def _storage_error(action: str, path: str, e: OSError) -> StorageError:
         hint = " (the disk is full: free space on it or point offload.dir at a larger disk)"
     elif e.errno == errno.EIO:
         hint = " (an I/O error from the device: check dmesg)"
-    err = StorageError(f"{action} {path} failed: {e.strerror or e}{hint}")
-    err.errno = e.errno
-    err.filename = path
-    return err
+    # errno and filename stay unset: OSError.__str__ would then print them instead of the message.
+    return StorageError(f"{action} {path} failed: {e.strerror or e}{hint}")
 
 
 @dataclass(frozen=True)
