@@ -20,8 +20,7 @@ this one loads there, so a run can move in and out of offload at any checkpoint.
 
 from __future__ import annotations
 
-import math
-import os
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -140,6 +139,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.files.close()
             raise
         self._failed: str | None = None
+        self.last_step_stats: dict = {}
+        """Seconds the last step's stages spent (read_s, update_s, write_s, pool_wait_s,
+        pipeline_s, commit_s, step_s) and its bytes moved: where the time of a step goes."""
         self._refresh_state()
 
     # ------------------------------------------------------------------ set-up
@@ -221,13 +223,19 @@ class OffloadAdamW(torch.optim.Optimizer):
             for k in range(nk):
                 self.files.write(kinds[k], dst, chunks[c].start, bufs[k][:n])
 
+        stats: dict = {}
+        t0 = time.perf_counter()
         try:
-            run_pipeline(range(len(chunks)), self.pool, read, update, write)
+            run_pipeline(range(len(chunks)), self.pool, read, update, write, stats=stats)
+            t1 = time.perf_counter()
             self.files.flush(dst)
             self.files.commit(dst, steps)
         except BaseException as e:
             self._after_failure(e, src)
             raise
+        t2 = time.perf_counter()
+        stats.update(pipeline_s=t1 - t0, commit_s=t2 - t1, step_s=t2 - t0, bytes=self.bytes_per_step)
+        self.last_step_stats = stats
         self._refresh_state()
         return loss
 
@@ -287,10 +295,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                            "are those of the previous step, so training can go on once the cause is fixed")
                 return
         else:
-            self._failed = (
-                "a failed step left the parameters partly updated (the optimizer state is still the previous "
-                "step's)"
-            )
+            self._failed = "the failed step left the parameters partly updated"
         _append(e, f"; the optimizer state in {where} is still that of the previous step, but "
                    f"{self._failed}: restore the last checkpoint before training on "
                    "(master_params=True makes a failed step fully undoable)")

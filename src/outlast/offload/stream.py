@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,7 @@ def run_pipeline(
     write: Callable[[int, list[torch.Tensor]], None],
     *,
     timeout_s: float = 600.0,
+    stats: dict | None = None,
 ) -> None:
     """Run ``read``, ``update`` and ``write`` over every chunk, overlapped.
 
@@ -45,6 +47,8 @@ def run_pipeline(
             on their own threads, ``update`` on the caller's.
         timeout_s: the longest any stage waits for another before the step fails (a
             hung device surfaces as an error instead of a hang).
+        stats: if given, receives the seconds each stage spent working
+            (``read_s``, ``update_s``, ``write_s``) and waiting for a buffer (``pool_wait_s``).
 
     Returns:
         None; raises the first exception any stage raised.
@@ -61,10 +65,12 @@ def run_pipeline(
     done: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
     failed = threading.Event()
+    spent = {"read_s": 0.0, "update_s": 0.0, "write_s": 0.0, "pool_wait_s": 0.0}
 
     def reader() -> None:
         try:
             for c in chunks:
+                t0 = time.perf_counter()
                 while True:
                     if failed.is_set():
                         return
@@ -73,11 +79,14 @@ def run_pipeline(
                         break
                     except queue.Empty:
                         continue
+                t1 = time.perf_counter()
                 try:
                     read(c, pool.buffers(s))
                 except BaseException:
                     pool.release(s)
                     raise
+                spent["pool_wait_s"] += t1 - t0
+                spent["read_s"] += time.perf_counter() - t1
                 ready.put((c, s))
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             errors.append(e)
@@ -93,7 +102,9 @@ def run_pipeline(
                     return
                 try:
                     if not failed.is_set():
+                        t0 = time.perf_counter()
                         write(c, pool.buffers(s))
+                        spent["write_s"] += time.perf_counter() - t0
                 finally:
                     pool.release(s)
         except queue.Empty:
@@ -130,7 +141,9 @@ def run_pipeline(
                 done.put((c, s))
                 continue
             try:
+                t0 = time.perf_counter()
                 update(c, pool.buffers(s))
+                spent["update_s"] += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001
                 errors.append(e)
                 failed.set()
@@ -139,5 +152,7 @@ def run_pipeline(
         done.put((_STOP, -1))
         tr.join(timeout_s)
         tw.join(timeout_s)
+    if stats is not None:
+        stats.update(spent)
     if errors:
         raise errors[0]
