@@ -171,7 +171,7 @@ def main() -> None:
         outlast.save({"optim": opt}, a.save)
         out["save_s"] = time.perf_counter() - t0
     if a.optim == "offload":
-        out["pool_bytes"] = opt.pool.nbytes
+        out["pool_bytes"] = opt.buffer_bytes
         out["bytes_per_step"] = opt.bytes_per_step
         out["direct"] = opt.files.direct
         opt.close()

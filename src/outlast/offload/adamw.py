@@ -425,6 +425,12 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def buffer_bytes(self) -> int:
+        """Memory this optimizer allocated for itself: the pool plus the update's two scratch
+        buffers. Fixed at construction, whatever the model size."""
+        return self.pool.nbytes + self._denom.numel() * 4 + self._gbuf.numel() * 4
+
+    @property
     def bytes_per_step(self) -> int:
         """Bytes read plus bytes written by one step (the I/O the tier must sustain)."""
         return 2 * len(self.kinds) * self.layout.nbytes
