@@ -154,6 +154,19 @@ def test_reopen_continues_from_files(tmp_path):
     b.close()
 
 
+def test_reopen_with_masters_restores_the_parameters(tmp_path):
+    ps = [p.detach().to(torch.bfloat16).requires_grad_(True) for p in _params()]
+    b = OffloadAdamW(ps, dir=str(tmp_path / "st"), master_params=True, chunk_bytes=8192)
+    _set(ps, _grads(ps, 0))
+    b.step()
+    after = [p.detach().clone() for p in ps]
+    b.close()
+    fresh = [torch.zeros_like(p).requires_grad_(True) for p in ps]
+    OffloadAdamW(fresh, dir=str(tmp_path / "st"), master_params=True, chunk_bytes=8192, reopen=True).close()
+    for f, a in zip(fresh, after):
+        assert torch.equal(f.detach(), a)
+
+
 def test_refusals(tmp_path):
     ps = _params()
     with pytest.raises(ValueError, match="master_params=True"):

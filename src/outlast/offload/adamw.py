@@ -136,6 +136,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._gbuf = torch.empty(chunk_elems, dtype=torch.float32, pin_memory=pin)
             if self.master_params and not reopen:
                 self._init_master()
+            elif self.master_params:
+                self._params_from_master(self.files.generation)  # the masters are the truth
         except BaseException:
             self.files.close()
             raise
