@@ -101,7 +101,7 @@ def run_limited(cmd: Sequence[str], limit_bytes: int, *, env: dict | None = None
 
     Example:
         >>> r = run_limited(["python", "-c", "print(1)"], 256 << 20)  # doctest: +SKIP
-        >>> r.returncode, r.oom_kills
+        >>> r.returncode, r.oom_kills  # doctest: +SKIP
         (0, 0)
     """
     parent, version = find_memory_cgroup_root()

@@ -72,8 +72,14 @@ class StateFiles:
             ``layout``) instead of creating fresh zero files.
 
     Example:
-        >>> files = StateFiles("/nvme/run1/offload", layout, ("exp_avg", "exp_avg_sq"))
-        >>> files.read("exp_avg", files.generation, chunk, buf)      # doctest: +SKIP
+        >>> lay = StateLayout.build([5000], chunk_elems=4096)
+        >>> files = StateFiles(tempfile.mkdtemp(), lay, ("exp_avg", "exp_avg_sq"))
+        >>> buf = aligned_buffer(4096 * 4)
+        >>> files.read("exp_avg", files.generation, 0, buf)        # zeros on a fresh directory
+        >>> files.write("exp_avg", files.next_generation(), 0, buf)
+        >>> files.flush(1); files.commit(1, [1]); files.generation
+        1
+        >>> files.close()
     """
 
     def __init__(self, directory: str, layout: StateLayout, kinds: Sequence[str], *, reopen: bool = False):
