@@ -18,10 +18,11 @@ Two measurements, one run, side by side:
    peak anonymous RSS above the interpreter against parameters + gradients + the buffer
    pool, and the peak page cache of the cgroup.
 
-Peer: DeepSpeed ZeRO-3 ``offload_optimizer: nvme`` on its CPU accelerator is not run by
-this script yet (see docs/offload.md for why).
+Peer (``--deepspeed``): DeepSpeed ZeRO-3 with ``offload_optimizer: nvme`` on its CPU
+accelerator (bench/offload_deepspeed.py), the model that fits, once, in a fresh process
+after the rounds; its ops JIT-build on first use (about 20 minutes on 2 cores).
 
-    PYTHONPATH=src python bench/offload.py [--dir /work/offload-scratch --rounds 3]
+    PYTHONPATH=src python bench/offload.py [--dir /work/offload-scratch --rounds 3 --deepspeed]
 
 Prints a table and one JSON line.
 """
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--deepspeed", action="store_true", help="also run the DeepSpeed ZeRO-3 NVMe peer")
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     width = 2048
@@ -152,7 +154,29 @@ def main() -> None:
                          "peak_anon_above_base": big["peak_anon_above_base"], "params_grads_pool_bytes": resident,
                          "x_memory": big["peak_anon_above_base"] / resident, "cgroup_peak_bytes": big["cgroup_peak_bytes"],
                          "peak_cgroup_cache": big["peak_cgroup_cache"], "losses": big["losses"]}
-    result["deepspeed_nvme"] = "not run (see docs/offload.md)"
+    if a.deepspeed:
+        d = os.path.join(a.dir, "ds")
+        shutil.rmtree(d, ignore_errors=True)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "offload_deepspeed.py"), "--dir", d, "--layers",
+                            str(a.fit_layers), "--width", str(width), "--steps", str(a.steps)],
+                           env=_env(), capture_output=True, text=True, timeout=3000)
+        shutil.rmtree(d, ignore_errors=True)
+        try:
+            ds = _parse(p.stdout)
+        except (ValueError, IndexError):
+            ds = {"ok": False, "error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
+        if ds.get("ok"):
+            ds_step = _steady(ds["step_s"])
+            print(f"\npeer: DeepSpeed {ds['deepspeed']} ZeRO-3 offload_optimizer=nvme (CPU accelerator), the model "
+                  f"that fits: step {ds_step:.3f} s = {ds_step / step['torch']:.2f}x in-memory torch AdamW "
+                  f"(median round), outlast offload {step['offload'] / ds_step:.2f}x of it")
+            result["deepspeed_nvme"] = {"step_s": ds_step, "x_torch": ds_step / step["torch"],
+                                        "outlast_over_deepspeed": step["offload"] / ds_step, "losses": ds["losses"]}
+        else:
+            print(f"\npeer: DeepSpeed ZeRO-3 NVMe failed: {ds.get('error')}")
+            result["deepspeed_nvme"] = {"error": ds.get("error")}
+    else:
+        result["deepspeed_nvme"] = "not run (pass --deepspeed)"
     print(json.dumps(result))
 
 
