@@ -64,6 +64,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             the reader run one chunk ahead, which measured faster on a shared machine).
         reopen: continue from the state files a previous process left in ``dir``
             (validated: a missing or truncated file is an error naming it).
+        update_threads: torch intra-op threads during the step (restored after it).
+            Default: one fewer than torch's setting, at least 1, leaving a core to the
+            reader and writer threads. Why: torch's parallel regions end in a barrier, and
+            an intra-op worker preempted by an I/O thread stalls the whole region; on 2
+            cores with 2 intra-op threads the update ran 8x slower with the I/O beside it
+            than without (0.35 s against 3 s for 67M bf16 parameters with masters).
 
     Example:
         >>> opt = OffloadAdamW(model.parameters(), lr=3e-4, dir="/nvme/run1/optim")  # doctest: +SKIP
@@ -88,6 +94,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         pool_sets: int = DEFAULT_POOL_SETS,
         reopen: bool = False,
+        update_threads: int | None = None,
     ):
         if not 0.0 <= float(lr):
             raise ValueError(f"OffloadAdamW: lr={lr} must be >= 0")
@@ -102,6 +109,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             raise ValueError("OffloadAdamW: tier='disk' needs dir= (a directory on a local disk for the state files)")
         if pool_sets < 1:
             raise ValueError(f"OffloadAdamW: pool_sets={pool_sets} must be >= 1")
+        if update_threads is not None and update_threads < 1:
+            raise ValueError(f"OffloadAdamW: update_threads={update_threads} must be >= 1 (or None)")
+        self.update_threads = update_threads
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         **_TORCH_KEYS)
         self._building = True
@@ -227,6 +237,8 @@ class OffloadAdamW(torch.optim.Optimizer):
                 self.files.write(kinds[k], dst, chunks[c].start, bufs[k][:n])
 
         stats: dict = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.update_threads or max(1, threads - 1))
         t0 = time.perf_counter()
         try:
             run_pipeline(range(len(chunks)), self.pool, read, update, write, stats=stats)
@@ -236,6 +248,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         except BaseException as e:
             self._after_failure(e, src)
             raise
+        finally:
+            torch.set_num_threads(threads)
         t2 = time.perf_counter()
         stats.update(pipeline_s=t1 - t0, commit_s=t2 - t1, step_s=t2 - t0, bytes=self.bytes_per_step)
         self.last_step_stats = stats
