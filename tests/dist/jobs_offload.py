@@ -18,7 +18,7 @@ from tests.dist.harness import spawn
 from tests.dist.jobs_train import K, M, build, step
 
 
-def _build(kind: str, world: int, rank: int):
+def _build(kind: str, world: int, rank: int, root: str):
     if kind != "offload":
         return build(kind, world)
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,14 +27,14 @@ def _build(kind: str, world: int, rank: int):
 
     torch.manual_seed(0)
     wrapped, model, _ = build("ddp", world)
-    opt = OffloadAdamW(model.parameters(), lr=1e-2, dir=tempfile.mkdtemp(prefix=f"outlast-off-r{rank}-"),
+    opt = OffloadAdamW(model.parameters(), lr=1e-2, dir=tempfile.mkdtemp(prefix=f"off-r{rank}-", dir=root),
                        chunk_bytes=16384)
     return wrapped, model, opt
 
 
 def reference(rank: int, world: int, root: str, kind: str) -> dict:
     """Train K+M steps under ``kind``; save after K."""
-    wrapped, model, opt = _build(kind, world, rank)
+    wrapped, model, opt = _build(kind, world, rank, root)
     losses = []
     for s in range(K + M):
         if s == K:
@@ -51,7 +51,7 @@ def resume(rank: int, world: int, root: str, pairs: str) -> dict:
     for pair in pairs.split(","):
         saved_by, kind = pair.split(":")
         torch.manual_seed(123)
-        wrapped, model, opt = _build(kind, world, rank)
+        wrapped, model, opt = _build(kind, world, rank, root)
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(0.0)  # everything must come from the checkpoint
