@@ -134,8 +134,15 @@ class OptimConfig:
     """The final learning rate as a fraction of ``lr`` (cosine decay ends there at ``steps``)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    offload_dir: str = ""
+    """Keep AdamW's state in files under this directory (``outlast.offload.OffloadAdamW``,
+    one ``rank<N>`` folder per rank) instead of in memory; empty: in memory. Relative to
+    run_dir. Results equal the in-memory run bit for bit; checkpoints are the same, so a
+    run can be resumed with or without it. Put it on a local NVMe disk. DDP only."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.offload_dir, str):
+            raise ConfigError(f"optim.offload_dir={self.offload_dir!r} must be a string (a directory)")
         _num("optim", "lr", self.lr, low=0.0, low_open=True)
         _num("optim", "weight_decay", self.weight_decay, low=0.0)
         _num("optim", "beta1", self.beta1, low=0.0, high=1.0)
@@ -244,6 +251,11 @@ class TrainConfig:
         _int("", "stop_after", self.stop_after)
         _int("", "seed", self.seed)
         _int("", "log_every", self.log_every, minimum=1)
+        if self.optim.offload_dir and self.dist.mode != "ddp":
+            raise ConfigError(
+                f"optim.offload_dir is set but dist.mode={self.dist.mode!r}: offloaded AdamW needs whole "
+                "(DDP) parameters; use dist.mode='ddp' or clear optim.offload_dir"
+            )
         if not isinstance(self.progress, bool):
             raise ConfigError(f"progress={self.progress!r} must be true or false")
         if self.stop_after > self.steps:

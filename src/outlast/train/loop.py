@@ -176,10 +176,17 @@ def train(cfg: TrainConfig) -> dict:
         train_model = model
     else:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
-    )
+    adamw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                 weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.offload_dir:
+        from outlast.offload import OffloadAdamW
+
+        # State files per rank; on an accelerator fp32 masters live in the tier as well.
+        offload_dir = os.path.join(cfg.run_dir, cfg.optim.offload_dir, f"rank{rank}")
+        optimizer: torch.optim.Optimizer = OffloadAdamW(
+            model.parameters(), dir=offload_dir, master_params=device.type != "cpu", **adamw)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), **adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, cfg.steps))
     torch.manual_seed(rank_seed(cfg.seed, rank))  # each rank its own stream (dropout)
     rng = RNGState(rank, world_size, device, cfg.seed)
@@ -324,6 +331,8 @@ def train(cfg: TrainConfig) -> dict:
     # DDP's reducer holds the process group; if the reducer is the last holder, torch
     # destroys the group with the GIL held, which can deadlock with gloo's worker thread
     # (pytorch/pytorch#56297). Drop the reducer first; then the group dies GIL-free.
+    if hasattr(optimizer, "close"):
+        optimizer.close()  # OffloadAdamW's state files
     del train_model, state
     gc.collect()
     dist.destroy_process_group()

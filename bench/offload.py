@@ -1,0 +1,184 @@
+"""Offloaded AdamW: step time against in-memory AdamW, and against the disk's bound under a memory limit.
+
+Two measurements, one run, side by side:
+
+1. **A model that fits** (residual MLP, fp32, ``--fit-layers`` x 2048^2): step time of
+   ``OffloadAdamW`` (state files on ``--dir``) against ``torch.optim.AdamW`` in memory.
+   The two modes run in fresh processes, interleaved for ``--rounds`` rounds with the
+   order rotating, so drift of a shared machine hits both alike; a run's step time is the
+   median of its steps after the first; the table shows the median over rounds.
+2. **A model that does not fit**: the bf16 model of tests/e2e/test_offload_memory.py
+   (``--big-layers`` x 2048^2, fp32 masters offloaded) under a cgroup memory limit of a
+   third of its fp32 parameters + gradients + AdamW state. Its step time is compared with
+   the bound ``max(compute, bytes moved / disk bandwidth)``, where compute is the forward
+   and backward plus the update stage's working time, and the disk time is a raw
+   read+write pass over the same bytes through the same pipeline with no update, measured
+   in the same process right after the steps. Also shown: the engine's own bound
+   ``fwd+bwd + max(update, raw I/O)`` (the forward and backward do not overlap the I/O),
+   peak anonymous RSS above the interpreter against parameters + gradients + the buffer
+   pool, and the peak page cache of the cgroup.
+
+Peer (``--deepspeed``): DeepSpeed ZeRO-3 with ``offload_optimizer: nvme`` on its CPU
+accelerator (bench/offload_deepspeed.py), the model that fits, once, in a fresh process
+after the rounds; its ops JIT-build on first use (about 20 minutes on 2 cores).
+
+    PYTHONPATH=src python bench/offload.py [--dir /work/offload-scratch --rounds 3 --deepspeed]
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CHILD = os.path.join(ROOT, "tests", "e2e", "offload_child.py")
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+from outlast.offload.cgroup import run_limited  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _parse(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _run(args: list[str], limit: int | None = None) -> dict:
+    cmd = [sys.executable, CHILD, *args]
+    if limit:
+        r = run_limited(cmd, limit, env=_env(), timeout_s=900)
+        if r.returncode != 0:
+            raise SystemExit(f"limited run failed ({r.returncode}, {r.oom_kills} OOM kills): {r.output[-3000:]}")
+        d = _parse(r.output)
+        d["cgroup_peak_bytes"] = r.peak_bytes
+        return d
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        raise SystemExit(f"run failed: {p.stderr[-3000:]}")
+    return _parse(p.stdout)
+
+
+def _steady(xs: list[float]) -> float:
+    return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/work/offload-scratch", help="a directory on the local disk for state files")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fit-layers", type=int, default=8)
+    ap.add_argument("--big-layers", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--deepspeed", action="store_true", help="also run the DeepSpeed ZeRO-3 NVMe peer")
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    width = 2048
+    cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
+    print(f"machine: {os.cpu_count()} CPUs ({cpu}); state files on {a.dir}")
+
+    # ---- 1. fits: offload vs in-memory, interleaved fresh processes ------------------
+    fit = ["--layers", str(a.fit_layers), "--width", str(width), "--dtype", "float32", "--steps", str(a.steps)]
+    modes = ["torch", "offload"]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(a.rounds):
+        order = modes if r % 2 == 0 else modes[::-1]
+        for m in order:
+            d = os.path.join(a.dir, f"fit-{m}")
+            shutil.rmtree(d, ignore_errors=True)
+            runs[m].append(_run(fit + ["--optim", m, "--dir", d]))
+            shutil.rmtree(d, ignore_errors=True)
+    step = {m: statistics.median(_steady(x["step_s"]) for x in runs[m]) for m in modes}
+    per_round = [_steady(o["step_s"]) / _steady(t["step_s"]) for t, o in zip(runs["torch"], runs["offload"])]
+    losses_equal = all(t["losses"] == o["losses"] for t, o in zip(runs["torch"], runs["offload"]))
+    n_fit = runs["torch"][0]["params"]
+    print(f"\n1. model that fits: {n_fit / 1e6:.0f}M fp32 params, AdamW state {8 * n_fit / 2**20:.0f} MiB, "
+          f"{a.rounds} rounds x {a.steps} steps")
+    print(f"{'mode':<10}{'step s':>10}{'fwd+bwd s':>12}{'peak anon MiB':>15}")
+    for m in modes:
+        fb = statistics.median(_steady(x["compute_s"]) for x in runs[m])
+        pk = statistics.median(x["peak_anon_above_base"] for x in runs[m]) / 2**20
+        print(f"{m:<10}{step[m]:>10.3f}{fb:>12.3f}{pk:>15.0f}")
+    ost = [s for x in runs["offload"] for s in x["stats"][1:]]
+    stages = {k: statistics.median(s[k] for s in ost) for k in ("read_s", "update_s", "write_s", "pipeline_s")}
+    print("offload step stages (median s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in stages.items()))
+    print(f"offload / in-memory: {step['offload'] / step['torch']:.2f}x (per round: "
+          f"{', '.join(f'{x:.2f}' for x in per_round)}); losses equal: {losses_equal}")
+    result = {"fit": {"params": n_fit, "torch_step_s": step["torch"], "offload_step_s": step["offload"],
+                      "ratio": step["offload"] / step["torch"], "ratio_per_round": per_round,
+                      "losses_equal": losses_equal, "offload_stages_s": stages}}
+
+    # ---- 2. does not fit: under a cgroup limit, against the disk's bound ---------------
+    if not a.skip_big:
+        n = a.big_layers * width * width
+        limit = 16 * n // 3
+        d = os.path.join(a.dir, "big")
+        shutil.rmtree(d, ignore_errors=True)
+        big = _run(["--layers", str(a.big_layers), "--width", str(width), "--dtype", "bfloat16", "--master",
+                    "--optim", "offload", "--dir", d, "--steps", str(max(3, a.steps - 1)), "--chunk-mb", "2",
+                    "--raw-io"], limit)
+        shutil.rmtree(d, ignore_errors=True)
+        st = big["stats"][1:]
+        step_s = _steady(big["step_s"])
+        fb = _steady(big["compute_s"])
+        upd = statistics.median(s["update_s"] for s in st)
+        raw = min(big["raw_io_s"])
+        bound = max(fb + upd, raw)
+        engine_bound = fb + max(upd, raw)
+        resident = big["params_grads_bytes"] + big["pool_bytes"]
+        bw = big["bytes_per_step"] / raw / 2**20
+        print(f"\n2. model that does not fit: {n / 1e6:.0f}M bf16 params + fp32 masters offloaded; fp32 params+grads+"
+              f"AdamW {big['fp32_params_grads_adamw_bytes'] / 2**30:.2f} GiB = "
+              f"{big['fp32_params_grads_adamw_bytes'] / limit:.2f}x the {limit / 2**30:.2f} GiB cgroup limit")
+        print(f"{'step s':>8}{'fwd+bwd':>9}{'update':>8}{'raw I/O':>9}{'MiB/s':>7}{'bound':>7}{'x bound':>9}"
+              f"{'eng. bound':>11}{'x eng':>7}{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
+        print(f"{step_s:>8.2f}{fb:>9.2f}{upd:>8.2f}{raw:>9.2f}{bw:>7.0f}{bound:>7.2f}{step_s / bound:>9.2f}"
+              f"{engine_bound:>11.2f}{step_s / engine_bound:>7.2f}{big['peak_anon_above_base'] / resident:>22.2f}"
+              f"{big['cgroup_peak_bytes'] / 2**30:>16.2f}{big['peak_cgroup_cache'] / 2**20:>15.0f}")
+        result["big"] = {"params": n, "limit_bytes": limit, "state_over_limit": big["fp32_params_grads_adamw_bytes"] / limit,
+                         "step_s": step_s, "fwd_bwd_s": fb, "update_s": upd, "raw_io_s": raw, "bound_s": bound,
+                         "x_bound": step_s / bound, "engine_bound_s": engine_bound, "x_engine_bound": step_s / engine_bound,
+                         "bytes_per_step": big["bytes_per_step"], "disk_mib_s": bw,
+                         "peak_anon_above_base": big["peak_anon_above_base"], "params_grads_pool_bytes": resident,
+                         "x_memory": big["peak_anon_above_base"] / resident, "cgroup_peak_bytes": big["cgroup_peak_bytes"],
+                         "peak_cgroup_cache": big["peak_cgroup_cache"], "losses": big["losses"]}
+    if a.deepspeed:
+        d = os.path.join(a.dir, "ds")
+        shutil.rmtree(d, ignore_errors=True)
+        p = subprocess.run([sys.executable, os.path.join(HERE, "offload_deepspeed.py"), "--dir", d, "--layers",
+                            str(a.fit_layers), "--width", str(width), "--steps", str(a.steps)],
+                           env=_env(), capture_output=True, text=True, timeout=3000)
+        shutil.rmtree(d, ignore_errors=True)
+        try:
+            ds = _parse(p.stdout)
+        except (ValueError, IndexError):
+            ds = {"ok": False, "error": f"exit {p.returncode}: {p.stderr[-1500:]}"}
+        if ds.get("ok"):
+            ds_step = _steady(ds["step_s"])
+            print(f"\npeer: DeepSpeed {ds['deepspeed']} ZeRO-3 offload_optimizer=nvme (CPU accelerator), the model "
+                  f"that fits: step {ds_step:.3f} s = {ds_step / step['torch']:.2f}x in-memory torch AdamW "
+                  f"(median round), outlast offload {step['offload'] / ds_step:.2f}x of it")
+            result["deepspeed_nvme"] = {"step_s": ds_step, "x_torch": ds_step / step["torch"],
+                                        "outlast_over_deepspeed": step["offload"] / ds_step, "losses": ds["losses"]}
+        else:
+            print(f"\npeer: DeepSpeed ZeRO-3 NVMe failed: {ds.get('error')}")
+            result["deepspeed_nvme"] = {"error": ds.get("error")}
+    else:
+        result["deepspeed_nvme"] = "not run (pass --deepspeed)"
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

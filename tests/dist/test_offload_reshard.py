@@ -1,0 +1,24 @@
+"""Offloaded optimizer state reshards like any other layout (real processes, gloo).
+
+Two uninterrupted 2-rank runs save after K steps: FSDP2 with torch AdamW, and DDP with
+OffloadAdamW (each rank its own state files). Each checkpoint is then resumed on 1 rank
+in the other layout. Losses after the resume match the uninterrupted run within the
+tolerance of another reduction order (as tests/dist/test_training.py); a resume into the
+same layout at the same world size is bit-exact (tests/unit/test_offload_checkpoint.py).
+"""
+
+import tempfile
+
+import pytest
+
+from tests.dist.harness import run_job
+
+pytestmark = pytest.mark.slow
+
+
+def test_offloaded_state_reshards_both_ways():
+    root = tempfile.mkdtemp(prefix="outlast-offload-reshard-")
+    ref = {kind: run_job("jobs_offload", "reference", 2, root, kind)[0]["losses"] for kind in ("fsdp", "offload")}
+    one = run_job("jobs_offload", "resume", 1, root, "offload:fsdp,fsdp:offload")[0]
+    assert one["offload:fsdp"] == pytest.approx(ref["offload"], abs=1e-4)
+    assert one["fsdp:offload"] == pytest.approx(ref["fsdp"], abs=1e-4)

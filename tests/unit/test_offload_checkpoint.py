@@ -1,0 +1,109 @@
+"""Offloaded state in checkpoints: saved straight from its files, restored into them,
+and interchangeable with torch.optim.AdamW's state (a run moves in and out of offload)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import outlast
+from outlast.offload import OffloadAdamW
+
+KW = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(33, 70), torch.nn.GELU(), torch.nn.Linear(70, 1030), torch.nn.Linear(1030, 3))
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 33, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _train(model, opt, steps):
+    losses = []
+    for s in steps:
+        x, y = _batch(s)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _make(kind, model, tmp_path, name):
+    if kind == "offload":
+        return OffloadAdamW(model.parameters(), dir=str(tmp_path / name), chunk_bytes=16384, **KW)
+    return torch.optim.AdamW(model.parameters(), **KW)
+
+
+@pytest.mark.parametrize("first,second", [("offload", "offload"), ("offload", "torch"), ("torch", "offload")])
+def test_resume_across_offload(tmp_path, first, second):
+    """Train 3 steps, save, resume in a fresh process-like state (other optimizer kind), train 3 more:
+    the same losses and weights as 6 uninterrupted steps of torch AdamW."""
+    ref = _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), **KW)
+    ref_losses = _train(ref, ref_opt, range(6))
+
+    m1 = _model()
+    o1 = _make(first, m1, tmp_path, "off1")
+    l1 = _train(m1, o1, range(3))
+    outlast.save({"train": outlast.ModelOptimizerState(m1, o1), "step": 3}, str(tmp_path / "ck"))
+    if first == "offload":
+        o1.close()
+
+    m2 = _model(seed=123)  # different weights: everything must come from the checkpoint
+    o2 = _make(second, m2, tmp_path, "off2")
+    state = {"train": outlast.ModelOptimizerState(m2, o2), "step": 0}
+    outlast.load(state, str(tmp_path / "ck"))
+    assert state["step"] == 3
+    l2 = _train(m2, o2, range(3, 6))
+    assert l1 + l2 == ref_losses
+    for p, q in zip(ref.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    if second == "offload":
+        o2.close()
+
+
+def test_state_dict_is_memory_mapped_from_the_files(tmp_path):
+    """What outlast.save reads is the file's mapping itself, not a copy in process memory."""
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), dir=str(tmp_path / "off"), chunk_bytes=16384, **KW)
+    _train(m, opt, range(2))
+    g = opt.files.generation
+    for kind in ("exp_avg", "exp_avg_sq"):
+        base = opt.files.mapped(kind, g).untyped_storage().data_ptr()
+        for i, s in opt.state_dict()["state"].items():
+            assert s[kind].untyped_storage().data_ptr() == base
+    # and the bytes behind the mapping are the file's: read them back with plain I/O
+    raw = torch.frombuffer(bytearray(open(opt.files.path("exp_avg", g), "rb").read()), dtype=torch.float32)
+    first = next(iter(m.parameters()))
+    assert torch.equal(raw[: first.numel()].view(first.shape), opt.state[first]["exp_avg"])
+    opt.close()
+
+
+def test_checkpointer_save_and_restore(tmp_path):
+    ref = _model()
+    ref_opt = torch.optim.AdamW(ref.parameters(), **KW)
+    ref_losses = _train(ref, ref_opt, range(5))
+
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), dir=str(tmp_path / "off"), chunk_bytes=16384, **KW)
+    with outlast.Checkpointer(str(tmp_path / "run"), keep_last=2) as ck:
+        state = {"train": outlast.ModelOptimizerState(m, opt)}
+        losses = _train(m, opt, range(2))
+        ck.save(2, state)
+        losses += _train(m, opt, range(2, 3))  # the step hook waits for the copy before writing the files
+        ck.save(3, state)
+    opt.close()
+
+    m2 = _model(seed=7)
+    opt2 = OffloadAdamW(m2.parameters(), dir=str(tmp_path / "off2"), chunk_bytes=16384, **KW)
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        assert ck.restore({"train": outlast.ModelOptimizerState(m2, opt2)}) == 3
+    losses += _train(m2, opt2, range(3, 5))
+    assert losses == ref_losses
+    opt2.close()
