@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -17,8 +18,24 @@ def _catch(fn) -> dict:
     try:
         fn()
     except CheckpointError as e:
-        return {"type": type(e).__name__, "msg": str(e)}
-    return {"type": None, "msg": ""}
+        cause = e.__cause__
+        return {"type": type(e).__name__, "msg": str(e), "cause": None if cause is None else type(cause).__name__}
+    return {"type": None, "msg": "", "cause": None}
+
+
+class _Broken:
+    """A Stateful whose state_dict() fails with a plain RuntimeError on rank 1 only."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def state_dict(self):
+        if self.rank == 1:
+            raise RuntimeError("state_dict of the data loader failed (worker died)")
+        return {"pos": 3}
+
+    def load_state_dict(self, sd):
+        pass
 
 
 def errors_job(rank: int, world: int, root: str) -> dict:
@@ -47,6 +64,20 @@ def errors_job(rank: int, world: int, root: str) -> dict:
         api.write_items = real
     torch.distributed.barrier()
     out["disk_leftovers"] = sorted(os.listdir(root))
+    # 4b. a plain OSError (not an outlast error) on rank 1 while writing: StorageError on
+    # every rank, rank 1's OSError chained as the cause
+    def oserror(*a, **k):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    api.write_items = oserror
+    try:
+        out["oserror"] = _catch(lambda: outlast.save(base, os.path.join(root, "oserror")))
+    finally:
+        api.write_items = real
+    # 4c. a RuntimeError from a user's state_dict() on rank 1: DistributedError everywhere
+    out["runtime"] = _catch(lambda: outlast.save(dict(base, data=_Broken(rank)), os.path.join(root, "runtime")))
     # 5. a good save, then a live tensor of another shape on rank 1 at load
     good = os.path.join(root, "good")
     big = {"w": torch.arange(12.0).reshape(3, 4), "v": torch.ones(50, 4), "step": 1}

@@ -38,6 +38,23 @@ def test_disk_full_on_one_rank_fails_all_commits_nothing(results):
     assert not any(n.startswith("disk") or ".disk" in n for n in results[0]["disk_leftovers"])
 
 
+def test_plain_oserror_on_one_rank_is_storage_error_on_every_rank(results):
+    """Fails without the uniform class: rank 1 raised its bare OSError (not an outlast
+    error at all) while rank 0 raised DistributedError."""
+    for r in results:
+        assert r["oserror"]["type"] == "StorageError", r["oserror"]
+        assert "rank 1" in r["oserror"]["msg"] and "No space left on device" in r["oserror"]["msg"]
+    assert results[1]["oserror"]["cause"] == "OSError"
+    assert results[0]["oserror"]["cause"] is None
+
+
+def test_foreign_error_on_one_rank_is_one_class_everywhere_with_its_cause(results):
+    for r in results:
+        assert r["runtime"]["type"] == "DistributedError", r["runtime"]
+        assert "RuntimeError: state_dict of the data loader failed" in r["runtime"]["msg"]
+    assert results[1]["runtime"]["cause"] == "RuntimeError"
+
+
 def test_live_shape_mismatch_at_load(results):
     for r in results:
         assert r["load_shape"]["type"] == "IncompatibleStateError"
