@@ -550,6 +550,11 @@ class Checkpointer:
             wait_event(job.done, self.timeout, f"step {job.step} to be committed to {self.path_of(job.step)}")
         if self._uploader is not None:
             self._uploader.flush(self.timeout)
+            # Folders retention kept only for their upload can go now (nothing is in flight).
+            try:
+                self._apply_retention_local()
+            except OSError as e:
+                log.warning("outlast: retention after the uploads failed: %s", e)
 
     def wait(self) -> None:
         """Block until every save in flight is committed and uploaded; raise the first

@@ -447,3 +447,121 @@ def test_staging_failure_is_raised_on_next_call_and_nothing_is_committed(tmp_pat
         monkeypatch.undo()
         ckpt.save(1, state)
     assert os.listdir(tmp_path) == [step_dir_name(1)]
+
+
+# ---------------------------------------------------------------- the remote tier's own queue
+class _Remote:
+    """A memory:// remote tier whose put_file can be held at a gate or made to fail."""
+
+    def __init__(self, ckpt, fail: int = 0, gate: threading.Event | None = None):
+        self.fs = ckpt.remote.fs
+        self.real = self.fs.put_file
+        self.fail, self.gate, self.calls = fail, gate, 0
+
+    def put_file(self, src, dst, *a, **k):
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail:
+            self.fail -= 1
+            raise OSError(errno.ECONNRESET, "connection reset by peer (simulated)")
+        return self.real(src, dst, *a, **k)
+
+
+def _url(name: str) -> str:
+    return f"memory://outlast-{name}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def test_training_never_waits_for_uploads_and_wait_flushes_them(tmp_path, monkeypatch):
+    """Fails with the upload on the persist thread: save(1) (max_in_flight=1) would wait
+    for step 0's upload, which is held until after save(1) returns."""
+    gate = threading.Event()
+    state = make_state()
+    with outlast.Checkpointer(tmp_path / "local", remote=_url("q"), keep_last=1) as ckpt:
+        remote = _Remote(ckpt, gate=gate)
+        monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+        for step in range(3):
+            train(state, step)
+            assert ckpt.save(step, state) is True
+        ckpt.wait_staged()
+        for _ in range(3000):
+            if not ckpt._inflight:
+                break
+            time.sleep(0.01)
+        assert not ckpt._inflight  # every save committed while step 0's upload is held
+        assert not gate.is_set() and ckpt.remote.names() in ([], [step_dir_name(0)])
+        assert {0, 1, 2} >= ckpt._uploader.pending_steps() >= {1, 2}
+        # keep_last=1, but step 0 and 1 stay on disk until their uploads end
+        assert ckpt.steps() == [0, 1, 2]
+        gate.set()
+        ckpt.wait()
+        assert ckpt.remote.names() == [step_dir_name(2)]  # remote retention after each upload
+        assert ckpt.steps() == [2]
+        assert all(m.upload_s > 0 for m in ckpt.metrics)
+    ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
+
+
+def test_failed_uploads_are_retried_with_exponential_backoff(tmp_path, monkeypatch):
+    from outlast.storage import remote as remote_mod
+
+    slept = []
+    monkeypatch.setattr(remote_mod.time, "sleep", slept.append)
+    state = make_state()
+    with outlast.Checkpointer(tmp_path, remote=_url("retry"), upload_retries=3, upload_backoff_s=0.5) as ckpt:
+        remote = _Remote(ckpt, fail=2)
+        monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+        ckpt.save(0, state)
+        ckpt.wait()
+        assert ckpt.remote.names() == [step_dir_name(0)]
+        ckpt.remote.manifest(step_dir_name(0))
+        assert slept == [0.5, 1.0] and ckpt._uploader.attempts == 3
+    ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
+
+
+def test_upload_that_keeps_failing_is_raised_on_the_next_call(tmp_path, monkeypatch):
+    from outlast.storage import remote as remote_mod
+
+    monkeypatch.setattr(remote_mod.time, "sleep", lambda s: None)
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path, remote=_url("fail"), upload_retries=2)
+    remote = _Remote(ckpt, fail=10**6)
+    monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+    ckpt.save(0, state)
+    with pytest.raises(StorageError, match=r"upload of step 0 .*failed 3 time\(s\).*connection reset.*committed") as ei:
+        ckpt.wait()
+    assert isinstance(ei.value.__cause__, StorageError)
+    assert ckpt.steps() == [0] and ckpt.remote.names() in ([], [step_dir_name(0)])
+    assert "upload" in ckpt.metrics[0].error
+    ckpt.close()
+
+
+def test_reupload_removes_the_remote_manifest_first(tmp_path, monkeypatch):
+    """Fails without it: a re-upload of a step cut short after the first of two data files
+    left the old manifest vouching for a mix of new and old files of the same sizes."""
+    from outlast.storage.remote import RemoteTier
+
+    tier = RemoteTier(_url("reup"))
+    path = str(tmp_path / step_dir_name(5))
+    state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
+    outlast.save(state, path, num_writers=2)
+    tier.upload(path)
+    tier.manifest(step_dir_name(5))
+    outlast.save({"a": torch.ones(1000), "b": torch.ones(1000)}, path, num_writers=2, overwrite=True)
+    real, n = tier.fs.put_file, [0]
+
+    def second_fails(src, dst, *a, **k):
+        n[0] += 1
+        if n[0] == 2:
+            raise OSError(errno.EPIPE, "broken pipe (simulated)")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(tier.fs, "put_file", second_fails)
+    with pytest.raises(StorageError, match="broken pipe"):
+        tier.upload(path)
+    with pytest.raises(outlast.errors.IncompleteCheckpointError, match="upload never finished"):
+        tier.manifest(step_dir_name(5))
+    monkeypatch.undo()
+    tier.upload(path)
+    got = tier.manifest(step_dir_name(5))
+    assert got.files.keys() == outlast.manifest_of(path).files.keys()
+    tier.fs.rm(tier.root, recursive=True)
