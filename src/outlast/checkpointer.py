@@ -580,9 +580,10 @@ class Checkpointer:
             err = e
         finally:
             try:
-                self._engine.close()
-                if self._uploader is not None:
-                    self._uploader.close(self.timeout)
+                if err is None:  # after a timed-out drain a join would only time out again
+                    self._engine.close()
+                    if self._uploader is not None:
+                        self._uploader.close(self.timeout)
             except CheckpointError as e:
                 err = err or e
             for _, h in self._hooks.values():
