@@ -84,6 +84,18 @@ def errors_job(rank: int, world: int, root: str) -> dict:
     outlast.save(big, good, num_writers=1)
     live = {"w": torch.zeros(3, 5) if rank == 1 else torch.zeros(3, 4), "v": torch.zeros(50, 4), "step": 0}
     out["load_shape"] = _catch(lambda: outlast.load(live, good))
+    # 5b. a Stateful's load_state_dict fails on rank 1 only (after every byte arrived):
+    # every rank must raise, not rank 0 return as if loaded
+    class Picky:
+        def state_dict(self):
+            return {"pos": 0}
+
+        def load_state_dict(self, sd):
+            if rank == 1:
+                raise ValueError(f"position {sd['pos']} is past the end of this rank's shard list")
+
+    outlast.save({"w": torch.ones(3, 4), "data": Picky()}, os.path.join(root, "picky"))
+    out["load_stateful"] = _catch(lambda: outlast.load({"w": torch.zeros(3, 4), "data": Picky()}, os.path.join(root, "picky")))
     # 6. a missing writer file
     torch.distributed.barrier()
     if rank == 0:

@@ -61,6 +61,14 @@ def test_live_shape_mismatch_at_load(results):
         assert "'w'" in r["load_shape"]["msg"] and "[3, 4]" in r["load_shape"]["msg"] and "[3, 5]" in r["load_shape"]["msg"]
 
 
+def test_stateful_failing_to_load_on_one_rank_fails_every_rank(results):
+    """Fails without the exchange after the load's last step: rank 0 returned as if loaded."""
+    for r in results:
+        assert r["load_stateful"]["type"] == "DistributedError", r["load_stateful"]
+        assert "rank 1" in r["load_stateful"]["msg"] and "past the end" in r["load_stateful"]["msg"]
+    assert results[1]["load_stateful"]["cause"] == "ValueError"
+
+
 def test_missing_writer_file_names_lost_regions(results):
     for r in results:
         assert r["missing_file"]["type"] == "CorruptCheckpointError", r["missing_file"]
