@@ -330,15 +330,18 @@ class Checkpointer:
             return
         self._hooks[id(obj)] = (weakref.ref(obj), register(obj))
 
-    def _register_hooks(self, state: dict) -> tuple[list, list]:
+    def _register_hooks(self, state: dict) -> tuple[list, list, list]:
+        """Hook the state's optimizers and buffer-holding modules; returns (optimizers,
+        modules, the modules hooked: empty when no module of the state has buffers)."""
         optimizers, modules = find_owners(state)
         for o in optimizers:
             self._hook(o, lambda o: o.register_step_pre_hook(self._optim_hook))
-        for m in hooked_modules(modules):
+        hooked = hooked_modules(modules)
+        for m in hooked:
             self._hook(m, lambda m: m.register_forward_pre_hook(self._forward_hook))
         if len(self._hooks) > 64:  # entries whose object is gone
             self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}
-        return optimizers, modules
+        return optimizers, modules, hooked
 
     def _optim_hook(self, optimizer, args, kwargs) -> None:
         self._engine.wait_phase(PHASE_OPTIM)
@@ -433,7 +436,7 @@ class Checkpointer:
         return True
 
     def _start(self, step: int, state: dict, m: SaveMetrics, bufs) -> Job:
-        optimizers, modules = self._register_hooks(state)
+        optimizers, modules, hooked = self._register_hooks(state)
         if self._pg is None:
             # One process: only flatten here (state_dict() calls and plain values belong
             # to this moment); planning runs first thing on the staging thread.
@@ -447,7 +450,7 @@ class Checkpointer:
             job = Job(step, None, [], bufs, self._persist_job, self._job_done, metrics=m,
                       prepare=prepare, has_cuda=any(leaf.value.device.type == "cuda" for leaf in flat.tensors.values()
                                                     if isinstance(leaf.value, torch.Tensor)))
-            if not any(True for mod in modules for _ in mod.buffers()):
+            if not hooked:
                 job.phase_done[PHASE_FORWARD].set()  # nothing a forward pass mutates: never wait
         else:
             # Distributed: planning is collective, so it stays on this thread, where every

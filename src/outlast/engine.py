@@ -106,7 +106,7 @@ def hooked_modules(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
     out: list = []
     seen: set = set()
     for m in modules:
-        owners = [sub for sub in m.modules() if any(b is not None for b in sub._buffers.values())]
+        owners = [sub for sub in m.modules() if sub._buffers]  # once per save(): kept cheap
         if not owners:
             continue
         for x in [m, *owners]:

@@ -72,9 +72,13 @@ def failures(rank: int, world: int, directory: str, remote: str):
     class) or branch alike, at once, never wait in a collective for the failed rank."""
     from outlast import checkpointer, engine
 
+    from outlast.collective import group_timeout
+
     out = {}
     state = make(rank, 0)
     with outlast.Checkpointer(directory) as ckpt:
+        # the job's timeout (harness: 60 s), not new_group()'s 30-minute default
+        out["timeouts"] = [group_timeout(g).total_seconds() for g in (None, ckpt._pg, ckpt._ctl)]
         ckpt.save(0, state)
         ckpt.wait()
         # 1. the staging copy fails on rank 1 only: rank 0 is already on its way into

@@ -28,6 +28,7 @@ def test_a_failure_on_one_rank_is_raised_or_settled_on_every_rank(tmp_path):
     directory, remote = str(tmp_path / "run"), "file://" + str(tmp_path / "remote")
     res = run_job("ckpt_jobs", "failures", 2, directory, remote, timeout=150)
     for r in res:
+        assert r["timeouts"] == [60.0, 60.0, 60.0]  # the Checkpointer's groups inherit the job's timeout
         assert r["staging"]["type"] == "DistributedError", r["staging"]
         assert "rank 1" in r["staging"]["msg"] and "copy into the staging buffer failed" in r["staging"]["msg"]
         assert r["steps"] == [0, 2]
