@@ -14,14 +14,18 @@ import secrets
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .api import load, persist, prepare_flat, prepare_save
+from .collective import Group, group_timeout, outlast_class, raise_gathered
 from .tree import flatten
-from .engine import PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingBuffers, find_owners, phase_of_items
+from .engine import (
+    PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingPool, find_owners, hooked_modules, phase_of_items, wait_event,
+)
 from .errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -30,8 +34,9 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .reader import open_manifest
+from .storage.commit import recover
 from .storage.local import is_temp_name, remove_tree
-from .storage.remote import STEP_DIR, RemoteTier
+from .storage.remote import STEP_DIR, RemoteTier, Uploader
 
 log = logging.getLogger("outlast")
 
@@ -109,17 +114,9 @@ def plan_retention(valid: list[int], invalid: list[int], *, keep_last: int | Non
 
 
 def check_local(path: str):
-    """Cheap validity check: a well-formed manifest and every data file at its size."""
-    m = open_manifest(path)
-    for rel, size in m.files.items():
-        p = os.path.join(path, rel)
-        try:
-            actual = os.path.getsize(p)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"{p} is missing: checkpoint {path} is damaged") from None
-        if actual != size:
-            raise CorruptCheckpointError(f"{p} has {actual} bytes, the manifest says {size}: checkpoint {path} is damaged")
-    return m
+    """Validity check without reading tensor data: the manifest and every shard file's size
+    and header (what opening a checkpoint checks, see ``reader.open_manifest``)."""
+    return open_manifest(path)
 
 
 class Checkpointer:
@@ -156,15 +153,28 @@ class Checkpointer:
     ``num_writers`` files (default 1), so the training's own intra-op threads keep the
     cores. bench/stall.py measures the result against DCP's ``async_save``.
 
-    **Back-pressure.** At most ``max_in_flight`` saves are in progress (staged, persisted,
-    uploaded). A save requested beyond that waits for the oldest (``if_busy="wait"``;
-    the wait counts as stall) or is dropped (``if_busy="skip"``; ``metrics`` records it
-    with ``skipped=True`` and a warning is logged).
+    **Back-pressure.** At most ``max_in_flight`` saves are in progress (staged and
+    persisted; each holds one set of staging buffers from a blocking pool). A save
+    requested beyond that waits for the oldest to release its buffers
+    (``if_busy="wait"``; the wait counts as stall) or is dropped (``if_busy="skip"``;
+    ``metrics`` records it with ``skipped=True`` and a warning is logged).
 
-    **Failures.** An error in the background (disk full, I/O error, remote failure) is
-    raised as a :class:`~outlast.errors.StorageError` (or ``CheckpointError``) by the next
+    **Remote tier.** Rank 0 uploads each committed step on a thread and queue of its own,
+    so no save waits for the network; a failed upload is retried ``upload_retries``
+    times with exponential backoff (``upload_backoff_s``, doubling). ``wait()``,
+    ``close()`` and ``restore()`` flush the queue. Local retention keeps a step's folder
+    until its upload has ended.
+
+    **Failures.** An error in the background (disk full, I/O error, a staging copy that
+    fails, a remote that keeps failing) is raised as a
+    :class:`~outlast.errors.StorageError` (or another ``CheckpointError``) by the next
     ``save``, ``wait`` or ``close``, naming the step and the cause. Nothing partial is
-    committed: the previous checkpoint stays the latest valid one.
+    committed: the previous checkpoint stays the latest valid one. Under
+    torch.distributed every rank raises, the same class, at the same call: a staging
+    failure on one rank reaches the others in the save's first exchange, and pending
+    errors are exchanged at every ``save``/``wait``/``close``. Every wait is bounded:
+    collectives by the process group's timeout (the Checkpointer's own groups inherit
+    it), waits for background work by ``timeout`` seconds.
 
     **Concurrency contract.** NOT thread-safe: call it from the training thread only.
     IS multi-process-safe under torch.distributed: every rank builds one (collectively)
@@ -183,6 +193,11 @@ class Checkpointer:
         num_writers: shard files written in parallel per save.
         verify: check every chunk's checksum when restoring.
         nice: scheduling niceness added to the persist thread (0 to disable).
+        timeout: seconds any wait for background work may take (a hook waiting for a
+            copy, back-pressure, ``wait``, ``close``, flushing uploads) before it raises
+            a ``CheckpointError`` saying what it waited for.
+        upload_retries: extra tries of a failed upload to the remote tier.
+        upload_backoff_s: seconds before the first retry; each further one waits twice as long.
     """
 
     def __init__(
@@ -198,6 +213,9 @@ class Checkpointer:
         num_writers: int = 1,
         verify: bool = True,
         nice: int = 10,
+        timeout: float = 1800.0,
+        upload_retries: int = 3,
+        upload_backoff_s: float = 1.0,
     ) -> None:
         if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
             raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
@@ -211,6 +229,12 @@ class Checkpointer:
             raise ValueError(f"num_writers must be an integer >= 1, got {num_writers!r}")
         if not isinstance(nice, int) or not 0 <= nice <= 19:
             raise ValueError(f"nice must be an integer from 0 to 19, got {nice!r}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not isinstance(upload_retries, int) or isinstance(upload_retries, bool) or upload_retries < 0:
+            raise ValueError(f"upload_retries must be an integer >= 0, got {upload_retries!r}")
+        if not isinstance(upload_backoff_s, (int, float)) or upload_backoff_s < 0:
+            raise ValueError(f"upload_backoff_s must be a number of seconds >= 0, got {upload_backoff_s!r}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -218,10 +242,13 @@ class Checkpointer:
         self.if_busy = if_busy
         self.num_writers = num_writers
         self.verify = verify
+        self.timeout = float(timeout)
         self.metrics: list[SaveMetrics] = []
 
         self._pg = None
         self._ctl = None
+        self._bg: Group | None = None  # the persist thread's collectives
+        self._fg: Group | None = None  # the training thread's agreements
         self.rank, self.world_size = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             import torch.distributed as dist
@@ -229,22 +256,38 @@ class Checkpointer:
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             # Background collectives need their own CPU group: they run while the
             # training thread uses the default group, and gloo works on host buffers.
-            self._pg = dist.new_group(backend="gloo")
-            # A second one for the training thread's own agreements (skip, restore).
-            self._ctl = dist.new_group(backend="gloo")
+            # new_group() would give it torch's 30-minute default, not the job's timeout.
+            t = group_timeout()
+            self._pg = dist.new_group(backend="gloo", timeout=t)
+            # A second one for the training thread's own agreements (skip, errors, restore).
+            self._ctl = dist.new_group(backend="gloo", timeout=t)
+            self._bg = Group(self._pg, self.rank, self.world_size)
+            self._fg = Group(self._ctl, self.rank, self.world_size)
         self.remote = RemoteTier(remote, **(remote_options or {})) if remote else None
 
         os.makedirs(self.directory, exist_ok=True)
+        err = None
         if self.rank == 0:
-            self._clean_leftovers()
-        self._barrier()
+            try:
+                self._clean_leftovers()
+            except OSError as e:
+                err = e
+        self._together(err, f"opening the Checkpointer on {self.directory}")
 
-        self._engine = Engine(nice=nice)
-        self._free: list[StagingBuffers] = [StagingBuffers() for _ in range(max_in_flight)]
+        self._engine = Engine(nice=nice, timeout=self.timeout)
+        self._pool = StagingPool(max_in_flight)
         self._inflight: list[Job] = []
-        self._errors: list[tuple[int, BaseException]] = []
+        self._errors: list[tuple[int, BaseException, str]] = []  # (step, cause, "save" | "upload")
         self._lock = threading.Lock()
-        self._hooks: dict[int, Any] = {}
+        # Hooks by id(), each with a weak reference to its object: an id is reused once
+        # the object is freed, and a new optimizer at an old one's address needs its own hook.
+        self._hooks: dict[int, tuple[weakref.ref, Any]] = {}
+        self._uploader = None
+        if self.remote is not None and self.rank == 0:
+            self._uploader = Uploader(
+                self.remote, retries=upload_retries, backoff_s=upload_backoff_s,
+                after_each=self._apply_retention_remote, on_done=self._upload_done,
+            )
         self._closed = False
 
     # ------------------------------------------------------------------ helpers
@@ -255,15 +298,22 @@ class Checkpointer:
             return {}
         return {"process_group": self._pg if background else self._ctl}
 
-    def _barrier(self) -> None:
-        if self._ctl is not None:
-            torch.distributed.barrier(group=self._ctl)
+    def _together(self, err: BaseException | None, what: str) -> None:
+        """Raise ``err`` (or another rank's) on every rank; a barrier when none failed."""
+        if self._fg is not None:
+            self._fg.raise_together(err, what)
+        elif err is not None:
+            raise err
 
     def path_of(self, step: int) -> str:
         """The local folder of ``step``'s checkpoint."""
         return os.path.join(self.directory, step_dir_name(step))
 
     def _clean_leftovers(self) -> None:
+        # A commit cut between its two renames (no RENAME_EXCHANGE): put the old step back.
+        for name in os.listdir(self.directory):
+            if name.startswith(".") and ".old-" in name and recover(os.path.join(self.directory, name[1:].split(".old-")[0])):
+                log.warning("outlast: recovered %s, moved aside by a commit that was cut off", name[1:].split(".old-")[0])
         for name in os.listdir(self.directory):
             p = os.path.join(self.directory, name)
             final = name[1:].split(".old-")[0] if ".old-" in name else None
@@ -271,15 +321,24 @@ class Checkpointer:
                 log.info("outlast: removing leftover %s of an interrupted save", p)
                 remove_tree(p)
 
-    def _register_hooks(self, state: dict) -> tuple[list, list]:
+    def _hook(self, obj: Any, register) -> None:
+        entry = self._hooks.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            return
+        self._hooks[id(obj)] = (weakref.ref(obj), register(obj))
+
+    def _register_hooks(self, state: dict) -> tuple[list, list, list]:
+        """Hook the state's optimizers and buffer-holding modules; returns (optimizers,
+        modules, the modules hooked: empty when no module of the state has buffers)."""
         optimizers, modules = find_owners(state)
         for o in optimizers:
-            if id(o) not in self._hooks:
-                self._hooks[id(o)] = o.register_step_pre_hook(self._optim_hook)
-        for m in modules:
-            if id(m) not in self._hooks:
-                self._hooks[id(m)] = m.register_forward_pre_hook(self._forward_hook)
-        return optimizers, modules
+            self._hook(o, lambda o: o.register_step_pre_hook(self._optim_hook))
+        hooked = hooked_modules(modules)
+        for m in hooked:
+            self._hook(m, lambda m: m.register_forward_pre_hook(self._forward_hook))
+        if len(self._hooks) > 64:  # entries whose object is gone
+            self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}
+        return optimizers, modules, hooked
 
     def _optim_hook(self, optimizer, args, kwargs) -> None:
         self._engine.wait_phase(PHASE_OPTIM)
@@ -287,21 +346,37 @@ class Checkpointer:
     def _forward_hook(self, module, args) -> None:
         self._engine.wait_phase(PHASE_FORWARD)
 
-    def _raise_pending(self) -> None:
+    def _pending_error(self) -> CheckpointError | None:
+        """The oldest background failure not yet raised, as the error to raise (or None)."""
         with self._lock:
             if not self._errors:
-                return
-            step, e = self._errors.pop(0)
-        latest = self.latest_step()
-        keep = f"the latest valid checkpoint is still step {latest}" if latest is not None else "no checkpoint is committed yet"
-        msg = (
-            f"background save of step {step} to {self.path_of(step)} failed: {e}. "
-            f"Nothing of it was committed; {keep}. Fix the cause (free disk space, check "
-            "permissions or the remote) and save again."
-        )
-        if isinstance(e, OSError):
-            raise StorageError(msg) from e
-        raise CheckpointError(msg) from e
+                return None
+            step, e, kind = self._errors.pop(0)
+        if kind == "upload":
+            msg = (
+                f"background upload of step {step} to {self.remote.url} failed: {e}. The local "
+                f"checkpoint {self.path_of(step)} is committed; the remote tier lacks it."
+            )
+        else:
+            latest = self.latest_step()
+            keep = f"the latest valid checkpoint is still step {latest}" if latest is not None else "no checkpoint is committed yet"
+            msg = (
+                f"background save of step {step} to {self.path_of(step)} failed: {e}. "
+                f"Nothing of it was committed; {keep}. Fix the cause (free disk space, check "
+                "permissions or the remote) and save again."
+            )
+        cls = type(e) if isinstance(e, CheckpointError) else StorageError if isinstance(e, OSError) else CheckpointError
+        try:
+            err = cls(msg)
+        except TypeError:  # a subclass with another constructor
+            err = CheckpointError(msg)
+        err.__cause__ = e
+        return err
+
+    def _raise_pending(self) -> None:
+        """Raise the oldest background failure; under torch.distributed on every rank at once
+        (a collective: every rank calls this at the same points)."""
+        self._together(self._pending_error(), "a background save")
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, state: dict) -> bool:
@@ -315,27 +390,50 @@ class Checkpointer:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         t0 = time.perf_counter()
-        self._raise_pending()
         m = SaveMetrics(step, self.path_of(step))
-        busy = len(self._inflight) >= self.max_in_flight
-        if self._ctl is not None and self.if_busy == "skip":
-            # Every rank must make the same choice, or collectives would pair wrongly.
-            flag = torch.tensor([int(busy)])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._ctl)
-            busy = bool(flag.item())
-        if busy and self.if_busy == "skip":
+        what = f"saving step {step} to {self.path_of(step)}"
+        if self._fg is None:
+            self._raise_pending()
+        bufs = None
+        if self.if_busy == "skip":
+            bufs = self._pool.try_acquire()
+        else:
+            tb = time.perf_counter()
+            bufs = self._pool.acquire(self.timeout, what)
+            m.backpressure_s = time.perf_counter() - tb
+        try:
+            busy = bufs is None
+            if self._fg is None:
+                self._raise_pending()
+            else:
+                # One exchange: every rank's pending background error (all raise the same
+                # one) and whether it is busy (all must skip alike, or collectives pair wrongly).
+                exc = self._pending_error()
+                got = self._fg.all_gather((busy, None if exc is None else (type(exc).__name__, str(exc))), what)
+                raise_gathered(exc, [o for _, o in got], "a background save")
+                busy = any(b for b, _ in got)
+        except BaseException:
+            if bufs is not None:
+                self._pool.release(bufs)
+            raise
+        if busy:
+            if bufs is not None:
+                self._pool.release(bufs)
             m.skipped = m.done = True
             m.save_call_s = time.perf_counter() - t0
             self.metrics.append(m)
             log.warning("outlast: skipped saving step %d: %d save(s) still in flight (if_busy='skip')", step, len(self._inflight))
             return False
-        while len(self._inflight) >= self.max_in_flight:
-            tb = time.perf_counter()
-            self._inflight[0].done.wait()
-            m.backpressure_s += time.perf_counter() - tb
-        self._raise_pending()
+        try:
+            job = self._start(step, state, m, bufs)
+        except BaseException:
+            self._pool.release(bufs)
+            raise
+        m.save_call_s = time.perf_counter() - t0
+        return True
 
-        optimizers, modules = self._register_hooks(state)
+    def _start(self, step: int, state: dict, m: SaveMetrics, bufs) -> Job:
+        optimizers, modules, hooked = self._register_hooks(state)
         if self._pg is None:
             # One process: only flatten here (state_dict() calls and plain values belong
             # to this moment); planning runs first thing on the staging thread.
@@ -346,45 +444,64 @@ class Checkpointer:
                 prepared = prepare_flat(flat, num_writers=nw)
                 return prepared, phase_of_items(prepared, optimizers, modules)
 
-            job = Job(step, None, [], self._free.pop(), self._persist_job, self._job_done, metrics=m,
+            job = Job(step, None, [], bufs, self._persist_job, self._job_done, metrics=m,
                       prepare=prepare, has_cuda=any(leaf.value.device.type == "cuda" for leaf in flat.tensors.values()
                                                     if isinstance(leaf.value, torch.Tensor)))
-            if not any(True for mod in modules for _ in mod.buffers()):
+            if not hooked:
                 job.phase_done[PHASE_FORWARD].set()  # nothing a forward pass mutates: never wait
         else:
             # Distributed: planning is collective, so it stays on this thread, where every
             # rank reaches it in the same order (a rank failing to flatten fails all).
             prepared = prepare_save(state, num_writers=self.num_writers, **self._pg_kw())
             m.nbytes = prepared.nbytes
-            job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), self._free.pop(),
+            job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), bufs,
                       self._persist_job, self._job_done, metrics=m)
-        self._inflight.append(job)
+        with self._lock:
+            self._inflight.append(job)
         self.metrics.append(m)
         self._engine.submit(job)
-        m.save_call_s = time.perf_counter() - t0
-        return True
+        return job
 
     def _persist_job(self, job: Job) -> None:
         m: SaveMetrics = job.metrics
         path = self.path_of(job.step)
+        if self._bg is not None:
+            # The other ranks are about to enter persist's collectives: a rank whose copy
+            # failed says so here, and every rank raises instead of waiting for it.
+            self._bg.raise_together(job.stage_error, f"staging step {job.step} for {path}")
+        elif job.stage_error is not None:
+            raise job.stage_error
         t0 = time.perf_counter()
         persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
         m.persist_s = time.perf_counter() - t0
-        try:
-            if self.rank == 0:
+        err = None
+        if self.rank == 0:
+            try:
                 t1 = time.perf_counter()
                 self._apply_retention_local()
                 m.retention_s = time.perf_counter() - t1
-                if self.remote is not None:
-                    t2 = time.perf_counter()
-                    self.remote.upload(path)
-                    self._apply_retention_remote()
-                    m.upload_s = time.perf_counter() - t2
-        finally:
-            if self._pg is not None:
-                # A save is "done" on every rank only once rank 0 has applied retention and
-                # uploaded: wait() then means the same on all ranks (steps() agrees).
-                torch.distributed.barrier(group=self._pg)
+                if self._uploader is not None:
+                    self._uploader.submit(job.step, path)
+            except Exception as e:  # noqa: BLE001 - to every rank
+                err = e
+        if self._bg is not None:
+            # A save is "done" on every rank only once rank 0 has applied retention:
+            # wait() then means the same on all ranks (steps() agrees).
+            self._bg.raise_together(err, f"applying retention after step {job.step}")
+        elif err is not None:
+            raise err
+
+    def _upload_done(self, step: int, seconds: float, err: BaseException | None) -> None:
+        for m in reversed(self.metrics):
+            if m.step == step and not m.skipped:
+                m.upload_s = seconds
+                if err is not None and m.error is None:
+                    m.error = f"upload: {type(err).__name__}: {err}"
+                break
+        if err is not None:
+            log.error("outlast: uploading step %d failed: %s", step, err)
+            with self._lock:
+                self._errors.append((step, err, "upload"))
 
     def _job_done(self, job: Job) -> None:
         m: SaveMetrics = job.metrics
@@ -394,10 +511,10 @@ class Checkpointer:
         with self._lock:
             if job in self._inflight:
                 self._inflight.remove(job)
-            self._free.append(job.buffers)
             if job.error is not None:
                 m.error = f"{type(job.error).__name__}: {job.error}"
-                self._errors.append((job.step, job.error))
+                self._errors.append((job.step, job.error, "save"))
+        self._pool.release(job.buffers)
         if job.error is not None:
             log.error("outlast: saving step %d failed: %s", job.step, m.error)
         else:
@@ -416,17 +533,38 @@ class Checkpointer:
     def wait_staged(self) -> None:
         """Block until every save in flight has copied all its tensors; after this the
         live state may change freely. The time blocked counts as the save's stall."""
-        for job in list(self._inflight):
+        with self._lock:
+            jobs = list(self._inflight)
+        for job in jobs:
             if not job.staged():
                 t0 = time.perf_counter()
-                job.phase_done[-1].wait()
-                job.blocked_s += time.perf_counter() - t0
+                try:
+                    wait_event(job.phase_done[-1], self.timeout, f"step {job.step}'s tensors to be copied")
+                finally:
+                    job.blocked_s += time.perf_counter() - t0
+
+    def _drain(self) -> None:
+        with self._lock:
+            jobs = list(self._inflight)
+        for job in jobs:
+            wait_event(job.done, self.timeout, f"step {job.step} to be committed to {self.path_of(job.step)}")
+        if self._uploader is not None:
+            self._uploader.flush(self.timeout)
+            # Folders retention kept only for their upload can go now (nothing is in flight).
+            try:
+                self._apply_retention_local()
+            except OSError as e:
+                log.warning("outlast: retention after the uploads failed: %s", e)
 
     def wait(self) -> None:
-        """Block until every save in flight is committed (and uploaded); raise the first
-        background error, if any."""
-        for job in list(self._inflight):
-            job.done.wait()
+        """Block until every save in flight is committed and uploaded; raise the first
+        background error, if any (under torch.distributed: on every rank)."""
+        err = None
+        try:
+            self._drain()
+        except CheckpointError as e:
+            err = e
+        self._together(err, "waiting for background saves")
         self._raise_pending()
 
     def close(self) -> None:
@@ -435,14 +573,23 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        err = None
         try:
-            for job in list(self._inflight):
-                job.done.wait()
+            self._drain()
+        except CheckpointError as e:
+            err = e
         finally:
-            self._engine.close()
-            for h in self._hooks.values():
+            try:
+                if err is None:  # after a timed-out drain a join would only time out again
+                    self._engine.close()
+                    if self._uploader is not None:
+                        self._uploader.close(self.timeout)
+            except CheckpointError as e:
+                err = err or e
+            for _, h in self._hooks.values():
                 h.remove()
             self._hooks.clear()
+        self._together(err, "closing the Checkpointer")
         self._raise_pending()
 
     def __enter__(self) -> "Checkpointer":
@@ -494,7 +641,10 @@ class Checkpointer:
 
     def _apply_retention_local(self) -> None:
         valid, invalid = self._local_steps()
+        uploading = self._uploader.pending_steps() if self._uploader is not None else set()
         for s in plan_retention(valid, invalid, keep_last=self.keep_last, keep_every=self.keep_every):
+            if s in uploading:
+                continue  # its upload reads this folder; the next save's retention takes it
             p = self.path_of(s)
             # Rename first: the folder disappears at once, a crash leaves only a .tmp- leftover.
             hidden = os.path.join(self.directory, f".{step_dir_name(s)}.tmp-del{secrets.token_hex(4)}")
@@ -525,12 +675,30 @@ class Checkpointer:
                 seen.setdefault(int(STEP_DIR.match(name).group(1)), []).append("remote")
         return [(s, src) for s in sorted(seen, reverse=True) for src in seen[s]]
 
-    def _agree(self, ok: bool) -> bool:
-        if self._ctl is None:
-            return ok
-        flag = torch.tensor([int(ok)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._ctl)
-        return bool(flag.item())
+    def _settle(self, err: BaseException | None, what: str) -> str | None:
+        """Agree on one restore attempt across ranks before anyone branches.
+
+        Returns None when it succeeded on every rank, or why to skip the checkpoint when
+        it is unusable on some rank (incomplete, corrupt, unreadable); raises on every
+        rank, the same class, for anything else (a state that does not match, a bug).
+        """
+        if self._fg is None:
+            if err is None:
+                return None
+            if isinstance(err, _BAD_CHECKPOINT + (OSError,)):
+                return str(err)
+            raise err
+        got = self._fg.all_gather(None if err is None else (type(err).__name__, str(err)), what)
+        failed = [(r, o) for r, o in enumerate(got) if o is not None]
+        if not failed:
+            return None
+        fatal = [None if o is None or issubclass(outlast_class(o[0]), _BAD_CHECKPOINT) else o for o in got]
+        if any(fatal):
+            raise_gathered(err if fatal[self.rank] is not None else None, fatal, what)
+        if err is not None:
+            return str(err)
+        r, (name, msg) = failed[0]
+        return f"on rank {r}: {name}: {msg}"
 
     def restore(self, state: dict) -> int | None:
         """Load the newest valid checkpoint into ``state`` in place; return its step.
@@ -554,41 +722,54 @@ class Checkpointer:
         if self._closed:
             raise CheckpointError("this Checkpointer is closed; create a new one to restore")
         self.wait()
-        candidates = self._candidates()
-        if self._ctl is not None:
+        candidates: list = []
+        err = None
+        if self.rank == 0:
+            try:
+                candidates = self._candidates()
+            except Exception as e:  # noqa: BLE001 - to every rank
+                err = e
+        if self._fg is not None:
             # Rank 0's view decides (ranks may list the shared directory at different moments).
-            holder = [candidates]
-            torch.distributed.broadcast_object_list(holder, src=0, group=self._ctl)
-            candidates = holder[0]
+            self._together(err, f"listing checkpoints under {self.directory}")
+            candidates = self._fg.broadcast(candidates, f"listing checkpoints under {self.directory}")
+        elif err is not None:
+            raise err
         touched: list[str] = []
         for step, source in candidates:
             path = self.path_of(step)
             where = path if source == "local" else f"{self.remote.url}/{step_dir_name(step)}"
-            err: BaseException | None = None
-            if source == "remote" and self.rank == 0:
-                try:
-                    self.remote.manifest(step_dir_name(step))
-                    log.info("outlast: downloading %s to %s", where, path)
-                    self.remote.download(step_dir_name(step), path)
-                except _BAD_CHECKPOINT as e:
-                    err = e
+            err = None
+            skip = None
             if source == "remote":
-                self._barrier()  # every rank reads what rank 0 downloaded
-            if err is None:
+                if self.rank == 0:
+                    try:
+                        self.remote.manifest(step_dir_name(step))
+                        log.info("outlast: downloading %s to %s", where, path)
+                        self.remote.download(step_dir_name(step), path)
+                    except Exception as e:  # noqa: BLE001 - settled on every rank
+                        err = e
+                # Also the barrier: every rank reads what rank 0 downloaded.
+                skip = self._settle(err, f"downloading {where}")
+            if skip is None:
+                err = None
                 try:
                     check_local(path)
-                except _BAD_CHECKPOINT as e:
+                except Exception as e:  # noqa: BLE001 - settled on every rank
                     err = e
-            if self._agree(err is None):
+                skip = self._settle(err, f"checking {where}")
+            if skip is None:
+                err = None
+                touched.append(where)
                 try:
-                    touched.append(where)
                     load(state, path, strict=True, verify=self.verify, **self._pg_kw())
-                except _BAD_CHECKPOINT as e:
+                except Exception as e:  # noqa: BLE001 - settled on every rank
                     err = e
-                if self._agree(err is None):
+                skip = self._settle(err, f"restoring {where}")
+                if skip is None:
                     log.info("outlast: restored step %d from %s", step, where)
                     return step
-            msg = f"outlast: skipping checkpoint {where}: {err or 'invalid on another rank'}; falling back to an older one"
+            msg = f"outlast: skipping checkpoint {where}: {skip}; falling back to an older one"
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
         if touched:

@@ -3,9 +3,12 @@
 A distributed save or load must never leave some ranks raising while others wait in a
 collective. The rule here: a step that can fail on one rank (reading the manifest,
 validating the state, writing a file) is followed by :func:`Group.raise_together`, an
-``all_gather_object`` of each rank's outcome; every rank then raises — the failing rank
-its own exception, the others the same outlast error class naming the failing rank and
-its message. Metadata travels with object collectives (they pickle, but only between
+``all_gather_object`` of each rank's outcome; every rank then raises the *same* outlast
+error class — the class of the first failing rank's error (an ``OSError`` counts as
+:class:`~outlast.errors.StorageError`, anything else that is not an outlast error as
+:class:`~outlast.errors.DistributedError`) — naming the failing rank and its message, with
+the rank's own exception chained as ``__cause__`` where it had one. A script can then
+``except StorageError`` once and see the same thing on every rank. Metadata travels with object collectives (they pickle, but only between
 the job's own processes; the checkpoint format itself stays pickle-free); tensor bytes
 travel with ``isend``/``irecv``. Every collective runs under the process group's
 timeout (``init_process_group(timeout=...)``), and a collective that fails or times out
@@ -14,13 +17,15 @@ is raised as :class:`~outlast.errors.DistributedError`.
 
 from __future__ import annotations
 
+import builtins
+import datetime
 from dataclasses import dataclass
 from typing import Any
 
 from . import errors
-from .errors import CheckpointError, DistributedError
+from .errors import CheckpointError, DistributedError, StorageError
 
-__all__ = ["Group", "group_of"]
+__all__ = ["Group", "group_of", "raise_gathered", "outlast_class", "group_timeout"]
 
 
 @dataclass
@@ -96,20 +101,59 @@ def group_of(process_group: Any = None) -> Group | None:
     return Group(pg, dist.get_rank(pg), dist.get_world_size(pg))
 
 
+def outlast_class(name: str) -> type[CheckpointError]:
+    """The outlast error class every rank raises for an error of class ``name``.
+
+    An outlast class stays itself; a built-in ``OSError`` (or subclass: disk full,
+    permission denied) becomes :class:`StorageError`; anything else (a ``TypeError``
+    from a user's ``state_dict()``, a ``RuntimeError`` from torch) :class:`DistributedError`.
+    """
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, CheckpointError):
+        return cls
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, OSError):
+        return StorageError
+    return DistributedError
+
+
 def raise_gathered(local: BaseException | None, outcomes: list, what: str) -> None:
     """Given every rank's outcome (None, or (error class name, message)), raise if any failed.
 
-    The failing rank re-raises its own exception; the others raise the same outlast error
-    class (DistributedError for anything else) naming the first failing rank and its cause.
+    Every rank raises the same outlast class, :func:`outlast_class` of the first failing
+    rank's error, naming that rank and its message. A rank whose own error is already
+    of that class re-raises it unchanged (its traceback intact); a rank with another
+    error raises the common class from its own (``__cause__``), so the local detail is
+    never lost.
     """
     failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if not failed:
         return
-    if local is not None:
-        raise local
     r, (name, msg) = failed[0]
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        cls = DistributedError
+    cls = outlast_class(name)
+    if local is not None and type(local) is cls:
+        raise local
+    detail = msg if cls.__name__ == name else f"{name}: {msg}"
     more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-    raise cls(f"{what} failed on rank {r}{more}: {msg}")
+    raise cls(f"{what} failed on rank {r}{more}: {detail}") from local
+
+
+def group_timeout(pg: Any = None) -> datetime.timedelta | None:
+    """The timeout of ``pg`` (default: the world group), as given to ``init_process_group``.
+
+    Groups made with ``new_group()`` do not inherit it (torch gives them its 30-minute
+    default), so outlast passes it on to the groups it creates; None where the backend
+    does not say.
+    """
+    import torch
+    import torch.distributed as dist
+
+    pg = pg if pg is not None else dist.group.WORLD
+    for dev in ("cpu", "cuda"):
+        try:
+            t = pg._get_backend(torch.device(dev)).options._timeout
+        except Exception:  # noqa: BLE001 - private API, absent backends: fall back to torch's default
+            continue
+        if isinstance(t, datetime.timedelta):
+            return t
+    return None

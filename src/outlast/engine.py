@@ -46,11 +46,12 @@ from typing import Any, Callable
 import torch
 
 from .api import FileLayout, PreparedSave, layout_files
+from .errors import CheckpointError
 from .storage.local import aligned_buffer
 
 log = logging.getLogger("outlast")
 
-__all__ = ["Engine", "Job", "StagingBuffers", "find_owners", "copy_into"]
+__all__ = ["Engine", "Job", "StagingBuffers", "StagingPool", "find_owners", "hooked_modules", "copy_into"]
 
 # Copies are cut into chunks of this size: each chunk is one GIL-free memmove, and a
 # hook waiting for a phase never waits for more than the chunk in progress beyond it.
@@ -94,6 +95,25 @@ def find_owners(state: Any) -> tuple[list[torch.optim.Optimizer], list[torch.nn.
     found: list = []
     _walk_objects(state, found, set(), 0)
     return [o for o in found if isinstance(o, torch.optim.Optimizer)], [m for m in found if isinstance(m, torch.nn.Module)]
+
+
+def hooked_modules(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules whose forward must wait for the buffers' copy: every module of the
+    state that holds buffers anywhere below it (its forward may mutate any of them), and
+    every submodule that owns buffers itself, so that calling a submodule directly
+    (``model.encoder(x)``, a BatchNorm run outside its parent) waits too. Modules without
+    buffers get no hook: nothing their forward does changes saved state."""
+    out: list = []
+    seen: set = set()
+    for m in modules:
+        owners = [sub for sub in m.modules() if sub._buffers]  # once per save(): kept cheap
+        if not owners:
+            continue
+        for x in [m, *owners]:
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+    return out
 
 
 def phase_of_items(prepared: PreparedSave, optimizers, modules) -> list[int]:
@@ -178,6 +198,54 @@ class StagingBuffers:
         return self.views
 
 
+class StagingPool:
+    """The fixed set of :class:`StagingBuffers` (one per save allowed in flight).
+
+    :meth:`acquire` blocks until a set is free and :meth:`release` hands one back, both
+    under one condition variable, so the training thread can never see a save as
+    finished while its buffers are still on their way back (the pool replaced an
+    in-flight list and a free list read without a lock)."""
+
+    def __init__(self, n: int) -> None:
+        self.size = n
+        self._free = [StagingBuffers() for _ in range(n)]
+        self._cond = threading.Condition()
+
+    def available(self) -> int:
+        with self._cond:
+            return len(self._free)
+
+    def try_acquire(self) -> StagingBuffers | None:
+        with self._cond:
+            return self._free.pop() if self._free else None
+
+    def acquire(self, timeout: float | None, what: str) -> StagingBuffers:
+        """A free set, waiting at most ``timeout`` seconds; raises CheckpointError naming ``what``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free, timeout):
+                raise CheckpointError(
+                    f"{what}: timed out after {timeout:g} s waiting for an earlier save to release its "
+                    f"staging buffers ({self.size} in use). The background save is stuck (a hung disk, "
+                    "filesystem or collective); check the other ranks' logs, or raise timeout="
+                )
+            return self._free.pop()
+
+    def release(self, buffers: StagingBuffers) -> None:
+        with self._cond:
+            self._free.append(buffers)
+            self._cond.notify()
+
+
+def wait_event(event: threading.Event, timeout: float | None, what: str) -> None:
+    """``event.wait`` bounded by ``timeout``; on expiry a CheckpointError naming ``what``."""
+    if not event.wait(timeout):
+        raise CheckpointError(
+            f"timed out after {timeout:g} s waiting for {what}. The background save is stuck (a hung "
+            "disk, filesystem or collective: see the other ranks' logs); raise the Checkpointer's "
+            "timeout= if the save is merely slow"
+        )
+
+
 @dataclass
 class Job:
     """One save on its way through stage -> persist. ``finish`` runs on the persist thread."""
@@ -192,6 +260,10 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     cuda_ready: Any = None  # a CUDA event recorded on the training stream at submit
     error: BaseException | None = None
+    # A staging failure. The job still goes to the persist callable, which under
+    # torch.distributed hands it to the other ranks at their next exchange (instead of
+    # leaving them waiting in persist's collectives for a rank that never comes).
+    stage_error: BaseException | None = None
     stage_s: float = 0.0
     persist_s: float = 0.0  # set by the persist callable (it knows its own parts)
     blocked_s: float = 0.0
@@ -225,12 +297,15 @@ class Engine:
     :meth:`wait_phase` from that same thread.
 
     ``stage_delay`` (seconds before each item is copied) exists for tests that must
-    slow staging down deterministically.
+    slow staging down deterministically. ``timeout`` bounds every wait of the training
+    thread on the background (hooks, :meth:`close`).
     """
 
-    def __init__(self, *, nice: int = 10, stage_delay: float = 0.0, device_copies: bool = True) -> None:
+    def __init__(self, *, nice: int = 10, stage_delay: float = 0.0, device_copies: bool = True,
+                 timeout: float | None = None) -> None:
         self.nice = nice
         self.stage_delay = stage_delay
+        self.timeout = timeout
         self._stage_q: queue.Queue = queue.Queue()
         self._persist_q: queue.Queue = queue.Queue()
         self._staging: Job | None = None  # the job whose copy may be in progress
@@ -265,15 +340,24 @@ class Engine:
         if job is None or job.phase_done[phase].is_set():
             return 0.0
         t0 = time.perf_counter()
-        job.phase_done[phase].wait()
-        dt = time.perf_counter() - t0
-        job.blocked_s += dt
+        try:
+            wait_event(job.phase_done[phase], self.timeout, f"step {job.step}'s tensors to be copied before they change")
+        finally:
+            dt = time.perf_counter() - t0
+            job.blocked_s += dt
         return dt
 
     def close(self) -> None:
+        """Stop both threads after the work queued; raises CheckpointError if one does not
+        finish within ``timeout`` (it is a daemon thread: the process can still exit)."""
         self._stage_q.put(None)
         for t in self._threads:
-            t.join()
+            t.join(self.timeout)
+            if t.is_alive():
+                raise CheckpointError(
+                    f"timed out after {self.timeout:g} s waiting for the {t.name} thread to finish its "
+                    "work; it is stuck in a write, fsync or collective (see the other ranks' logs)"
+                )
 
     # -- background
     def _stage_loop(self) -> None:
@@ -314,14 +398,15 @@ class Engine:
                     current += 1
                 job.stage_s = time.perf_counter() - t0
                 job.prepared = job.prepared.with_images(job.buffers.images, bufs)
-            except BaseException as e:  # noqa: BLE001 - handed back to the training thread
-                job.error = e
+            except BaseException as e:  # noqa: BLE001 - handed to persist, then to the training thread
+                job.stage_error = e
                 job.release_waiters()
                 with self._lock:
                     if self._staging is job:
                         self._staging = None
-                job.prepared = None  # type: ignore[assignment]
-                self._finish(job)
+                # Persist still sees the job, in order: it reports the failure (to the
+                # other ranks too) instead of writing.
+                self._persist_q.put(job)
                 continue
             with self._lock:
                 if self._staging is job:
@@ -343,6 +428,8 @@ class Engine:
                 job.result = job.persist(job)
             except BaseException as e:  # noqa: BLE001 - handed back to the training thread
                 job.error = e
+            if job.error is None and job.stage_error is not None:
+                job.error = job.stage_error  # a persist callable that did not report it
             # Drop references to the live state and buffers before signalling.
             job.prepared = None  # type: ignore[assignment]
             self._finish(job)

@@ -241,7 +241,12 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         report.preads = stats.preads
         report.rank, report.world_size = group.rank, group.size
         report.tensors_loaded = len({q.fqn for q in requests})
-        _finish_load(flat, m, reader, extras, report, verify)
+        err = None
+        try:
+            _finish_load(flat, m, reader, extras, report, verify)
+        except Exception as e:  # noqa: BLE001 - a Stateful's load_state_dict failing on one rank fails all
+            err = e
+        raise_gathered(err, group.all_gather(None if err is None else (type(err).__name__, str(err)), what), what)
     finally:
         if reader is not None:
             reader.close()

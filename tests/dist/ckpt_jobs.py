@@ -58,6 +58,75 @@ def job(rank: int, world: int, directory: str, remote: str):
     return {"steps": steps, "restored": got, "equal": fingerprint(fresh, rank) == saved}
 
 
+def _caught(fn) -> dict:
+    try:
+        fn()
+    except outlast.errors.CheckpointError as e:
+        c = e.__cause__
+        return {"type": type(e).__name__, "msg": str(e), "cause": None if c is None else type(c).__name__}
+    return {"type": None}
+
+
+def failures(rank: int, world: int, directory: str, remote: str):
+    """One rank fails where the others cannot see it; every rank must raise (the same
+    class) or branch alike, at once, never wait in a collective for the failed rank."""
+    from outlast import checkpointer, engine
+
+    from outlast.collective import group_timeout
+
+    out = {}
+    state = make(rank, 0)
+    with outlast.Checkpointer(directory) as ckpt:
+        # the job's timeout (harness: 60 s), not new_group()'s 30-minute default
+        out["timeouts"] = [group_timeout(g).total_seconds() for g in (None, ckpt._pg, ckpt._ctl)]
+        ckpt.save(0, state)
+        ckpt.wait()
+        # 1. the staging copy fails on rank 1 only: rank 0 is already on its way into
+        # persist's collectives and must hear of it there.
+        real = engine.copy_into
+
+        def broken(dst, src, *a, **k):
+            raise RuntimeError("copy into the staging buffer failed (simulated)")
+
+        if rank == 1:
+            engine.copy_into = broken
+        try:
+            ckpt.save(1, state)
+            out["staging"] = _caught(ckpt.wait)
+        finally:
+            engine.copy_into = real
+        step_fn(state, rank, 2)
+        ckpt.save(2, state)
+        ckpt.wait()
+        out["steps"] = ckpt.steps()
+    # 2. restore: rank 1 cannot read step 2 (a plain PermissionError), rank 0 can: both
+    # must skip it and restore step 0.
+    real_check = checkpointer.check_local
+
+    def unreadable(path):
+        if rank == 1 and path.endswith("step-00000002"):
+            raise PermissionError(13, "Permission denied", path + "/manifest.json")
+        return real_check(path)
+
+    checkpointer.check_local = unreadable
+    try:
+        with outlast.Checkpointer(directory) as ckpt:
+            out["restored"] = ckpt.restore(make(rank, 1))
+    finally:
+        checkpointer.check_local = real_check
+    # 3. the upload (rank 0 only) keeps failing: every rank's wait() raises StorageError.
+    ckpt = outlast.Checkpointer(directory + "-up", remote=remote, upload_retries=1, upload_backoff_s=0.0)
+    if rank == 0:
+        def refuse(*a, **k):
+            raise OSError(13, "Access Denied (simulated)")
+
+        ckpt.remote.fs.put_file = refuse
+    ckpt.save(0, state)
+    out["upload"] = _caught(ckpt.wait)
+    ckpt.close()
+    return out
+
+
 if __name__ == "__main__":
     case, world, out, directory, remote = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    spawn({"roundtrip": job}[case], world, out, directory, remote)
+    spawn({"roundtrip": job, "failures": failures}[case], world, out, directory, remote)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -17,8 +18,24 @@ def _catch(fn) -> dict:
     try:
         fn()
     except CheckpointError as e:
-        return {"type": type(e).__name__, "msg": str(e)}
-    return {"type": None, "msg": ""}
+        cause = e.__cause__
+        return {"type": type(e).__name__, "msg": str(e), "cause": None if cause is None else type(cause).__name__}
+    return {"type": None, "msg": "", "cause": None}
+
+
+class _Broken:
+    """A Stateful whose state_dict() fails with a plain RuntimeError on rank 1 only."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def state_dict(self):
+        if self.rank == 1:
+            raise RuntimeError("state_dict of the data loader failed (worker died)")
+        return {"pos": 3}
+
+    def load_state_dict(self, sd):
+        pass
 
 
 def errors_job(rank: int, world: int, root: str) -> dict:
@@ -47,12 +64,38 @@ def errors_job(rank: int, world: int, root: str) -> dict:
         saving.write_items = real
     torch.distributed.barrier()
     out["disk_leftovers"] = sorted(os.listdir(root))
+    # 4b. a plain OSError (not an outlast error) on rank 1 while writing: StorageError on
+    # every rank, rank 1's OSError chained as the cause
+    def oserror(*a, **k):
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    saving.write_items = oserror
+    try:
+        out["oserror"] = _catch(lambda: outlast.save(base, os.path.join(root, "oserror")))
+    finally:
+        saving.write_items = real
+    # 4c. a RuntimeError from a user's state_dict() on rank 1: DistributedError everywhere
+    out["runtime"] = _catch(lambda: outlast.save(dict(base, data=_Broken(rank)), os.path.join(root, "runtime")))
     # 5. a good save, then a live tensor of another shape on rank 1 at load
     good = os.path.join(root, "good")
     big = {"w": torch.arange(12.0).reshape(3, 4), "v": torch.ones(50, 4), "step": 1}
     outlast.save(big, good, num_writers=1)
     live = {"w": torch.zeros(3, 5) if rank == 1 else torch.zeros(3, 4), "v": torch.zeros(50, 4), "step": 0}
     out["load_shape"] = _catch(lambda: outlast.load(live, good))
+    # 5b. a Stateful's load_state_dict fails on rank 1 only (after every byte arrived):
+    # every rank must raise, not rank 0 return as if loaded
+    class Picky:
+        def state_dict(self):
+            return {"pos": 0}
+
+        def load_state_dict(self, sd):
+            if rank == 1:
+                raise ValueError(f"position {sd['pos']} is past the end of this rank's shard list")
+
+    outlast.save({"w": torch.ones(3, 4), "data": Picky()}, os.path.join(root, "picky"))
+    out["load_stateful"] = _catch(lambda: outlast.load({"w": torch.zeros(3, 4), "data": Picky()}, os.path.join(root, "picky")))
     # 6. a missing writer file
     torch.distributed.barrier()
     if rank == 0:

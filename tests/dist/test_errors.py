@@ -38,10 +38,35 @@ def test_disk_full_on_one_rank_fails_all_commits_nothing(results):
     assert not any(n.startswith("disk") or ".disk" in n for n in results[0]["disk_leftovers"])
 
 
+def test_plain_oserror_on_one_rank_is_storage_error_on_every_rank(results):
+    """Fails without the uniform class: rank 1 raised its bare OSError (not an outlast
+    error at all) while rank 0 raised DistributedError."""
+    for r in results:
+        assert r["oserror"]["type"] == "StorageError", r["oserror"]
+        assert "rank 1" in r["oserror"]["msg"] and "No space left on device" in r["oserror"]["msg"]
+    assert results[1]["oserror"]["cause"] == "OSError"
+    assert results[0]["oserror"]["cause"] is None
+
+
+def test_foreign_error_on_one_rank_is_one_class_everywhere_with_its_cause(results):
+    for r in results:
+        assert r["runtime"]["type"] == "DistributedError", r["runtime"]
+        assert "RuntimeError: state_dict of the data loader failed" in r["runtime"]["msg"]
+    assert results[1]["runtime"]["cause"] == "RuntimeError"
+
+
 def test_live_shape_mismatch_at_load(results):
     for r in results:
         assert r["load_shape"]["type"] == "IncompatibleStateError"
         assert "'w'" in r["load_shape"]["msg"] and "[3, 4]" in r["load_shape"]["msg"] and "[3, 5]" in r["load_shape"]["msg"]
+
+
+def test_stateful_failing_to_load_on_one_rank_fails_every_rank(results):
+    """Fails without the exchange after the load's last step: rank 0 returned as if loaded."""
+    for r in results:
+        assert r["load_stateful"]["type"] == "DistributedError", r["load_stateful"]
+        assert "rank 1" in r["load_stateful"]["msg"] and "past the end" in r["load_stateful"]["msg"]
+    assert results[1]["load_stateful"]["cause"] == "ValueError"
 
 
 def test_missing_writer_file_names_lost_regions(results):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
+import time
 import types
 
 import pytest
@@ -284,3 +286,282 @@ def test_closed_checkpointer_refuses(tmp_path):
     ckpt.close()
     with pytest.raises(CheckpointError, match="closed"):
         ckpt.save(0, make_state())
+
+
+# ---------------------------------------------------------------- hooks, buffers, the pool, timeouts
+def test_new_optimizer_at_a_freed_ones_id_is_hooked(tmp_path):
+    """Fails with hooks keyed by id() alone: a new optimizer allocated where a freed one
+    was has the same id, is taken as already hooked, and its step() changes the
+    parameters while the (deliberately slow) copy is still reading them."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        first = {"model": model, "optim": torch.optim.SGD(model.parameters(), lr=0.5)}
+        ckpt.save(0, first)
+        ckpt.wait()
+        old = id(first["optim"])
+        del first  # the only reference: the optimizer is freed here
+        keep = []
+        for _ in range(100):  # CPython reuses the freed block for the next object of its size
+            opt = torch.optim.SGD(model.parameters(), lr=0.5)
+            if id(opt) == old:
+                break
+            keep.append(opt)
+        assert id(opt) == old, "could not get an optimizer at the freed one's address"
+        state = {"model": model, "optim": opt}
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ckpt._engine.stage_delay = 0.1
+        ckpt.save(1, state)
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()  # must wait for the copy of the parameters
+        ckpt.wait()
+    saved = outlast.read(tmp_path / step_dir_name(1))["model"]
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        self.head = torch.nn.Linear(8, 2)
+
+
+def test_buffers_of_a_submodule_called_directly_are_saved_as_at_save(tmp_path):
+    """Fails with a hook on the state's top module only: calling ``net.features`` directly
+    (a BatchNorm inside it updates its running stats in forward) bypasses it, and the
+    slow copy saves statistics from after save()."""
+    torch.manual_seed(0)
+    net = _Net()
+    state = {"model": net}
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        net.features(torch.randn(16, 8))
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        ckpt._engine.stage_delay = 0.1
+        ckpt.save(0, state)
+        net.features(torch.randn(16, 8) + 3)  # mutates running_mean/var/num_batches_tracked
+        ckpt.wait()
+        assert ckpt.last_metrics.blocked_s > 0
+    saved = outlast.read(tmp_path / step_dir_name(0))["model"]
+    for k in ("features.1.running_mean", "features.1.running_var", "features.1.num_batches_tracked"):
+        assert torch.equal(saved[k], before[k]), k
+    assert not torch.equal(net.features[1].running_mean, before["features.1.running_mean"])
+
+
+def test_modules_without_buffers_get_no_hook(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, {"model": model})
+        assert not model._forward_pre_hooks and not model[0]._forward_pre_hooks
+        net = _Net()
+        ckpt.save(1, {"model": net})
+        assert net._forward_pre_hooks and net.features[1]._forward_pre_hooks
+        assert not net.head._forward_pre_hooks and not net.features[0]._forward_pre_hooks
+    assert not net._forward_pre_hooks and not net.features[1]._forward_pre_hooks  # removed by close()
+
+
+def test_save_waits_for_the_buffers_themselves(tmp_path, monkeypatch):
+    """The persist thread takes a finished save off the in-flight list and then hands its
+    buffers back; a save() arriving between the two must wait for the buffers. (Before
+    the pool, save() read the in-flight list without a lock: ``while len(inflight) >=
+    max: inflight[0].done.wait()`` raised IndexError when the job left the list between
+    the two reads; only an unrelated lock kept the free list from being popped empty.)"""
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        pool = ckpt._pool
+        real = pool.release
+        gate = threading.Event()
+
+        def late_release(b):
+            gate.wait(30)
+            real(b)
+
+        monkeypatch.setattr(pool, "release", late_release)
+        ckpt.save(0, state)
+        for _ in range(3000):  # until step 0 is committed and off the list, its buffers not back
+            if not ckpt._inflight:
+                break
+            time.sleep(0.01)
+        assert not ckpt._inflight and pool.available() == 0
+        threading.Timer(0.2, gate.set).start()
+        train(state, 1)
+        assert ckpt.save(1, state) is True
+        assert ckpt.metrics[1].backpressure_s > 0
+        ckpt.wait()
+        assert ckpt.steps() == [0, 1]
+
+
+def test_pool_acquire_blocks_until_release_and_times_out():
+    from outlast.engine import StagingPool
+
+    pool = StagingPool(1)
+    b = pool.acquire(1.0, "saving step 1")
+    assert pool.try_acquire() is None
+    with pytest.raises(CheckpointError, match=r"saving step 2: timed out after 0.01 s .*staging buffers"):
+        pool.acquire(0.01, "saving step 2")
+    threading.Timer(0.05, pool.release, args=(b,)).start()
+    assert pool.acquire(30, "saving step 3") is b
+
+
+def test_a_stuck_background_save_times_out_naming_what_it_waited_for(tmp_path, monkeypatch):
+    """Every wait is bounded: a staging thread that never finishes makes the hook,
+    wait() and close() raise CheckpointError instead of hanging the training."""
+    from outlast import engine
+
+    gate = threading.Event()
+    real = engine.copy_into
+
+    def stuck(dst, src, *a, **k):
+        gate.wait(60)
+        real(dst, src, *a, **k)
+
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path, timeout=0.2)
+    monkeypatch.setattr(engine, "copy_into", stuck)
+    try:
+        ckpt.save(0, state)
+        with pytest.raises(CheckpointError, match=r"timed out after 0.2 s waiting for step 0's tensors"):
+            train(state, 0)  # the forward hook waits for the buffers' copy
+        with pytest.raises(CheckpointError, match=r"timed out after 0.2 s waiting for step 0 to be committed"):
+            ckpt.wait()
+    finally:
+        gate.set()
+        monkeypatch.undo()
+    ckpt.close()
+    assert ckpt.steps() == [0]
+
+
+def test_staging_failure_is_raised_on_next_call_and_nothing_is_committed(tmp_path, monkeypatch):
+    from outlast import engine
+
+    def broken(dst, src, *a, **k):
+        raise RuntimeError("copy failed (simulated)")
+
+    state = make_state()
+    with outlast.Checkpointer(tmp_path) as ckpt:
+        monkeypatch.setattr(engine, "copy_into", broken)
+        ckpt.save(0, state)
+        with pytest.raises(CheckpointError, match=r"step 0.*copy failed \(simulated\)") as ei:
+            ckpt.wait()
+        assert isinstance(ei.value.__cause__, RuntimeError)
+        monkeypatch.undo()
+        ckpt.save(1, state)
+    assert os.listdir(tmp_path) == [step_dir_name(1)]
+
+
+# ---------------------------------------------------------------- the remote tier's own queue
+class _Remote:
+    """A memory:// remote tier whose put_file can be held at a gate or made to fail."""
+
+    def __init__(self, ckpt, fail: int = 0, gate: threading.Event | None = None):
+        self.fs = ckpt.remote.fs
+        self.real = self.fs.put_file
+        self.fail, self.gate, self.calls = fail, gate, 0
+
+    def put_file(self, src, dst, *a, **k):
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(30)
+        if self.fail:
+            self.fail -= 1
+            raise OSError(errno.ECONNRESET, "connection reset by peer (simulated)")
+        return self.real(src, dst, *a, **k)
+
+
+def _url(name: str) -> str:
+    return f"memory://outlast-{name}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def test_training_never_waits_for_uploads_and_wait_flushes_them(tmp_path, monkeypatch):
+    """Fails with the upload on the persist thread: save(1) (max_in_flight=1) would wait
+    for step 0's upload, which is held until after save(1) returns."""
+    gate = threading.Event()
+    state = make_state()
+    with outlast.Checkpointer(tmp_path / "local", remote=_url("q"), keep_last=1) as ckpt:
+        remote = _Remote(ckpt, gate=gate)
+        monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+        for step in range(3):
+            train(state, step)
+            assert ckpt.save(step, state) is True
+        ckpt.wait_staged()
+        for _ in range(3000):
+            if not ckpt._inflight:
+                break
+            time.sleep(0.01)
+        assert not ckpt._inflight  # every save committed while step 0's upload is held
+        assert not gate.is_set() and ckpt.remote.names() in ([], [step_dir_name(0)])
+        assert {0, 1, 2} >= ckpt._uploader.pending_steps() >= {1, 2}
+        # keep_last=1, but step 0 and 1 stay on disk until their uploads end
+        assert ckpt.steps() == [0, 1, 2]
+        gate.set()
+        ckpt.wait()
+        assert ckpt.remote.names() == [step_dir_name(2)]  # remote retention after each upload
+        assert ckpt.steps() == [2]
+        assert all(m.upload_s > 0 for m in ckpt.metrics)
+    ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
+
+
+def test_failed_uploads_are_retried_with_exponential_backoff(tmp_path, monkeypatch):
+    from outlast.storage import remote as remote_mod
+
+    slept = []
+    monkeypatch.setattr(remote_mod.time, "sleep", slept.append)
+    state = make_state()
+    with outlast.Checkpointer(tmp_path, remote=_url("retry"), upload_retries=3, upload_backoff_s=0.5) as ckpt:
+        remote = _Remote(ckpt, fail=2)
+        monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+        ckpt.save(0, state)
+        ckpt.wait()
+        assert ckpt.remote.names() == [step_dir_name(0)]
+        ckpt.remote.manifest(step_dir_name(0))
+        assert slept == [0.5, 1.0] and ckpt._uploader.attempts == 3
+    ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
+
+
+def test_upload_that_keeps_failing_is_raised_on_the_next_call(tmp_path, monkeypatch):
+    from outlast.storage import remote as remote_mod
+
+    monkeypatch.setattr(remote_mod.time, "sleep", lambda s: None)
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path, remote=_url("fail"), upload_retries=2)
+    remote = _Remote(ckpt, fail=10**6)
+    monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
+    ckpt.save(0, state)
+    with pytest.raises(StorageError, match=r"upload of step 0 .*failed 3 time\(s\).*connection reset.*committed") as ei:
+        ckpt.wait()
+    assert isinstance(ei.value.__cause__, StorageError)
+    assert ckpt.steps() == [0] and ckpt.remote.names() in ([], [step_dir_name(0)])
+    assert "upload" in ckpt.metrics[0].error
+    ckpt.close()
+
+
+def test_reupload_removes_the_remote_manifest_first(tmp_path, monkeypatch):
+    """Fails without it: a re-upload of a step cut short after the first of two data files
+    left the old manifest vouching for a mix of new and old files of the same sizes."""
+    from outlast.storage.remote import RemoteTier
+
+    tier = RemoteTier(_url("reup"))
+    path = str(tmp_path / step_dir_name(5))
+    state = {"a": torch.zeros(1000), "b": torch.zeros(1000)}
+    outlast.save(state, path, num_writers=2)
+    tier.upload(path)
+    tier.manifest(step_dir_name(5))
+    outlast.save({"a": torch.ones(1000), "b": torch.ones(1000)}, path, num_writers=2, overwrite=True)
+    real, n = tier.fs.put_file, [0]
+
+    def second_fails(src, dst, *a, **k):
+        n[0] += 1
+        if n[0] == 2:
+            raise OSError(errno.EPIPE, "broken pipe (simulated)")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(tier.fs, "put_file", second_fails)
+    with pytest.raises(StorageError, match="broken pipe"):
+        tier.upload(path)
+    with pytest.raises(outlast.errors.IncompleteCheckpointError, match="upload never finished"):
+        tier.manifest(step_dir_name(5))
+    monkeypatch.undo()
+    tier.upload(path)
+    got = tier.manifest(step_dir_name(5))
+    assert got.files.keys() == outlast.manifest_of(path).files.keys()
+    tier.fs.rm(tier.root, recursive=True)

@@ -155,3 +155,15 @@ def test_transaction_aborted_by_an_exception_leaves_nothing(tmp_path):
             open(os.path.join(tx.tmp, "data", "f"), "wb").write(b"x")
             raise RuntimeError("writer failed")
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpointer_recovers_a_step_moved_aside_by_a_cut_commit(tmp_path):
+    with outlast.Checkpointer(tmp_path / "run") as ck:
+        ck.save(5, {"x": torch.full((3,), 5.0)})
+        ck.wait()
+    step = tmp_path / "run" / "step-00000005"
+    os.rename(step, tmp_path / "run" / ".step-00000005.old-0badcafe")
+    state = {"x": torch.zeros(3)}
+    with outlast.Checkpointer(tmp_path / "run") as ck:
+        assert ck.restore(state) == 5
+    assert state["x"].tolist() == [5.0, 5.0, 5.0] and step.is_dir()
