@@ -98,6 +98,9 @@ class EngineConfig:
     """Most bytes the disk tier holds before dropping its oldest blocks."""
     max_waiting: int = 256
     """Bounded queue: more waiting requests than this are refused (HTTP 429)."""
+    torch_threads: int | None = 1
+    """torch's intra-op threads (process-wide). The GEMMs run in OpenBLAS' own pool; torch's
+    OpenMP workers spinning beside it slowed decode steps 4-10x on a 2-core host."""
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):
