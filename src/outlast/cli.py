@@ -250,6 +250,8 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 @click.option("--max-waiting", default=256, show_default=True, type=click.IntRange(1),
               help="Queue bound; beyond it requests get HTTP 429.")
 @click.option("--no-prefix-caching", is_flag=True, help="Turn prefix caching off.")
+@click.option("--blas-threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Threads of the GEMMs (numpy's BLAS); more helps only on an otherwise idle host.")
 @click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True),
               help="config.json for an outlast checkpoint without serve_config.")
@@ -258,7 +260,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 @click.option("--served-model-name", default=None, help="The model id clients use (default MODEL's file name).")
 def serve_cmd(model: str, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
-              no_prefix_caching: bool, prefix: str, config_path: str | None, tokenizer: str | None,
+              no_prefix_caching: bool, blas_threads: int, prefix: str, config_path: str | None, tokenizer: str | None,
               served_model_name: str | None) -> None:
     """Serve MODEL (a GGUF file, HF directory or outlast checkpoint) over an OpenAI-compatible API.
 
@@ -276,7 +278,8 @@ def serve_cmd(model: str, host: str, port: int, max_num_seqs: int, token_budget:
     try:
         ec = EngineConfig(max_num_seqs=max_num_seqs, token_budget=token_budget, kv_cache_gib=kv_cache_gib,
                           kv_disk_dir=kv_disk, kv_disk_gib=kv_disk_gib, max_model_len=max_model_len,
-                          max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching)
+                          max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching,
+                          blas_threads=blas_threads)
         engine = load_engine(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer)
     except (ServeError, CheckpointError, ValueError) as e:
         click.echo(f"error: {e}", err=True)

@@ -78,26 +78,27 @@ def test_prefix_hits_give_the_same_tokens(make_engine, prompt_ids, alone_outputs
 
 
 def test_preemption_by_recompute_gives_the_same_tokens(make_engine, prompt_ids, alone_outputs):
-    bs = 16
-    # Prompts that need one more block while decoding; a pool that holds exactly their prompts.
-    grow = [i for i, p in enumerate(prompt_ids) if -(-(len(p) + MAX_NEW - 1) // bs) > -(-len(p) // bs)][:4]
-    assert len(grow) >= 2
-    num_blocks = sum(-(-len(prompt_ids[i]) // bs) for i in grow)
+    bs = 4  # every sequence needs two more blocks while it decodes its 8 tokens
+    picks = [2, 9, 14, 17]
+    # A pool that holds exactly the prompts: all start at once, then the newest must give way.
+    num_blocks = sum(-(-len(prompt_ids[i]) // bs) for i in picks)
     eng = make_engine(num_blocks=num_blocks, block_size=bs, token_budget=512, max_num_seqs=8,
                       enable_prefix_caching=False)
-    out = eng.generate([prompt_ids[i] for i in grow], GREEDY)
+    out = eng.generate([prompt_ids[i] for i in picks], GREEDY)
     assert eng.scheduler.num_preemptions > 0
-    assert out == [alone_outputs[i] for i in grow]
+    assert out == [alone_outputs[i] for i in picks]
     assert eng.kv.pool.num_free == eng.kv.num_blocks
 
 
-def test_spilled_blocks_reload_from_disk_and_bad_ones_are_recomputed(make_engine, prompt_ids, alone_outputs, tmp_path):
+def test_spilled_blocks_reload_from_disk_and_bad_ones_are_recomputed(make_engine, prompt_ids, alone_outputs,
+                                                                     tokenizer, tmp_path):
     disk = str(tmp_path / "kv")
-    a_ids, b_ids = prompt_ids[20], prompt_ids[1]
+    a_ids = prompt_ids[20]
+    b_ids = tokenizer.encode(" ".join(PROMPTS[:6]))  # no chat template: shares no block with A
     need = -(-(max(len(a_ids), len(b_ids)) + MAX_NEW) // 16)
-    eng = make_engine(num_blocks=need + 1, token_budget=512, max_num_seqs=1, kv_disk_dir=disk)
+    eng = make_engine(num_blocks=need, token_budget=512, max_num_seqs=1, kv_disk_dir=disk)
     a = eng.generate([a_ids], GREEDY)[0]
-    eng.generate([b_ids], GREEDY)  # evicts A's blocks from the small pool: they spill to disk
+    eng.generate([b_ids], GREEDY)  # takes every block: A's cached blocks are evicted and spill to disk
     assert eng.kv.disk.stores > 0 and len(os.listdir(disk)) > 0
     loads = eng.kv.disk.loads
     again = eng.generate([a_ids], GREEDY)[0]
@@ -131,7 +132,17 @@ def test_outlast_checkpoint_and_hf_dir_serve_the_same_weights(make_engine, weigh
     assert eng.identity == weights_identity(cfg, sd)
     assert eng.generate([prompt_ids[3]], GREEDY)[0] == alone_outputs[3]
     hf_dir = str(tmp_path / "hf")
-    hf_model.save_pretrained(hf_dir)
+    # transformers refuses to save a GGUF-loaded model as quantized; its weights are plain fp32 by now.
+    quantizer, qcfg = hf_model.hf_quantizer, getattr(hf_model.config, "quantization_config", None)
+    hf_model.hf_quantizer = None
+    if qcfg is not None:
+        del hf_model.config.quantization_config
+    try:
+        hf_model.save_pretrained(hf_dir)
+    finally:
+        hf_model.hf_quantizer = quantizer
+        if qcfg is not None:
+            hf_model.config.quantization_config = qcfg
     cfg2, sd2 = load_weights(hf_dir)
     assert cfg2.rope_theta == cfg.rope_theta and cfg2.num_kv_heads == cfg.num_kv_heads
     for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight"):

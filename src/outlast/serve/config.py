@@ -99,8 +99,11 @@ class EngineConfig:
     max_waiting: int = 256
     """Bounded queue: more waiting requests than this are refused (HTTP 429)."""
     torch_threads: int | None = 1
-    """torch's intra-op threads (process-wide). The GEMMs run in OpenBLAS' own pool; torch's
-    OpenMP workers spinning beside it slowed decode steps 4-10x on a 2-core host."""
+    """torch's intra-op threads (process-wide; None leaves it). The GEMMs run in numpy's BLAS;
+    torch's OpenMP workers spinning beside it slowed decode steps 4-10x on a 2-core host."""
+    blas_threads: int | None = 1
+    """numpy's BLAS threads (process-wide, via threadpoolctl; None leaves it). On a shared 2-core
+    host two OpenBLAS threads made steps 3-10x slower than one (bench/serve.py --gemm measures)."""
 
     def __post_init__(self) -> None:
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):

@@ -64,6 +64,10 @@ class LLMEngine:
         self.config = ec = engine_config or EngineConfig()
         if ec.torch_threads:
             torch.set_num_threads(ec.torch_threads)
+        if ec.blas_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=ec.blas_threads, user_api="blas")  # stays in force (not used as a context)
         self.tokenizer = tokenizer
         self.identity = weights_identity(config, state_dict)
         self.runtime = LlamaRuntime(config, state_dict)
@@ -155,6 +159,8 @@ class LLMEngine:
         seqs: list[SeqSlice] = []
         rows: list[int] = []
         samplers: list[Request] = []
+        # Single-token rows first: the runtime then reads and writes decode rows as one slice.
+        scheduled = sorted(scheduled, key=lambda rn: rn[1] > 1)
         for req, n in scheduled:
             start = req.num_computed_tokens
             table = self.kv.block_table(req)

@@ -142,7 +142,8 @@ class LlamaRuntime:
                 bt[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
             ctx = torch.tensor([s.ctx_len for s in decodes])
             mask = (torch.arange(nb * bs)[None, :] < ctx[:, None])[:, None, None, :]
-            rows = torch.tensor([s.q_start for s in decodes], dtype=torch.int64)
+            starts = [s.q_start for s in decodes]
+            rows = slice(0, len(decodes)) if starts == list(range(len(decodes))) else torch.tensor(starts)
             dec = (bt, mask, rows, nb)
         pre = []
         for s in prefills:
