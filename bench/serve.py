@@ -92,7 +92,7 @@ def topical_prompts(limit: int = 4000):
     return out
 
 
-def make_requests(tok, n: int, seed: int, max_prompt: int = 1024, max_out: int = 128):
+def make_requests(tok, n: int, seed: int, max_prompt: int = 1024, max_out: int = 64):
     pairs = sharegpt_prompts() or topical_prompts()
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -341,14 +341,14 @@ def main() -> None:
                     print(f"[round {rnd}] transformers batch={c}: {h['output_tok_s']:.1f} tok/s", file=sys.stderr,
                           flush=True)
             for rate in rates:
-                reqs = pool[40 : 40 + (12 if a.quick else 24)]
+                reqs = pool[40 : 40 + (12 if a.quick else 16)]
                 r = asyncio.run(run_load(url, "m", reqs, rate=rate, seed=a.seed + rnd))
                 results["outlast"].setdefault(f"poisson {rate:g}/s", []).append(r)
                 print(f"[round {rnd}] outlast poisson {rate}/s: {r['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
         # A repeated ~1,000-token system prompt: cold (each system prompt new) vs warm (seen before).
-        words = " ".join(p["messages"][0]["content"] for p in pool[:200]).split()
-        systems = [" ".join(words[i * 900 : i * 900 + 760]) for i in range(5)]
-        q = [p["messages"][0]["content"][:200] for p in pool[200:205]]
+        words = " ".join(r for _, r in (sharegpt_prompts(600) or topical_prompts(600))).split()
+        systems = [" ".join(words[i * 900 : i * 900 + 700]) for i in range(5)]
+        q = [p["messages"][0]["content"][:200] for p in pool[-5:]]
 
         def sys_req(s, u):
             return {"messages": [{"role": "system", "content": s}, {"role": "user", "content": u}], "out": 4}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 import xxhash
@@ -77,9 +76,11 @@ def load_weights(source: str, *, prefix: str = "model", config: str | None = Non
 
         tree = outlast.read(source, keys=prefix)
         sd = flatten(tree.get(prefix, tree))
+        from ..errors import IncompatibleStateError
+
         try:
             plain = outlast.read(source, keys="serve_config").get("serve_config")
-        except Exception:
+        except IncompatibleStateError:  # no such entry: the config must come from --config
             plain = None
         if plain is not None:
             cfg = ModelConfig.from_json(plain)
