@@ -297,6 +297,7 @@ def main() -> None:
     ap.add_argument("--llama-gguf", default=None, help="GGUF for llama-server (default the Q4_1 one)")
     ap.add_argument("--gemm", action="store_true", help="also print the GEMM shape table")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this started
     gguf = a.gguf or default_gguf()
     conc = [int(c) for c in a.concurrency.split(",")]
     rates = [float(r) for r in a.rates.split(",") if r]

@@ -12,29 +12,8 @@ import os
 import pytest
 import torch
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in one sentence.",
-    "List three primary colors.",
-    "What is 12 times 7?",
-    "Name a famous painter from Spain.",
-    "How do bees make honey?",
-    "Give me a synonym for happy.",
-    "What does a compiler do?",
-    "Translate 'good morning' into French.",
-    "Why is the sky blue?",
-    "Describe a cat in five words.",
-    "What is the boiling point of water?",
-    "Suggest a name for a pet turtle.",
-    "What is the largest planet?",
-    "Tell me a fun fact about octopuses.",
-    "How many days are in a leap year?",
-    "What is machine learning?",
-    "Recommend a book for a long flight.",
-    "What is the opposite of cold?",
-    "In one short paragraph, describe the city number 7 of an imaginary country.",
-]
+from serve_data import MAX_NEW, PROMPTS
+
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +75,6 @@ def hf_model(gguf_path):
     m = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
                                              dtype=torch.float32)
     return m.eval()
-
-
-MAX_NEW = 8
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import PROMPTS
+from serve_data import PROMPTS
 
 MODEL = "smollm2"
 

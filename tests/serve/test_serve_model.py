@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from conftest import MAX_NEW, PROMPTS
+from serve_data import MAX_NEW, PROMPTS
 from outlast.serve.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
