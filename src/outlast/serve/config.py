@@ -1,0 +1,117 @@
+"""Frozen configuration dataclasses for the serving engine: the model's shape and the engine's limits.
+
+``ModelConfig`` describes a Llama-family decoder and is built from a GGUF file's metadata
+or a Hugging Face ``config.json``; ``EngineConfig`` holds the scheduler and KV-cache knobs
+the CLI exposes. Both validate in ``__post_init__`` and name the bad field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position: int = 2048
+    tie_word_embeddings: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position"):
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"ModelConfig.{f} must be positive, got {getattr(self, f)!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ModelConfig.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, name: str = "model") -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict of a Llama-family model.
+
+        Example:
+            >>> ModelConfig.from_hf(json.load(open("dir/config.json")))
+        """
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        theta = cfg.get("rope_theta")
+        if theta is None:
+            theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
+            max_position=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            eos_token_ids=eos_ids, name=name,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one serving engine."""
+
+    max_num_seqs: int = 32
+    """Most sequences decoding at once."""
+    token_budget: int = 512
+    """Most tokens (decode + prefill chunks) computed in one engine step."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """KV blocks in the pool; default from ``kv_cache_gib``."""
+    kv_cache_gib: float = 1.0
+    """Memory for the KV pool when ``num_blocks`` is not given."""
+    max_model_len: int | None = None
+    """Longest prompt + completion; default the model's context length."""
+    enable_prefix_caching: bool = True
+    kv_disk_dir: str | None = None
+    """Directory of the disk tier for evicted prefix blocks; None turns it off."""
+    kv_disk_gib: float = 4.0
+    """Most bytes the disk tier holds before dropping its oldest blocks."""
+    max_waiting: int = 256
+    """Bounded queue: more waiting requests than this are refused (HTTP 429)."""
+    torch_threads: int | None = 1
+    """torch's intra-op threads (process-wide; None leaves it). The GEMMs run in numpy's BLAS;
+    torch's OpenMP workers spinning beside it slowed decode steps 4-10x on a 2-core host."""
+    blas_threads: int | None = 1
+    """numpy's BLAS threads (process-wide, via threadpoolctl; None leaves it). On a shared 2-core
+    host two OpenBLAS threads made steps 3-10x slower than one (bench/serve.py --gemm measures)."""
+
+    def __post_init__(self) -> None:
+        for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):
+            if int(getattr(self, f)) <= 0:
+                raise ValueError(f"EngineConfig.{f} must be positive, got {getattr(self, f)!r}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"EngineConfig.num_blocks must be at least 2, got {self.num_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"EngineConfig.kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.kv_disk_gib <= 0:
+            raise ValueError(f"EngineConfig.kv_disk_gib must be positive, got {self.kv_disk_gib}")

@@ -1,0 +1,259 @@
+"""The serving engine: schedule a step, run the packed forward, sample, detokenize, stop.
+
+:class:`LLMEngine` is synchronous and single-threaded (its loop thread is in
+:mod:`outlast.serve.loop`). ``step()`` returns one :class:`StepOutput` per request that got a
+token or finished, carrying the new text with partial UTF-8 characters and possible stop
+string prefixes held back until they resolve.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .errors import BadRequestError
+from .kv_cache import KVCacheManager
+from .kv_disk import DiskKVTier
+from .metrics import ServeMetrics
+from .model import LlamaRuntime, SeqSlice, StepInput
+from .sampler import SamplingParams, make_generator, sample
+from .scheduler import Request, Scheduler
+from .tokenizer import Tokenizer
+from .weights import weights_identity
+
+__all__ = ["LLMEngine", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    """What one request got from one step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text: str
+    """New text since the previous output."""
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache for one model.
+
+    Args:
+        config: the model's shape.
+        state_dict: its weights under Hugging Face names.
+        tokenizer: its tokenizer.
+        engine_config: limits and cache sizes.
+        metrics: where to record metrics (a fresh :class:`ServeMetrics` by default).
+
+    Example:
+        >>> eng = LLMEngine(cfg, sd, tok, EngineConfig())
+        >>> eng.add_request("r1", tok.encode("Hello"), SamplingParams(temperature=0, max_tokens=8))
+        >>> while eng.has_work(): outs = eng.step()
+    """
+
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                 engine_config: EngineConfig | None = None, metrics: ServeMetrics | None = None):
+        self.model_config = config
+        self.config = ec = engine_config or EngineConfig()
+        if ec.torch_threads:
+            torch.set_num_threads(ec.torch_threads)
+        if ec.blas_threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=ec.blas_threads, user_api="blas")  # stays in force (not used as a context)
+        self.tokenizer = tokenizer
+        self.identity = weights_identity(config, state_dict)
+        self.runtime = LlamaRuntime(config, state_dict)
+        self.metrics = metrics or ServeMetrics()
+        block_bytes = 2 * config.num_layers * ec.block_size * config.num_kv_heads * config.head_dim * 4
+        num_blocks = ec.num_blocks or max(2, int(ec.kv_cache_gib * (1 << 30)) // block_bytes)
+        disk = None
+        if ec.kv_disk_dir:
+            disk = DiskKVTier(ec.kv_disk_dir, int(ec.kv_disk_gib * (1 << 30)),
+                              (config.num_layers, ec.block_size, config.num_kv_heads, config.head_dim))
+        self.kv = KVCacheManager(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks=num_blocks,
+                                 block_size=ec.block_size, salt=self.identity,
+                                 enable_prefix_caching=ec.enable_prefix_caching, disk=disk)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=ec.max_num_seqs, token_budget=ec.token_budget)
+        self.max_model_len = min(ec.max_model_len or config.max_position, config.max_position,
+                                 num_blocks * ec.block_size)
+        eos = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self._prev_queries = self._prev_hits = self._prev_disk = self._prev_preempt = 0
+
+    # -- requests ------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
+        """Raise :class:`BadRequestError` if the request cannot be served as asked."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise BadRequestError("the prompt is empty", param=prompt_param)
+        if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in prompt_token_ids):
+            raise BadRequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param=prompt_param)
+        if n >= self.max_model_len:
+            raise BadRequestError(f"the prompt has {n} tokens; this model's context is {self.max_model_len} tokens "
+                                  f"(prompt + max_tokens)", param=prompt_param)
+        if n + params.max_tokens > self.max_model_len:
+            raise BadRequestError(f"max_tokens {params.max_tokens} + the prompt's {n} tokens exceed the context of "
+                                  f"{self.max_model_len} tokens; ask for at most {self.max_model_len - n}",
+                                  param="max_tokens")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival: float | None = None) -> Request:
+        """Queue a request (validated); returns its :class:`Request`."""
+        self.validate(prompt_token_ids, params)
+        if request_id in self.requests:
+            raise BadRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        req = Request(request_id, list(prompt_token_ids), params, arrival=arrival or time.monotonic())
+        if not params.greedy:
+            req.generator = make_generator(params)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.metrics.prompt_tokens.inc(len(prompt_token_ids))
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks are freed at once. False if it was not known."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.metrics.finished.labels("abort").inc()
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- one step ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Schedule, compute and sample once; returns the outputs of requests that advanced."""
+        sched = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        if sched.scheduled:
+            self._run(sched.scheduled, outputs)
+        self.num_steps += 1
+        self._update_gauges()
+        return outputs
+
+    def _run(self, scheduled: list[tuple[Request, int]], outputs: list[StepOutput]) -> None:
+        bs = self.kv.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        rows: list[int] = []
+        samplers: list[Request] = []
+        # Single-token rows first: the runtime then reads and writes decode rows as one slice.
+        scheduled = sorted(scheduled, key=lambda rn: rn[1] > 1)
+        for req, n in scheduled:
+            start = req.num_computed_tokens
+            table = self.kv.block_table(req)
+            q_start = len(tokens)
+            tokens.extend(req.all_token_ids[start : start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            seqs.append(SeqSlice(q_start, n, start + n, table))
+            if start + n == req.num_tokens:
+                rows.append(q_start + n - 1)
+                samplers.append(req)
+        step = StepInput(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+                         torch.tensor(slots, dtype=torch.int64), seqs, torch.tensor(rows, dtype=torch.int64))
+        logits = self.runtime.forward(step, self.kv.k, self.kv.v)
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
+        if not samplers:
+            return
+        new = sample(logits, [r.params for r in samplers], [r.generator for r in samplers])
+        now = time.monotonic()
+        for req, tok in zip(samplers, new):
+            outputs.append(self._append(req, tok, now))
+
+    def _append(self, req: Request, tok: int, now: float) -> StepOutput:
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.metrics.ttft.observe(now - req.arrival)
+        else:
+            self.metrics.itl.observe(now - req.last_token_time)
+        req.last_token_time = now
+        self.metrics.generation_tokens.inc()
+        reason = None
+        hidden = (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        req.append_token(tok)
+        if hidden:
+            reason = "stop"
+        text = self.tokenizer.decode(req.output_token_ids[:-1] if hidden else req.output_token_ids)
+        if reason is None and p.stop:
+            lo = max(0, len(req.text) - max(len(s) for s in p.stop))
+            cut = min((i for i in (text.find(s, lo) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        req.text = text
+        if reason is None:
+            emit_to = len(text) - (1 if text.endswith("\ufffd") else 0)
+            emit_to -= _stop_prefix_len(text[:emit_to], p.stop)
+        else:
+            emit_to = len(text)
+        delta = text[req.sent_len : max(emit_to, req.sent_len)]
+        req.sent_len = max(emit_to, req.sent_len)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.request_id, None)
+            self.metrics.finished.labels(reason).inc()
+        return StepOutput(req.request_id, [tok], delta, reason is not None, reason, len(req.prompt_token_ids),
+                          len(req.output_token_ids), req.num_cached_prompt_tokens)
+
+    def _update_gauges(self) -> None:
+        m, kv = self.metrics, self.kv
+        m.running.set(self.num_running)
+        m.waiting.set(self.num_waiting)
+        m.kv_usage.set(kv.usage)
+        m.prefix_queries.inc(kv.prefix_queries - self._prev_queries)
+        m.prefix_hits.inc(kv.prefix_hits - self._prev_hits)
+        m.disk_hits.inc(kv.disk_hits - self._prev_disk)
+        m.preemptions.inc(self.scheduler.num_preemptions - self._prev_preempt)
+        self._prev_queries, self._prev_hits = kv.prefix_queries, kv.prefix_hits
+        self._prev_disk, self._prev_preempt = kv.disk_hits, self.scheduler.num_preemptions
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion (offline use and tests); returns each one's output token ids.
+
+        Example:
+            >>> eng.generate([tok.encode("Hi")], SamplingParams(temperature=0, max_tokens=8))
+        """
+        ids = [f"gen-{self.num_steps}-{i}" for i in range(len(prompts))]
+        reqs = [self.add_request(rid, p, params) for rid, p in zip(ids, prompts)]
+        while any(r.status != "finished" for r in reqs):
+            self.step()
+        return [list(r.output_token_ids) for r in reqs]
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop string (held back while streaming)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best

@@ -1,0 +1,54 @@
+"""``outlast serve`` as a real process on 127.0.0.1: it starts, answers, and stops on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_outlast_serve_answers_and_stops(gguf_path, tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf_path, "--host", "127.0.0.1",
+                             "--port", str(port), "--kv-cache-gib", "0.1", "--kv-disk", str(tmp_path / "kv"),
+                             "--served-model-name", "m"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    killed = False
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
+                       json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            killed = True
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells it.
+    assert not killed and proc.returncode in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
