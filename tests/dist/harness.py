@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ JOB_TIMEOUT = 180
 PG_TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def run_job(module: str, case: str, world: int, *args: str, timeout: int = JOB_TIMEOUT) -> list[dict]:
+def run_job(module: str, case: str, world: int, *args: str, timeout: int = JOB_TIMEOUT, _retried: bool = False) -> list[dict]:
     """Run a job; return each rank's JSON result (rank order). Raises on failure/timeout."""
     out = tempfile.mkdtemp(prefix="outlast-job-")
     env = dict(os.environ)
@@ -40,6 +41,16 @@ def run_job(module: str, case: str, world: int, *args: str, timeout: int = JOB_T
         os.killpg(p.pid, signal.SIGKILL)
         log, _ = p.communicate()
         raise AssertionError(f"job {case} (world {world}) timed out after {timeout}s:\n{log.decode()[-4000:]}")
+    if p.returncode != 0 and b"terminate called without an active exception" in log and not _retried:
+        # A rare abort of a gloo rank seen once in CI (std::terminate, SIGABRT; not reproduced
+        # in 8 further runs). Run the job once more on fresh directories, and say so: a real
+        # failure fails twice. Tracked in the stop-16 note as a bug to find.
+        print(f"outlast harness: job {case} (world {world}) aborted in gloo; running it once more", file=sys.stderr)
+        for a in args:
+            if os.path.isdir(a) and os.path.realpath(a).startswith(os.path.realpath(tempfile.gettempdir())):
+                shutil.rmtree(a)
+                os.makedirs(a)
+        return run_job(module, case, world, *args, timeout=timeout, _retried=True)
     if p.returncode != 0:
         raise AssertionError(f"job {case} (world {world}) failed with {p.returncode}:\n{log.decode()[-6000:]}")
     results = []
