@@ -8,6 +8,7 @@ Every command takes ``--json`` for scripts.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -364,6 +365,15 @@ def train(config_path: str) -> None:
     except CheckpointError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD)
+    if "RANK" in os.environ:
+        # A torchrun rank whose run is complete (last checkpoint committed, process group
+        # destroyed) leaves without finalizing the interpreter: during teardown a gloo
+        # worker thread still releasing a collective's tensors can abort the rank
+        # (pytorch/pytorch#190489), and torchrun would report -- or, with
+        # --max-restarts, restart -- a run that had finished.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()
