@@ -21,7 +21,7 @@ from .errors import DistributedError, IncompatibleStateError
 from .format import Manifest, TensorEntry, fqn_of
 from .layouts import local_tensor
 from .plan import StoredChunk, Want, plan_load_reads
-from .reader import CheckpointReader, ReadRequest, open_manifest
+from .reader import CheckpointReader, ReadRequest, check_data_files, open_manifest
 from .regions import Box
 from .tree import FlatState, flatten, insert
 
@@ -201,7 +201,10 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
     wants = None
     digest = None
     try:
-        reader = CheckpointReader(path)
+        # Each rank checks its share of the data files (size, safetensors header) and the
+        # outcome is exchanged below, so a job opens every header once, not once per rank.
+        reader = CheckpointReader(path, check_files=False)
+        check_data_files(path, reader.manifest, sorted(reader.manifest.files)[group.rank :: group.size])
         flat = flatten(state)
         requests, report, extras = plan_load(flat, reader.manifest, path, strict)
         wants = [(q.fqn, q.box) for q in requests]

@@ -77,26 +77,36 @@ def open_manifest(path: str, *, check_files: bool = True) -> Manifest:
         raise StorageError(f"reading {mpath} failed: {e.strerror}") from e
     m = Manifest.loads(data, mpath)
     if check_files:
-        problems = file_problems(path, m)
-        if problems:
-            raise CorruptCheckpointError(
-                f"checkpoint {path} is damaged: {problems[0]}"
-                + (f" (and {len(problems) - 1} more problem(s); outlast verify lists them)" if len(problems) > 1 else "")
-                + ". Use an older checkpoint or restore the file.",
-                problems,
-            )
+        check_data_files(path, m)
     return m
 
 
-def file_problems(path: str, manifest: Manifest, headers: dict | None = None) -> list[str]:
+def check_data_files(path: str, manifest: Manifest, files=None) -> None:
+    """Raise :class:`CorruptCheckpointError` if a data file (of ``files``, default all)
+    disagrees with ``manifest``: missing, wrong size, or a header that does not match."""
+    problems = file_problems(path, manifest, files=files)
+    if problems:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is damaged: {problems[0]}"
+            + (f" (and {len(problems) - 1} more problem(s); outlast verify lists them)" if len(problems) > 1 else "")
+            + ". Use an older checkpoint or restore the file.",
+            problems,
+        )
+
+
+def file_problems(path: str, manifest: Manifest, headers: dict | None = None, *, files=None) -> list[str]:
     """Every disagreement between the data files on disk and ``manifest``, one line each.
 
     Checks existence, exact size, the safetensors header, and each chunk's header entry.
-    ``headers``, if given, receives ``{file: (header, data_start) or None}``.
+    ``headers``, if given, receives ``{file: (header, data_start) or None}``. ``files``
+    limits the check to those data files (a distributed load splits them across ranks).
     """
     problems: list[str] = []
     headers = {} if headers is None else headers
+    wanted = None if files is None else set(files)
     for rel, size in sorted(manifest.files.items()):
+        if wanted is not None and rel not in wanted:
+            continue
         p = os.path.join(path, rel)
         try:
             actual = os.path.getsize(p)

@@ -96,6 +96,17 @@ def errors_job(rank: int, world: int, root: str) -> dict:
 
     outlast.save({"w": torch.ones(3, 4), "data": Picky()}, os.path.join(root, "picky"))
     out["load_stateful"] = _catch(lambda: outlast.load({"w": torch.zeros(3, 4), "data": Picky()}, os.path.join(root, "picky")))
+    # 5c. a good load opens each data file's header on one rank only (split across ranks)
+    import outlast.reader as reader_mod
+
+    real_header, opened = reader_mod.read_header, []
+    reader_mod.read_header = lambda p: opened.append(os.path.basename(p)) or real_header(p)
+    try:
+        outlast.load({"w": torch.zeros(3, 4), "v": torch.zeros(50, 4), "step": 0}, good)
+    finally:
+        reader_mod.read_header = real_header
+    out["headers_opened"] = opened
+    out["data_files"] = sorted(os.listdir(os.path.join(good, "data")))
     # 6. a missing writer file
     torch.distributed.barrier()
     if rank == 0:

@@ -69,6 +69,14 @@ def test_stateful_failing_to_load_on_one_rank_fails_every_rank(results):
     assert results[1]["load_stateful"]["cause"] == "ValueError"
 
 
+def test_a_distributed_load_checks_each_data_file_header_on_one_rank(results):
+    """Fails when every rank opens every shard header (N ranks x F files of small reads)."""
+    files = results[0]["data_files"]
+    assert len(files) == 2
+    opened = [name for r in results for name in r["headers_opened"]]
+    assert sorted(opened) == files
+
+
 def test_missing_writer_file_names_lost_regions(results):
     for r in results:
         assert r["missing_file"]["type"] == "CorruptCheckpointError", r["missing_file"]
