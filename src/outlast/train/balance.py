@@ -9,7 +9,7 @@ the document (see :class:`CostModel`). This module splits a global batch across
 ranks so those costs are even, using either the multi-way Karmarkar–Karp
 largest-differencing method (``"kk"``, usually the most even) or greedy longest
 processing time first (``"lpt"``, within 4/3 of optimal), against the naive
-contiguous split a plain sampler would do. Everything here is pure Python and
+contiguous split a plain sampler would do. Everything here is pure Python (and numpy) and
 deterministic: every rank computes the same partition from the same batch and
 keeps its own part (:func:`documents_for_rank`), with no communication.
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import heapq
 import math
+
+import numpy as np
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,50 +123,54 @@ def _kk(costs: Sequence[float], world_size: int) -> list[list[int]]:
     # the rest being implicit empties at the end. Merging pairs position k of one with
     # position w-1-k of the other, so only where both are non-empty do two subsets join.
     # With positive costs the result is exactly the dense algorithm's.
-    w = world_size
-    if not len(costs):
+    #
+    # Partial solutions are numpy arrays: their sums, and their subsets as node ids (an
+    # id below n is item id; n + p is the pair (left[p], right[p])), so a merge is a few
+    # array operations instead of w Python tuples. A stable argsort of the sums in
+    # dense-position order breaks ties by position, as a sort of (sum, position) tuples
+    # would, and float64 addition is Python's: the partition is the same.
+    w, n = world_size, len(costs)
+    if not n:
         return [[] for _ in range(w)]
-    heap: list[tuple[float, int, list[float], list]] = []
-    for i, c in enumerate(costs):
-        heap.append((-float(c), i, [float(c)], [i]))
+    heap: list[tuple[float, int, np.ndarray, np.ndarray]] = [
+        (-float(c), i, np.array([float(c)]), np.array([i])) for i, c in enumerate(costs)
+    ]
     heapq.heapify(heap)
-    counter = len(costs)
+    left: list[int] = []
+    right: list[int] = []
+    counter = n
     while len(heap) > 1:
         _, _, sa, na = heapq.heappop(heap)
         _, _, sb, nb = heapq.heappop(heap)
         ma, mb = len(sa), len(sb)
         lo, hi = w - mb, ma  # dense positions where both are non-empty: [lo, hi)
-        merged = []  # (-sum, dense position, node)
-        for k in range(min(ma, lo)):
-            merged.append((-sa[k], k, na[k]))
-        for k in range(max(lo, 0), hi):
-            j = w - 1 - k
-            merged.append((-(sa[k] + sb[j]), k, (na[k], nb[j])))
-        for k in range(max(ma, lo), w):
-            j = w - 1 - k
-            merged.append((-sb[j], k, nb[j]))
-        merged.sort()  # positions are unique, so nodes are never compared
-        sums = [-t[0] for t in merged]
-        nodes = [t[2] for t in merged]
-        spread = sums[0] - (sums[-1] if len(sums) == w else 0.0)
+        n1, s3 = min(ma, lo), max(ma, lo)  # A alone at [0, n1); B alone at [s3, w)
+        both = max(hi - lo, 0)
+        ids = np.arange(n + len(left), n + len(left) + both)
+        left.extend(na[lo:hi].tolist())
+        right.extend(nb[w - hi : w - lo][::-1].tolist())
+        sums = np.concatenate((sa[:n1], sa[lo:hi] + sb[w - hi : w - lo][::-1], sb[: w - s3][::-1]))
+        nodes = np.concatenate((na[:n1], ids, nb[: w - s3][::-1]))
+        order = np.argsort(-sums, kind="stable")
+        sums, nodes = sums[order], nodes[order]
+        spread = float(sums[0]) - (float(sums[-1]) if len(sums) == w else 0.0)
         heapq.heappush(heap, (-spread, counter, sums, nodes))
         counter += 1
-    nodes = heap[0][3]
-    return [_flatten(n) for n in nodes] + [[] for _ in range(w - len(nodes))]
+    parts = [_flatten(int(node), n, left, right) for node in heap[0][3]]
+    return parts + [[] for _ in range(w - len(parts))]
 
 
-def _flatten(node) -> list[int]:
+def _flatten(node: int, n: int, left: list[int], right: list[int]) -> list[int]:
+    """The items under ``node``, left before right (see :func:`_kk`)."""
     out: list[int] = []
     stack = [node]
     while stack:
-        n = stack.pop()
-        if n is None:
-            continue
-        if isinstance(n, tuple):
-            stack.append(n[1])
-            stack.append(n[0])
+        x = stack.pop()
+        if x < n:
+            out.append(x)
         else:
-            out.append(n)
+            stack.append(right[x - n])
+            stack.append(left[x - n])
     return out
 
 
