@@ -48,6 +48,10 @@ IF_BUSY = ("wait", "skip")
 _BAD_CHECKPOINT = (CorruptCheckpointError, IncompleteCheckpointError, UnsupportedFormatError, StorageError)
 
 
+def _is_step(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def step_dir_name(step: int) -> str:
     """``step-00001200``: zero-padded so that ``ls`` sorts checkpoints by step."""
     return f"step-{step:08d}"
@@ -130,7 +134,7 @@ class Checkpointer:
         for step in range((start or -1) + 1, total):
             train_step()
             if step % 50 == 0:
-                ckpt.save(step, state)       # returns at once
+                ckpt.save(state, step=step)  # returns at once
         ckpt.close()                         # waits for saves in flight; raises if one failed
 
     **The consistency rule.** ``save()`` captures plain values (step, data position,
@@ -379,12 +383,25 @@ class Checkpointer:
         self._together(self._pending_error(), "a background save")
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, state: dict) -> bool:
+    def save(self, state: dict, step: int) -> bool:
         """Start saving ``state`` as checkpoint ``step``; returns at once.
+
+        The argument order is :func:`outlast.save`'s (``state`` first); the order before
+        0.2, ``save(step, state)``, still works and warns.
 
         Returns False if the save was skipped (``if_busy="skip"`` and saves in flight).
         Raises the error of an earlier background save, if one failed, before starting.
+
+        Example:
+            >>> with outlast.Checkpointer("runs/save-demo") as ckpt:
+            ...     ckpt.save({"model": model}, step=100)
+            True
         """
+        if _is_step(state) and not _is_step(step):
+            from ._deprecated import warn
+
+            warn("Checkpointer.save(step, state)", "Checkpointer.save(state, step)")
+            state, step = step, state
         if self._closed:
             raise CheckpointError("this Checkpointer is closed; create a new one to save")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
