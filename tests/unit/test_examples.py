@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODULES = [
     "outlast.api", "outlast.checkpointer", "outlast.convert.core", "outlast.layouts", "outlast.merge",
     "outlast.plan", "outlast.reader", "outlast.saving", "outlast.loading", "outlast.shards", "outlast.regions", "outlast.stateful", "outlast.storage.commit",
-    "outlast.storage.remote", "outlast.writer", "outlast.tree", "outlast.format",
+    "outlast.storage.remote", "outlast.writer", "outlast.steps", "outlast.replicator", "outlast.async_saver", "outlast.tree", "outlast.format",
 ]
 
 
