@@ -366,11 +366,12 @@ class Checkpointer:
         elif job.stage_error is not None:
             raise job.stage_error
         t0 = time.perf_counter()
-        persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
+        report = persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
         m.persist_s = time.perf_counter() - t0
         err = None
         if self.rank == 0:
             try:
+                self._repo.remember(job.step, report.manifest)
                 t1 = time.perf_counter()
                 self._apply_retention_local()
                 m.retention_s = time.perf_counter() - t1

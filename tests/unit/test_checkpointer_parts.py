@@ -167,3 +167,56 @@ def test_checkpointer_is_composed_of_the_three_parts(tmp_path):
     ckpt.remote.fs.rm(ckpt.remote.root, recursive=True)
     with Checkpointer(tmp_path / "plain") as ckpt:
         assert ckpt._replicator is None and ckpt._uploader is None
+
+
+def _count_checks(monkeypatch) -> list:
+    from outlast import steps
+
+    seen = []
+    real = steps.check_local
+
+    def counting(path):
+        seen.append(os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(steps, "check_local", counting)
+    return seen
+
+
+def test_listing_validates_a_manifest_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    repo = StepDirectory(tmp_path)
+    for s in (1, 2):
+        _save(repo, s)
+    seen = _count_checks(monkeypatch)
+    assert repo.steps() == [1, 2] and sorted(seen) == [step_dir_name(1), step_dir_name(2)]
+    assert repo.steps() == [1, 2] and len(seen) == 2  # unchanged: not parsed again
+    # A manifest replaced (a new file, as every commit writes it) is validated again...
+    mpath = tmp_path / step_dir_name(2) / "manifest.json"
+    text = mpath.read_text()
+    os.remove(mpath)
+    mpath.write_text(text)
+    assert repo.steps() == [1, 2] and seen[-1] == step_dir_name(2) and len(seen) == 3
+    # ... and so a damaged one (its seal no longer matches) is no longer counted.
+    os.remove(mpath)
+    mpath.write_text(text.replace('"step": 2', '"step": 3'))
+    assert repo.scan() == ([1], [2]) and len(seen) == 4
+
+
+def test_listing_still_sees_a_truncated_or_missing_data_file(tmp_path):
+    repo = StepDirectory(tmp_path)
+    for s in (1, 2, 3):
+        _save(repo, s)
+    assert repo.steps() == [1, 2, 3]
+    data = os.path.join(repo.path_of(3), "data")
+    os.truncate(os.path.join(data, os.listdir(data)[0]), 10)
+    os.remove(os.path.join(repo.path_of(2), "data", os.listdir(os.path.join(repo.path_of(2), "data"))[0]))
+    assert repo.scan() == ([1], [2, 3])
+
+
+def test_remember_spares_the_new_step_its_validation(tmp_path, monkeypatch):
+    repo = StepDirectory(tmp_path)
+    report = outlast.save({"w": torch.ones(3)}, repo.path_of(5), step=5)
+    seen = _count_checks(monkeypatch)
+    repo.remember(5, report.manifest)
+    assert repo.steps() == [5] and seen == []
+    assert repo.apply_retention(Retention(keep_last=1)) == [] and seen == []
