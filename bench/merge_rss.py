@@ -70,7 +70,7 @@ def child(method: str, srcs: list[str], dst: str) -> None:
     base = vm("VmRSS")
     t0 = time.perf_counter()
     if method == "stream":
-        outlast.merge(srcs, dst, method="mean")
+        outlast.merge_checkpoints(srcs, dst, method="mean")
     else:
         states = [outlast.read(p) for p in srcs]
         out = {"model": {}, "optim": states[-1]["optim"], "step": states[-1]["step"]}

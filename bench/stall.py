@@ -88,7 +88,7 @@ def run_outlast(model, opt, batches, every, root):
         train_step(model, opt, x)
         if i % every == every - 1:
             state["step"] = i
-            ckpt.save(i, state)
+            ckpt.save(state, step=i)
     loop = time.perf_counter() - t0
     ckpt.close()
     return loop, [m.stall_s for m in ckpt.metrics], ckpt.metrics

@@ -92,7 +92,7 @@ def _child(mode: str, root: str, value: int, trip: _Tripwire | None) -> None:
     try:
         if mode == "checkpointer":
             with outlast.Checkpointer(root, keep_last=2) as ck:
-                ck.save(value, state_for(value))
+                ck.save(state_for(value), value)
                 ck.wait()
         else:
             outlast.save(state_for(value), os.path.join(root, "ck"), overwrite=True, num_writers=2)
@@ -108,7 +108,7 @@ def _seed(mode: str, d: str, steps: int) -> None:
     for v in range(steps):
         if mode == "checkpointer":
             with outlast.Checkpointer(d, keep_last=2) as ck:
-                ck.save(v, state_for(v))
+                ck.save(state_for(v), v)
                 ck.wait()
         else:
             outlast.save(state_for(v), os.path.join(d, "ck"), num_writers=2, overwrite=True)

@@ -1,31 +1,30 @@
 """``Checkpointer``: steps, near-zero-stall asynchronous saves, tiers, retention, resume.
 
-The manager over the functional core. It names checkpoints ``step-00001200`` under one
-directory, saves them in the background (:mod:`outlast.engine`), copies them to an
-optional remote tier, deletes old ones by a retention rule, and restores the newest
-checkpoint that is actually valid, falling back past incomplete or corrupt ones.
+The manager over the functional core, and a composition of three parts with one reason
+to change each: an :class:`~outlast.async_saver.AsyncSaver` (buffer pool, hooks, jobs in
+flight on :mod:`outlast.engine`'s threads), a :class:`~outlast.steps.StepDirectory`
+(``step-00001200`` names, validity, retention, recovery of interrupted saves) and a
+:class:`~outlast.replicator.Replicator` for an optional remote tier. What stays here is
+the orchestration: the order of those parts in a save, the agreement between ranks
+under torch.distributed, background errors raised at the next call, and restoring the
+newest checkpoint that is actually valid, falling back past incomplete or corrupt ones.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 import warnings
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .api import load, persist, prepare_flat, prepare_save
+from .api import load, persist
+from .async_saver import AsyncSaver, SaveMetrics
 from .collective import Group, group_timeout, outlast_class, raise_gathered
-from .tree import flatten
-from .engine import (
-    PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingPool, find_owners, hooked_modules, phase_of_items, wait_event,
-)
+from .engine import Job
 from .errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -33,14 +32,15 @@ from .errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from .reader import open_manifest
-from .storage.commit import recover
-from .storage.local import is_temp_name, remove_tree
-from .storage.remote import STEP_DIR, RemoteTier, Uploader
+from .replicator import Replicator
+from .steps import Retention, StepDirectory, check_local, plan_retention, step_dir_name
+from .storage.remote import RemoteTier
 
 log = logging.getLogger("outlast")
 
-__all__ = ["Checkpointer", "SaveMetrics", "plan_retention", "step_dir_name"]
+# plan_retention, step_dir_name and check_local moved to outlast.steps; importing them
+# from here still works (tests, user code).
+__all__ = ["Checkpointer", "SaveMetrics", "check_local", "plan_retention", "step_dir_name"]
 
 IF_BUSY = ("wait", "skip")
 # Failures that make a checkpoint unusable (restore falls back past them). A state
@@ -48,75 +48,8 @@ IF_BUSY = ("wait", "skip")
 _BAD_CHECKPOINT = (CorruptCheckpointError, IncompleteCheckpointError, UnsupportedFormatError, StorageError)
 
 
-def step_dir_name(step: int) -> str:
-    """``step-00001200``: zero-padded so that ``ls`` sorts checkpoints by step."""
-    return f"step-{step:08d}"
-
-
-@dataclass
-class SaveMetrics:
-    """What one :meth:`Checkpointer.save` cost. Times in seconds.
-
-    ``stall_s`` is the training thread's loss: ``save_call_s`` (time inside ``save()``,
-    including ``backpressure_s`` spent waiting for an earlier save) plus ``blocked_s``
-    (time hooks and :meth:`Checkpointer.wait_staged` blocked on this save's copy).
-    ``persist_s`` covers writing, fsync, manifest and the atomic rename (the commit).
-    """
-
-    step: int
-    path: str
-    skipped: bool = False
-    done: bool = False
-    save_call_s: float = 0.0
-    backpressure_s: float = 0.0
-    blocked_s: float = 0.0
-    stage_s: float = 0.0
-    persist_s: float = 0.0
-    retention_s: float = 0.0
-    upload_s: float = 0.0
-    nbytes: int = 0
-    error: str | None = None
-
-    @property
-    def stall_s(self) -> float:
-        return self.save_call_s + self.blocked_s
-
-    @property
-    def throughput_bytes_per_s(self) -> float:
-        busy = self.stage_s + self.persist_s
-        return self.nbytes / busy if busy > 0 else 0.0
-
-
-def plan_retention(valid: list[int], invalid: list[int], *, keep_last: int | None, keep_every: int | None) -> list[int]:
-    """Steps to delete. Pure.
-
-    Keeps the newest valid step always, the ``keep_last`` newest valid steps, and every
-    valid step divisible by ``keep_every``; with ``keep_last=None`` keeps every valid one.
-    Invalid checkpoints (incomplete, corrupt) older than the newest valid one are
-    deleted; newer invalid ones are left for a person to look at. With no valid
-    checkpoint nothing is deleted.
-
-    Example:
-        >>> plan_retention([100, 200, 300, 400], [], keep_last=2, keep_every=200)
-        [100]
-    """
-    if not valid:
-        return []
-    vs = sorted(set(valid))
-    newest = vs[-1]
-    doomed = {s for s in invalid if s < newest and s not in vs}
-    if keep_last is not None:
-        keep = {newest, *vs[-keep_last:]}
-        if keep_every:
-            keep |= {s for s in vs if s % keep_every == 0}
-        doomed |= {s for s in vs if s not in keep}
-    return sorted(doomed)
-
-
-def check_local(path: str):
-    """Validity check without reading tensor data: the manifest and every shard file's size
-    and header (what opening a checkpoint checks, see ``reader.open_manifest``)."""
-    return open_manifest(path)
+def _is_step(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class Checkpointer:
@@ -130,7 +63,7 @@ class Checkpointer:
         for step in range((start or -1) + 1, total):
             train_step()
             if step % 50 == 0:
-                ckpt.save(step, state)       # returns at once
+                ckpt.save(state, step=step)  # returns at once
         ckpt.close()                         # waits for saves in flight; raises if one failed
 
     **The consistency rule.** ``save()`` captures plain values (step, data position,
@@ -217,10 +150,7 @@ class Checkpointer:
         upload_retries: int = 3,
         upload_backoff_s: float = 1.0,
     ) -> None:
-        if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
-            raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
-        if keep_every is not None and (not isinstance(keep_every, int) or isinstance(keep_every, bool) or keep_every < 1):
-            raise ValueError(f"keep_every must be a positive integer or None, got {keep_every!r}")
+        retention = Retention(keep_last=keep_last, keep_every=keep_every)  # validates both
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
         if if_busy not in IF_BUSY:
@@ -236,6 +166,7 @@ class Checkpointer:
         if not isinstance(upload_backoff_s, (int, float)) or upload_backoff_s < 0:
             raise ValueError(f"upload_backoff_s must be a number of seconds >= 0, got {upload_backoff_s!r}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.retention = retention
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.max_in_flight = max_in_flight
@@ -265,30 +196,44 @@ class Checkpointer:
             self._fg = Group(self._ctl, self.rank, self.world_size)
         self.remote = RemoteTier(remote, **(remote_options or {})) if remote else None
 
-        os.makedirs(self.directory, exist_ok=True)
+        self._repo = StepDirectory(self.directory)
         err = None
         if self.rank == 0:
             try:
-                self._clean_leftovers()
+                self._repo.recover_leftovers()
             except OSError as e:
                 err = e
         self._together(err, f"opening the Checkpointer on {self.directory}")
 
-        self._engine = Engine(nice=nice, timeout=self.timeout)
-        self._pool = StagingPool(max_in_flight)
-        self._inflight: list[Job] = []
         self._errors: list[tuple[int, BaseException, str]] = []  # (step, cause, "save" | "upload")
         self._lock = threading.Lock()
-        # Hooks by id(), each with a weak reference to its object: an id is reused once
-        # the object is freed, and a new optimizer at an old one's address needs its own hook.
-        self._hooks: dict[int, tuple[weakref.ref, Any]] = {}
-        self._uploader = None
-        if self.remote is not None and self.rank == 0:
-            self._uploader = Uploader(
-                self.remote, retries=upload_retries, backoff_s=upload_backoff_s,
-                after_each=self._apply_retention_remote, on_done=self._upload_done,
+        self._saver = AsyncSaver(max_in_flight=max_in_flight, nice=nice, timeout=self.timeout,
+                                 on_failure=self._save_failed)
+        # Every rank lists and fetches from the remote tier; rank 0 alone uploads.
+        self._replicator = None
+        if self.remote is not None:
+            self._replicator = Replicator(
+                self.remote, retention, upload=self.rank == 0, retries=upload_retries,
+                backoff_s=upload_backoff_s, on_done=self._upload_done,
             )
         self._closed = False
+
+    # The parts, under the names the tests and older code reach for.
+    @property
+    def _engine(self):
+        return self._saver.engine
+
+    @property
+    def _pool(self):
+        return self._saver.pool
+
+    @property
+    def _inflight(self) -> list[Job]:
+        return self._saver.inflight
+
+    @property
+    def _uploader(self):
+        return self._replicator.uploader if self._replicator is not None else None
 
     # ------------------------------------------------------------------ helpers
     def _pg_kw(self, background: bool = False) -> dict:
@@ -307,44 +252,11 @@ class Checkpointer:
 
     def path_of(self, step: int) -> str:
         """The local folder of ``step``'s checkpoint."""
-        return os.path.join(self.directory, step_dir_name(step))
+        return self._repo.path_of(step)
 
-    def _clean_leftovers(self) -> None:
-        # A commit cut between its two renames (no RENAME_EXCHANGE): put the old step back.
-        for name in os.listdir(self.directory):
-            if name.startswith(".") and ".old-" in name and recover(os.path.join(self.directory, name[1:].split(".old-")[0])):
-                log.warning("outlast: recovered %s, moved aside by a commit that was cut off", name[1:].split(".old-")[0])
-        for name in os.listdir(self.directory):
-            p = os.path.join(self.directory, name)
-            final = name[1:].split(".old-")[0] if ".old-" in name else None
-            if is_temp_name(name) or (final is not None and os.path.isdir(os.path.join(self.directory, final))):
-                log.info("outlast: removing leftover %s of an interrupted save", p)
-                remove_tree(p)
-
-    def _hook(self, obj: Any, register) -> None:
-        entry = self._hooks.get(id(obj))
-        if entry is not None and entry[0]() is obj:
-            return
-        self._hooks[id(obj)] = (weakref.ref(obj), register(obj))
-
-    def _register_hooks(self, state: dict) -> tuple[list, list, list]:
-        """Hook the state's optimizers and buffer-holding modules; returns (optimizers,
-        modules, the modules hooked: empty when no module of the state has buffers)."""
-        optimizers, modules = find_owners(state)
-        for o in optimizers:
-            self._hook(o, lambda o: o.register_step_pre_hook(self._optim_hook))
-        hooked = hooked_modules(modules)
-        for m in hooked:
-            self._hook(m, lambda m: m.register_forward_pre_hook(self._forward_hook))
-        if len(self._hooks) > 64:  # entries whose object is gone
-            self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}
-        return optimizers, modules, hooked
-
-    def _optim_hook(self, optimizer, args, kwargs) -> None:
-        self._engine.wait_phase(PHASE_OPTIM)
-
-    def _forward_hook(self, module, args) -> None:
-        self._engine.wait_phase(PHASE_FORWARD)
+    def _save_failed(self, step: int, err: BaseException) -> None:
+        with self._lock:
+            self._errors.append((step, err, "save"))
 
     def _pending_error(self) -> CheckpointError | None:
         """The oldest background failure not yet raised, as the error to raise (or None)."""
@@ -379,12 +291,25 @@ class Checkpointer:
         self._together(self._pending_error(), "a background save")
 
     # ------------------------------------------------------------------ saving
-    def save(self, step: int, state: dict) -> bool:
+    def save(self, state: dict, step: int) -> bool:
         """Start saving ``state`` as checkpoint ``step``; returns at once.
+
+        The argument order is :func:`outlast.save`'s (``state`` first); the order before
+        0.2, ``save(step, state)``, still works and warns.
 
         Returns False if the save was skipped (``if_busy="skip"`` and saves in flight).
         Raises the error of an earlier background save, if one failed, before starting.
+
+        Example:
+            >>> with outlast.Checkpointer("runs/save-demo") as ckpt:
+            ...     ckpt.save({"model": model}, step=100)
+            True
         """
+        if _is_step(state) and not _is_step(step):
+            from ._deprecated import warn
+
+            warn("Checkpointer.save(step, state)", "Checkpointer.save(state, step)")
+            state, step = step, state
         if self._closed:
             raise CheckpointError("this Checkpointer is closed; create a new one to save")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -394,13 +319,7 @@ class Checkpointer:
         what = f"saving step {step} to {self.path_of(step)}"
         if self._fg is None:
             self._raise_pending()
-        bufs = None
-        if self.if_busy == "skip":
-            bufs = self._pool.try_acquire()
-        else:
-            tb = time.perf_counter()
-            bufs = self._pool.acquire(self.timeout, what)
-            m.backpressure_s = time.perf_counter() - tb
+        bufs = self._saver.acquire(wait=self.if_busy == "wait", what=what, metrics=m)
         try:
             busy = bufs is None
             if self._fg is None:
@@ -414,53 +333,28 @@ class Checkpointer:
                 busy = any(b for b, _ in got)
         except BaseException:
             if bufs is not None:
-                self._pool.release(bufs)
+                self._saver.release(bufs)
             raise
         if busy:
             if bufs is not None:
-                self._pool.release(bufs)
+                self._saver.release(bufs)
             m.skipped = m.done = True
             m.save_call_s = time.perf_counter() - t0
             self.metrics.append(m)
-            log.warning("outlast: skipped saving step %d: %d save(s) still in flight (if_busy='skip')", step, len(self._inflight))
+            log.warning("outlast: skipped saving step %d: %d save(s) still in flight (if_busy='skip')", step, self._saver.in_flight())
             return False
+        # Listed before the job can run (its upload's report looks for it), and taken out
+        # again if it fails to start.
+        self.metrics.append(m)
         try:
-            job = self._start(step, state, m, bufs)
+            self._saver.start(step, state, m, bufs, self._persist_job, num_writers=self.num_writers,
+                              prepare_kw=None if self._pg is None else self._pg_kw())
         except BaseException:
-            self._pool.release(bufs)
+            self.metrics.remove(m)
+            self._saver.release(bufs)
             raise
         m.save_call_s = time.perf_counter() - t0
         return True
-
-    def _start(self, step: int, state: dict, m: SaveMetrics, bufs) -> Job:
-        optimizers, modules, hooked = self._register_hooks(state)
-        if self._pg is None:
-            # One process: only flatten here (state_dict() calls and plain values belong
-            # to this moment); planning runs first thing on the staging thread.
-            flat = flatten(state)
-            nw = self.num_writers
-
-            def prepare() -> tuple:
-                prepared = prepare_flat(flat, num_writers=nw)
-                return prepared, phase_of_items(prepared, optimizers, modules)
-
-            job = Job(step, None, [], bufs, self._persist_job, self._job_done, metrics=m,
-                      prepare=prepare, has_cuda=any(leaf.value.device.type == "cuda" for leaf in flat.tensors.values()
-                                                    if isinstance(leaf.value, torch.Tensor)))
-            if not hooked:
-                job.phase_done[PHASE_FORWARD].set()  # nothing a forward pass mutates: never wait
-        else:
-            # Distributed: planning is collective, so it stays on this thread, where every
-            # rank reaches it in the same order (a rank failing to flatten fails all).
-            prepared = prepare_save(state, num_writers=self.num_writers, **self._pg_kw())
-            m.nbytes = prepared.nbytes
-            job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), bufs,
-                      self._persist_job, self._job_done, metrics=m)
-        with self._lock:
-            self._inflight.append(job)
-        self.metrics.append(m)
-        self._engine.submit(job)
-        return job
 
     def _persist_job(self, job: Job) -> None:
         m: SaveMetrics = job.metrics
@@ -472,16 +366,17 @@ class Checkpointer:
         elif job.stage_error is not None:
             raise job.stage_error
         t0 = time.perf_counter()
-        persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
+        report = persist(job.prepared, path, step=job.step, overwrite=True, **self._pg_kw(background=True))
         m.persist_s = time.perf_counter() - t0
         err = None
         if self.rank == 0:
             try:
+                self._repo.remember(job.step, report.manifest)
                 t1 = time.perf_counter()
                 self._apply_retention_local()
                 m.retention_s = time.perf_counter() - t1
                 if self._uploader is not None:
-                    self._uploader.submit(job.step, path)
+                    self._replicator.submit(job.step, path)
             except Exception as e:  # noqa: BLE001 - to every rank
                 err = e
         if self._bg is not None:
@@ -503,28 +398,6 @@ class Checkpointer:
             with self._lock:
                 self._errors.append((step, err, "upload"))
 
-    def _job_done(self, job: Job) -> None:
-        m: SaveMetrics = job.metrics
-        m.stage_s = job.stage_s
-        m.blocked_s = job.blocked_s
-        m.done = True
-        with self._lock:
-            if job in self._inflight:
-                self._inflight.remove(job)
-            if job.error is not None:
-                m.error = f"{type(job.error).__name__}: {job.error}"
-                self._errors.append((job.step, job.error, "save"))
-        self._pool.release(job.buffers)
-        if job.error is not None:
-            log.error("outlast: saving step %d failed: %s", job.step, m.error)
-        else:
-            log.info(
-                "outlast: saved step %d (%.1f MiB): stall %.1f ms (blocked %.1f ms), stage %.3f s, "
-                "persist %.3f s, %.0f MiB/s",
-                job.step, m.nbytes / 2**20, m.stall_s * 1e3, m.blocked_s * 1e3, m.stage_s, m.persist_s,
-                m.throughput_bytes_per_s / 2**20,
-            )
-
     @property
     def last_metrics(self) -> SaveMetrics | None:
         """Metrics of the most recent save request (``done`` says whether it finished)."""
@@ -533,23 +406,12 @@ class Checkpointer:
     def wait_staged(self) -> None:
         """Block until every save in flight has copied all its tensors; after this the
         live state may change freely. The time blocked counts as the save's stall."""
-        with self._lock:
-            jobs = list(self._inflight)
-        for job in jobs:
-            if not job.staged():
-                t0 = time.perf_counter()
-                try:
-                    wait_event(job.phase_done[-1], self.timeout, f"step {job.step}'s tensors to be copied")
-                finally:
-                    job.blocked_s += time.perf_counter() - t0
+        self._saver.wait_staged()
 
     def _drain(self) -> None:
-        with self._lock:
-            jobs = list(self._inflight)
-        for job in jobs:
-            wait_event(job.done, self.timeout, f"step {job.step} to be committed to {self.path_of(job.step)}")
+        self._saver.drain()
         if self._uploader is not None:
-            self._uploader.flush(self.timeout)
+            self._replicator.flush(self.timeout)
             # Folders retention kept only for their upload can go now (nothing is in flight).
             try:
                 self._apply_retention_local()
@@ -581,14 +443,12 @@ class Checkpointer:
         finally:
             try:
                 if err is None:  # after a timed-out drain a join would only time out again
-                    self._engine.close()
-                    if self._uploader is not None:
-                        self._uploader.close(self.timeout)
+                    self._saver.close()
+                    if self._replicator is not None:
+                        self._replicator.close(self.timeout)
             except CheckpointError as e:
                 err = err or e
-            for _, h in self._hooks.values():
-                h.remove()
-            self._hooks.clear()
+            self._saver.remove_hooks()
         self._together(err, "closing the Checkpointer")
         self._raise_pending()
 
@@ -605,74 +465,29 @@ class Checkpointer:
                 log.error("outlast: while closing after an error: %s", e)
 
     # ------------------------------------------------------------------ listing and retention
-    def _local_steps(self) -> tuple[list[int], list[int]]:
-        valid, invalid = [], []
-        for name in os.listdir(self.directory):
-            mt = STEP_DIR.match(name)
-            if not mt:
-                continue
-            try:
-                check_local(os.path.join(self.directory, name))
-                valid.append(int(mt.group(1)))
-            except CheckpointError:
-                invalid.append(int(mt.group(1)))
-        return sorted(valid), sorted(invalid)
-
-    def _remote_steps(self) -> tuple[list[int], list[int]]:
-        valid, invalid = [], []
-        for name in self.remote.names():
-            s = int(STEP_DIR.match(name).group(1))
-            try:
-                self.remote.manifest(name)
-                valid.append(s)
-            except CheckpointError:
-                invalid.append(s)
-        return sorted(valid), sorted(invalid)
-
     def steps(self) -> list[int]:
         """Steps of the valid local checkpoints (manifest well formed, files at their
         sizes; checksums are checked only when one is loaded), oldest first."""
-        return self._local_steps()[0]
+        return self._repo.steps()
 
     def latest_step(self) -> int | None:
         """The newest valid local checkpoint's step, or None."""
-        valid = self.steps()
-        return valid[-1] if valid else None
+        return self._repo.latest_step()
 
     def _apply_retention_local(self) -> None:
-        valid, invalid = self._local_steps()
-        uploading = self._uploader.pending_steps() if self._uploader is not None else set()
-        for s in plan_retention(valid, invalid, keep_last=self.keep_last, keep_every=self.keep_every):
-            if s in uploading:
-                continue  # its upload reads this folder; the next save's retention takes it
-            p = self.path_of(s)
-            # Rename first: the folder disappears at once, a crash leaves only a .tmp- leftover.
-            hidden = os.path.join(self.directory, f".{step_dir_name(s)}.tmp-del{secrets.token_hex(4)}")
-            try:
-                os.rename(p, hidden)
-            except OSError as e:
-                log.warning("outlast: retention could not remove %s: %s", p, e)
-                continue
-            remove_tree(hidden)
-            log.info("outlast: retention removed %s", p)
-
-    def _apply_retention_remote(self) -> None:
-        valid, invalid = self._remote_steps()
-        for s in plan_retention(valid, invalid, keep_last=self.keep_last, keep_every=self.keep_every):
-            self.remote.delete(step_dir_name(s))
-            log.info("outlast: retention removed %s/%s", self.remote.url, step_dir_name(s))
+        # A folder whose upload is queued or running stays; the next save's retention takes it.
+        keep = self._replicator.pending_steps() if self._replicator is not None else set()
+        self._repo.apply_retention(self.retention, keep=keep)
 
     # ------------------------------------------------------------------ restoring
     def _candidates(self) -> list[tuple[int, str]]:
         """(step, source) pairs to try, newest step first, local before remote."""
         seen: dict[int, list[str]] = {}
-        for name in os.listdir(self.directory):
-            mt = STEP_DIR.match(name)
-            if mt:
-                seen.setdefault(int(mt.group(1)), []).append("local")
-        if self.remote is not None:
-            for name in self.remote.names():
-                seen.setdefault(int(STEP_DIR.match(name).group(1)), []).append("remote")
+        for step in self._repo.present():
+            seen.setdefault(step, []).append("local")
+        if self._replicator is not None:
+            for step in self._replicator.present():
+                seen.setdefault(step, []).append("remote")
         return [(s, src) for s in sorted(seen, reverse=True) for src in seen[s]]
 
     def _settle(self, err: BaseException | None, what: str) -> str | None:
@@ -744,9 +559,7 @@ class Checkpointer:
             if source == "remote":
                 if self.rank == 0:
                     try:
-                        self.remote.manifest(step_dir_name(step))
-                        log.info("outlast: downloading %s to %s", where, path)
-                        self.remote.download(step_dir_name(step), path)
+                        self._replicator.fetch(step, path)
                     except Exception as e:  # noqa: BLE001 - settled on every rank
                         err = e
                 # Also the barrier: every rank reads what rank 0 downloaded.

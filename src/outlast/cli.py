@@ -211,7 +211,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
       outlast convert dcp-dir ckpt/from-dcp --from dcp --to outlast
       outlast convert model.gguf ckpt/model --from gguf --to outlast   # dequantised, for outlast serve
     """
-    from .convert.core import convert
+    from .convert import convert_checkpoint
 
     size = parse_size(max_shard_size) if max_shard_size else None
     progress = False if (quiet or as_json) else None
@@ -231,8 +231,8 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
             raise click.BadParameter("a GGUF file converts only --to outlast", param_hint="--to")
         _run_and_report(as_json, lambda: convert_gguf(src, dst, prefix=prefix, overwrite=overwrite), describe)
         return
-    _run_and_report(as_json, lambda: convert(src, dst, src_format=src_format, dst_format=dst_format, prefix=prefix,
-                                             overwrite=overwrite, max_shard_size=size, progress=progress, tag=tag),
+    _run_and_report(as_json, lambda: convert_checkpoint(src, dst, src_format=src_format, dst_format=dst_format, prefix=prefix,
+                                                        overwrite=overwrite, max_shard_size=size, progress=progress, tag=tag),
                     describe)
 
 
@@ -318,7 +318,7 @@ def merge_cmd(dst: str, srcs: tuple[str, ...], method: str, weights: str | None,
     """
     import os
 
-    from .merge import merge
+    from .merge import merge_checkpoints
 
     try:
         w = [float(x) for x in weights.split(",")] if weights else None
@@ -332,8 +332,8 @@ def merge_cmd(dst: str, srcs: tuple[str, ...], method: str, weights: str | None,
         used = ", ".join(f"{os.path.basename(p)}*{wi:.4g}" for p, wi in zip(info.get("sources", []), info.get("weights", [])))
         return payload, f"merged ({method}) -> {dst}: {len(m.tensors)} tensors, {human_bytes(m.nbytes)}; {used}"
 
-    _run_and_report(as_json, lambda: merge(list(srcs), dst, method=method, weights=w, decay=decay, last_k=last_k,
-                                           overwrite=overwrite, progress=progress), describe)
+    _run_and_report(as_json, lambda: merge_checkpoints(list(srcs), dst, method=method, weights=w, decay=decay, last_k=last_k,
+                                                       overwrite=overwrite, progress=progress), describe)
 
 
 # ---------------------------------------------------------------------------- training

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from .reader import CheckpointReader, ReadRequest
 from .regions import Box
 from .writer import DEFAULT_MAX_FILE_BYTES, CheckpointWriter, TensorSpec
 
-__all__ = ["merge", "merge_weights", "METHODS"]
+__all__ = ["merge_checkpoints", "merge_weights", "METHODS"]
 
 METHODS = ("mean", "weighted", "lawa", "ema")
 
@@ -122,7 +122,7 @@ class _Workspace:
         return buf[:n].view(dtype).view(shape)
 
 
-def merge(
+def merge_checkpoints(
     srcs: Sequence[str | os.PathLike],
     dst: str | os.PathLike,
     *,
@@ -166,8 +166,8 @@ def merge(
             (the message names the tensor and both checkpoints).
 
     Example:
-        >>> outlast.merge(["ckpt/step-800", "ckpt/step-900", "ckpt/step-1000"],
-        ...               "ckpt/lawa-1000", method="lawa", last_k=3)
+        >>> outlast.merge_checkpoints(["ckpt/step-800", "ckpt/step-900", "ckpt/step-1000"],
+        ...                           "ckpt/lawa-1000", method="lawa", last_k=3)
     """
     from .convert.core import progress_bar
 
@@ -235,3 +235,18 @@ def merge(
     finally:
         for r in readers:
             r.close()
+
+
+def __getattr__(name: str) -> Any:
+    # ``from outlast.merge import merge``: the name before 0.2 (see outlast._deprecated).
+    if name == "merge":
+        from ._deprecated import warn
+
+        warn("outlast.merge.merge", "outlast.merge_checkpoints")
+        return merge_checkpoints
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+from ._deprecated import make_module_callable  # noqa: E402
+
+make_module_callable(__name__, merge_checkpoints, "outlast.merge(...)", "outlast.merge_checkpoints(...)")

@@ -39,10 +39,23 @@ from .tree import FlatState, flatten
 DEFAULT_WRITERS = 4
 
 
+# Manifest attributes a SaveReport forwards (with a DeprecationWarning): before 0.2
+# ``save`` and ``persist`` returned the Manifest itself.
+_MANIFEST_ATTRS = frozenset(f.name for f in dataclasses.fields(Manifest)) | {"nbytes", "to_json", "dumps"}
+
+
 @dataclass
 class SaveReport:
-    """What :func:`persist` did. ``bytes_written`` is this rank's tensor bytes;
-    ``bytes_per_rank`` every rank's (so ``balance`` = max/mean is known everywhere)."""
+    """What :func:`save` / :func:`persist` did, and the committed :class:`~outlast.Manifest`.
+
+    ``bytes_written`` is this rank's tensor bytes; ``bytes_per_rank`` every rank's (so
+    ``balance`` = max/mean is known everywhere). ``manifest`` is the same on every rank.
+
+    Example:
+        >>> report = outlast.save({"w": torch.ones(2)}, "ckpt/report-demo", step=3)
+        >>> report.manifest.step, sorted(report.manifest.tensors)
+        (3, ['w'])
+    """
 
     path: str = ""
     rank: int = 0
@@ -52,12 +65,25 @@ class SaveReport:
     bytes_per_rank: list[int] = field(default_factory=list)
     plan_cached: bool = False
     seconds: float = 0.0
+    manifest: Manifest | None = None
 
     @property
     def balance(self) -> float:
         b = self.bytes_per_rank
         mean = sum(b) / len(b) if b else 0
         return max(b) / mean if mean else 1.0
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: ``report.tensors`` and friends from code
+        # written when save returned the Manifest.
+        if name in _MANIFEST_ATTRS:
+            manifest = self.__dict__.get("manifest")
+            if manifest is not None:
+                from ._deprecated import warn
+
+                warn(f"SaveReport.{name} (save used to return the Manifest)", f"report.manifest.{name}")
+                return getattr(manifest, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 def _now() -> str:
@@ -380,7 +406,7 @@ def persist(
     overwrite: bool = False,
     extra: dict | None = None,
     process_group: Any = None,
-) -> Manifest:
+) -> SaveReport:
     """Write a prepared save under a temporary directory and commit it atomically at ``path``.
 
     Collective when the save was prepared on a process group: rank 0 creates the hidden
@@ -398,8 +424,8 @@ def persist(
         process_group: defaults to the group the save was prepared with.
 
     Returns:
-        The committed :class:`~outlast.format.Manifest` (on every rank). ``prepared.report``
-        is filled with a :class:`SaveReport`.
+        A :class:`SaveReport` (also left in ``prepared.report``) whose ``manifest`` is the
+        committed :class:`~outlast.Manifest`, the same on every rank.
 
     Example:
         >>> outlast.persist(outlast.prepare_save(state), "ckpt/step-10", step=10)
@@ -427,7 +453,8 @@ def persist(
         report.files_written = len(files)
         report.bytes_per_rank = [prepared.nbytes]
         report.seconds = time.perf_counter() - t0
-        return manifest
+        report.manifest = manifest
+        return report
     what = f"saving checkpoint {path}"
     if group.size != prepared.world_size or group.rank != prepared.rank:
         raise DistributedError(
@@ -502,7 +529,8 @@ def persist(
     report.files_written = len(files)
     report.bytes_per_rank = [g[4] for g in gathered]
     report.seconds = time.perf_counter() - t0
-    return manifest
+    report.manifest = manifest
+    return report
 
 
 def _chunk_from_json(c: dict) -> Chunk:
@@ -531,7 +559,7 @@ def save(
     num_writers: int | None = None,
     extra: dict | None = None,
     process_group: Any = None,
-) -> Manifest:
+) -> SaveReport:
     """Save nested ``state`` as a checkpoint directory at ``path``, atomically.
 
     Collective when ``torch.distributed`` is initialised: every rank of
@@ -554,7 +582,8 @@ def save(
         process_group: the group to save with (default: the world group).
 
     Returns:
-        The committed :class:`~outlast.format.Manifest`.
+        A :class:`SaveReport`: bytes and files written, seconds, and ``manifest``, the
+        committed :class:`~outlast.Manifest`.
 
     Raises:
         SerializationError: a leaf cannot be saved (nothing is written).

@@ -48,7 +48,7 @@ def job(rank: int, world: int, directory: str, remote: str):
         for step in range(4):
             ckpt.wait_staged()
             step_fn(state, rank, step)
-            ckpt.save(step, state)
+            ckpt.save(state, step)
         ckpt.wait()
         steps = ckpt.steps()
         saved = fingerprint(state, rank)
@@ -79,7 +79,7 @@ def failures(rank: int, world: int, directory: str, remote: str):
     with outlast.Checkpointer(directory) as ckpt:
         # the job's timeout (harness: 60 s), not new_group()'s 30-minute default
         out["timeouts"] = [group_timeout(g).total_seconds() for g in (None, ckpt._pg, ckpt._ctl)]
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         ckpt.wait()
         # 1. the staging copy fails on rank 1 only: rank 0 is already on its way into
         # persist's collectives and must hear of it there.
@@ -91,12 +91,12 @@ def failures(rank: int, world: int, directory: str, remote: str):
         if rank == 1:
             engine.copy_into = broken
         try:
-            ckpt.save(1, state)
+            ckpt.save(state, 1)
             out["staging"] = _caught(ckpt.wait)
         finally:
             engine.copy_into = real
         step_fn(state, rank, 2)
-        ckpt.save(2, state)
+        ckpt.save(state, 2)
         ckpt.wait()
         out["steps"] = ckpt.steps()
     # 2. restore: rank 1 cannot read step 2 (a plain PermissionError), rank 0 can: both
@@ -121,7 +121,7 @@ def failures(rank: int, world: int, directory: str, remote: str):
             raise OSError(13, "Access Denied (simulated)")
 
         ckpt.remote.fs.put_file = refuse
-    ckpt.save(0, state)
+    ckpt.save(state, 0)
     out["upload"] = _caught(ckpt.wait)
     ckpt.close()
     return out

@@ -270,7 +270,7 @@ def test_converted_checkpoint_resumes_under_outlast_in_one_process(ckpts, tmp_pa
     d = case_dir(ckpts, 2, stage, "fp32")
     _, meta = reference(d)
     out = str(tmp_path / "outlast")
-    outlast.convert(d, out, src_format="deepspeed", dst_format="outlast", prefix="train")
+    outlast.convert_checkpoint(d, out, src_format="deepspeed", dst_format="outlast", prefix="train")
     assert outlast.manifest_of(out).step == meta["train_steps"]
     model = fx.TinyLM()
     optim = torch.optim.AdamW(fx.param_groups(model), lr=fx.LR, betas=fx.BETAS, eps=fx.EPS)
@@ -288,7 +288,7 @@ def test_converted_checkpoint_resumes_under_fsdp2_at_another_world_size(ckpts, t
     d = case_dir(ckpts, 2, 3, "fp32")
     _, meta = reference(d)
     out = str(tmp_path / "outlast")
-    outlast.convert(d, out, src_format="deepspeed", dst_format="outlast", prefix="train")
+    outlast.convert_checkpoint(d, out, src_format="deepspeed", dst_format="outlast", prefix="train")
     results = run_job("jobs_deepspeed", "resume_fsdp2", 3, out)
     for r in results:
         assert r["loss_resume"] == pytest.approx(meta["loss_resume"], rel=1e-6)

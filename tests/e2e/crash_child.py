@@ -29,7 +29,7 @@ def main(directory: str) -> None:
         state["w"].copy_(expected(step))
         state["v"].fill_(step)
         state["step"] = step
-        ckpt.save(step, state)
+        ckpt.save(state, step)
         for m in ckpt.metrics[reported:]:
             if not m.done:
                 break

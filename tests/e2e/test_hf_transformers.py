@@ -29,7 +29,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path, tie):
     cfg, model = _tiny_llama(tie)
     outlast.save({"model": model.state_dict(), "step": 1}, tmp_path / "ck", step=1)
     # A small shard size forces the sharded layout with an index, as for a real model.
-    outlast.convert(tmp_path / "ck", tmp_path / "hf", src_format="outlast", dst_format="hf",
+    outlast.convert_checkpoint(tmp_path / "ck", tmp_path / "hf", src_format="outlast", dst_format="hf",
                     prefix="model", max_shard_size=16 << 10)
     assert "model.safetensors.index.json" in os.listdir(tmp_path / "hf")
     cfg.save_pretrained(tmp_path / "hf")
@@ -44,7 +44,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path, tie):
 def test_save_pretrained_imports_and_loads_back(tmp_path, tie):
     cfg, model = _tiny_llama(tie, seed=3)
     model.save_pretrained(tmp_path / "hf")  # HF's own writer; drops lm_head.weight when tied
-    outlast.convert(tmp_path / "hf", tmp_path / "ck", src_format="hf", dst_format="outlast", prefix="model")
+    outlast.convert_checkpoint(tmp_path / "hf", tmp_path / "ck", src_format="hf", dst_format="outlast", prefix="model")
     _, fresh = _tiny_llama(tie, seed=4)
     report = outlast.load({"model": fresh}, tmp_path / "ck", strict=not tie)
     if tie:

@@ -57,7 +57,7 @@ def test_non_contiguous_views_and_shared_storage(ckpt_dir):
 
 def test_many_small_tensors(ckpt_dir):
     state = {"p": {f"t{i}": torch.full((3,), float(i)) for i in range(10_000)}}
-    m = outlast.save(state, ckpt_dir)
+    m = outlast.save(state, ckpt_dir).manifest
     assert len(m.tensors) == 10_000
     back = outlast.read(ckpt_dir, keys=["p.t9999", "p.t0"])
     assert set(back["p"]) == {"t9999", "t0"}

@@ -59,7 +59,7 @@ def test_roundtrip_and_metrics(tmp_path, caplog):
             assert ckpt.restore(state) is None
             for step in range(3):
                 train(state, step)
-                ckpt.save(step, state)
+                ckpt.save(state, step)
                 ckpt.wait()
                 snaps[step] = (tensors_of(state), dict(state["data"]), state["sched"].state_dict())
             m = ckpt.last_metrics
@@ -84,7 +84,7 @@ def test_optimizer_hook_blocks_the_racing_step(tmp_path):
     before = tensors_of(state)
     with outlast.Checkpointer(tmp_path) as ckpt:
         ckpt._engine.stage_delay = 0.05  # per tensor: the copy takes ~1 s
-        ckpt.save(1, state)
+        ckpt.save(state, 1)
         train(state, 1)  # forward (buffer hook), backward, optimizer.step (step hook)
         ckpt.wait()
         assert ckpt.last_metrics.blocked_s > 0
@@ -98,7 +98,7 @@ def test_wait_staged_covers_other_mutations(tmp_path):
     state = make_state()
     with outlast.Checkpointer(tmp_path) as ckpt:
         ckpt._engine.stage_delay = 0.02
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         ckpt.wait_staged()
         state["extra"].fill_(7.0)  # not owned by an optimizer or module: our own rule
     assert torch.equal(outlast.read(tmp_path / step_dir_name(0))["extra"], torch.zeros(5))
@@ -109,7 +109,7 @@ def test_plain_values_are_captured_at_save(tmp_path):
     with outlast.Checkpointer(tmp_path) as ckpt:
         ckpt._engine.stage_delay = 0.02
         state["data"]["pos"] = 41
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         state["data"]["pos"] = 42
     assert outlast.read(tmp_path / step_dir_name(0))["data"]["pos"] == 41
 
@@ -118,15 +118,15 @@ def test_if_busy_skip_and_wait(tmp_path):
     state = make_state()
     with outlast.Checkpointer(tmp_path / "skip", if_busy="skip") as ckpt:
         ckpt._engine.stage_delay = 0.05
-        assert ckpt.save(0, state) is True
-        assert ckpt.save(1, state) is False
+        assert ckpt.save(state, 0) is True
+        assert ckpt.save(state, 1) is False
         ckpt.wait()
         assert [m.skipped for m in ckpt.metrics] == [False, True]
         assert ckpt.steps() == [0]
     with outlast.Checkpointer(tmp_path / "wait") as ckpt:
         ckpt._engine.stage_delay = 0.02
-        ckpt.save(0, state)
-        ckpt.save(1, state)
+        ckpt.save(state, 0)
+        ckpt.save(state, 1)
         assert ckpt.metrics[1].backpressure_s > 0
         ckpt.wait()
         assert ckpt.steps() == [0, 1]
@@ -149,15 +149,15 @@ def test_write_failure_is_raised_on_next_call_and_nothing_is_committed(tmp_path,
     state = make_state()
     ckpt = outlast.Checkpointer(tmp_path)
     train(state, 0)
-    ckpt.save(0, state)
+    ckpt.save(state, 0)
     ckpt.wait()
     good = tensors_of(state)
     monkeypatch.setattr(local_storage, "os", _FullDisk())
     train(state, 1)
-    ckpt.save(1, state)  # returns; the failure happens in the background
+    ckpt.save(state, 1)  # returns; the failure happens in the background
     ckpt._inflight and ckpt._inflight[0].done.wait()
     with pytest.raises(StorageError, match=r"step 1.*disk is full.*latest valid checkpoint is still step 0"):
-        ckpt.save(2, state)
+        ckpt.save(state, 2)
     monkeypatch.undo()
     ckpt.close()
     assert sorted(os.listdir(tmp_path)) == [step_dir_name(0)]  # no partial step 1, no temp dir
@@ -171,7 +171,7 @@ def test_write_failure_is_raised_by_close(tmp_path, monkeypatch):
     state = make_state()
     ckpt = outlast.Checkpointer(tmp_path)
     monkeypatch.setattr(local_storage, "os", _FullDisk())
-    ckpt.save(0, state)
+    ckpt.save(state, 0)
     with pytest.raises(StorageError, match="disk is full"):
         ckpt.close()
     assert os.listdir(tmp_path) == []
@@ -181,7 +181,7 @@ def test_retention_keep_last_and_keep_every(tmp_path):
     state = make_state()
     with outlast.Checkpointer(tmp_path, keep_last=2, keep_every=4) as ckpt:
         for step in range(10):
-            ckpt.save(step, state)
+            ckpt.save(state, step)
         ckpt.wait()
         assert ckpt.steps() == [0, 4, 8, 9]
 
@@ -189,8 +189,8 @@ def test_retention_keep_last_and_keep_every(tmp_path):
 def test_retention_never_deletes_the_only_valid_one(tmp_path):
     state = make_state()
     with outlast.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(1, state)
-        ckpt.save(2, state)
+        ckpt.save(state, 1)
+        ckpt.save(state, 2)
     # The newest becomes corrupt (a truncated file): it is not counted as valid, so
     # step 1 is the only valid checkpoint and keep_last=1 must not delete it.
     f = next((tmp_path / step_dir_name(2) / "data").iterdir())
@@ -199,7 +199,7 @@ def test_retention_never_deletes_the_only_valid_one(tmp_path):
         ckpt._apply_retention_local()
         assert sorted(os.listdir(tmp_path)) == [step_dir_name(1), step_dir_name(2)]
         assert ckpt.steps() == [1]
-        ckpt.save(3, state)
+        ckpt.save(state, 3)
         ckpt.wait()
         # Now step 3 is the newest valid: step 1 goes by keep_last, the broken step 2 as garbage.
         assert sorted(os.listdir(tmp_path)) == [step_dir_name(3)]
@@ -211,7 +211,7 @@ def test_restore_skips_incomplete_and_corrupt_newest(tmp_path):
     with outlast.Checkpointer(tmp_path) as ckpt:
         for step in range(3):
             train(state, step)
-            ckpt.save(step, state)
+            ckpt.save(state, step)
             ckpt.wait()
             snaps[step] = tensors_of(state)
     # step 2: flip bytes inside a tensor (sizes intact: only checksums catch it, after
@@ -237,7 +237,7 @@ def test_restore_skips_incomplete_and_corrupt_newest(tmp_path):
 def test_restore_raises_when_every_checkpoint_fails_after_touching_state(tmp_path):
     state = make_state()
     with outlast.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
     f = next((tmp_path / step_dir_name(0) / "data").iterdir())
     raw = bytearray(f.read_bytes())
     raw[-1] ^= 0xFF
@@ -262,7 +262,7 @@ def test_remote_tier_restore_when_local_is_gone(tmp_path, scheme):
     with outlast.Checkpointer(tmp_path / "local", remote=url, keep_last=2) as ckpt:
         for step in range(4):
             train(state, step)
-            ckpt.save(step, state)
+            ckpt.save(state, step)
         ckpt.wait()
         want = tensors_of(state)
         assert [int(n[5:]) for n in sorted(ckpt.remote.names())] == [2, 3]
@@ -285,7 +285,7 @@ def test_closed_checkpointer_refuses(tmp_path):
     ckpt.close()
     ckpt.close()
     with pytest.raises(CheckpointError, match="closed"):
-        ckpt.save(0, make_state())
+        ckpt.save(make_state(), 0)
 
 
 # ---------------------------------------------------------------- hooks, buffers, the pool, timeouts
@@ -297,7 +297,7 @@ def test_new_optimizer_at_a_freed_ones_id_is_hooked(tmp_path):
     model = torch.nn.Linear(16, 16)
     with outlast.Checkpointer(tmp_path) as ckpt:
         first = {"model": model, "optim": torch.optim.SGD(model.parameters(), lr=0.5)}
-        ckpt.save(0, first)
+        ckpt.save(first, 0)
         ckpt.wait()
         old = id(first["optim"])
         del first  # the only reference: the optimizer is freed here
@@ -311,7 +311,7 @@ def test_new_optimizer_at_a_freed_ones_id_is_hooked(tmp_path):
         state = {"model": model, "optim": opt}
         before = {k: v.clone() for k, v in model.state_dict().items()}
         ckpt._engine.stage_delay = 0.1
-        ckpt.save(1, state)
+        ckpt.save(state, 1)
         model(torch.randn(4, 16)).sum().backward()
         opt.step()  # must wait for the copy of the parameters
         ckpt.wait()
@@ -338,7 +338,7 @@ def test_buffers_of_a_submodule_called_directly_are_saved_as_at_save(tmp_path):
         net.features(torch.randn(16, 8))
         before = {k: v.clone() for k, v in net.state_dict().items()}
         ckpt._engine.stage_delay = 0.1
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         net.features(torch.randn(16, 8) + 3)  # mutates running_mean/var/num_batches_tracked
         ckpt.wait()
         assert ckpt.last_metrics.blocked_s > 0
@@ -351,10 +351,10 @@ def test_buffers_of_a_submodule_called_directly_are_saved_as_at_save(tmp_path):
 def test_modules_without_buffers_get_no_hook(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     with outlast.Checkpointer(tmp_path) as ckpt:
-        ckpt.save(0, {"model": model})
+        ckpt.save({"model": model}, 0)
         assert not model._forward_pre_hooks and not model[0]._forward_pre_hooks
         net = _Net()
-        ckpt.save(1, {"model": net})
+        ckpt.save({"model": net}, 1)
         assert net._forward_pre_hooks and net.features[1]._forward_pre_hooks
         assert not net.head._forward_pre_hooks and not net.features[0]._forward_pre_hooks
     assert not net._forward_pre_hooks and not net.features[1]._forward_pre_hooks  # removed by close()
@@ -377,7 +377,7 @@ def test_save_waits_for_the_buffers_themselves(tmp_path, monkeypatch):
             real(b)
 
         monkeypatch.setattr(pool, "release", late_release)
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         for _ in range(3000):  # until step 0 is committed and off the list, its buffers not back
             if not ckpt._inflight:
                 break
@@ -385,7 +385,7 @@ def test_save_waits_for_the_buffers_themselves(tmp_path, monkeypatch):
         assert not ckpt._inflight and pool.available() == 0
         threading.Timer(0.2, gate.set).start()
         train(state, 1)
-        assert ckpt.save(1, state) is True
+        assert ckpt.save(state, 1) is True
         assert ckpt.metrics[1].backpressure_s > 0
         ckpt.wait()
         assert ckpt.steps() == [0, 1]
@@ -419,7 +419,7 @@ def test_a_stuck_background_save_times_out_naming_what_it_waited_for(tmp_path, m
     ckpt = outlast.Checkpointer(tmp_path, timeout=0.2)
     monkeypatch.setattr(engine, "copy_into", stuck)
     try:
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         with pytest.raises(CheckpointError, match=r"timed out after 0.2 s waiting for step 0's tensors"):
             train(state, 0)  # the forward hook waits for the buffers' copy
         with pytest.raises(CheckpointError, match=r"timed out after 0.2 s waiting for step 0 to be committed"):
@@ -440,12 +440,12 @@ def test_staging_failure_is_raised_on_next_call_and_nothing_is_committed(tmp_pat
     state = make_state()
     with outlast.Checkpointer(tmp_path) as ckpt:
         monkeypatch.setattr(engine, "copy_into", broken)
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         with pytest.raises(CheckpointError, match=r"step 0.*copy failed \(simulated\)") as ei:
             ckpt.wait()
         assert isinstance(ei.value.__cause__, RuntimeError)
         monkeypatch.undo()
-        ckpt.save(1, state)
+        ckpt.save(state, 1)
     assert os.listdir(tmp_path) == [step_dir_name(1)]
 
 
@@ -482,7 +482,7 @@ def test_training_never_waits_for_uploads_and_wait_flushes_them(tmp_path, monkey
         monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
         for step in range(3):
             train(state, step)
-            assert ckpt.save(step, state) is True
+            assert ckpt.save(state, step) is True
         ckpt.wait_staged()
         for _ in range(3000):
             if not ckpt._inflight:
@@ -510,7 +510,7 @@ def test_failed_uploads_are_retried_with_exponential_backoff(tmp_path, monkeypat
     with outlast.Checkpointer(tmp_path, remote=_url("retry"), upload_retries=3, upload_backoff_s=0.5) as ckpt:
         remote = _Remote(ckpt, fail=2)
         monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
-        ckpt.save(0, state)
+        ckpt.save(state, 0)
         ckpt.wait()
         assert ckpt.remote.names() == [step_dir_name(0)]
         ckpt.remote.manifest(step_dir_name(0))
@@ -526,7 +526,7 @@ def test_upload_that_keeps_failing_is_raised_on_the_next_call(tmp_path, monkeypa
     ckpt = outlast.Checkpointer(tmp_path, remote=_url("fail"), upload_retries=2)
     remote = _Remote(ckpt, fail=10**6)
     monkeypatch.setattr(ckpt.remote.fs, "put_file", remote.put_file)
-    ckpt.save(0, state)
+    ckpt.save(state, 0)
     with pytest.raises(StorageError, match=r"upload of step 0 .*failed 3 time\(s\).*connection reset.*committed") as ei:
         ckpt.wait()
     assert isinstance(ei.value.__cause__, StorageError)

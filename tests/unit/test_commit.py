@@ -137,8 +137,8 @@ def test_every_writer_commits_through_the_transaction(tmp_path, monkeypatch):
     with outlast.CheckpointWriter(tmp_path / "streamed", [outlast.TensorSpec("w", "F32", (2,))]) as w:
         w.write("w", torch.ones(2))
     outlast.save({"model": {"w": torch.zeros(2, 2)}}, tmp_path / "saved2")
-    outlast.merge([tmp_path / "saved", tmp_path / "saved2"], tmp_path / "merged")
-    outlast.convert(tmp_path / "saved", tmp_path / "hf", src_format="outlast", dst_format="hf", prefix="model")
+    outlast.merge_checkpoints([tmp_path / "saved", tmp_path / "saved2"], tmp_path / "merged")
+    outlast.convert_checkpoint(tmp_path / "saved", tmp_path / "hf", src_format="outlast", dst_format="hf", prefix="model")
     from outlast.storage.remote import RemoteTier
 
     outlast.save({"model": {"w": torch.ones(2, 2)}}, tmp_path / "step-1")
@@ -159,7 +159,7 @@ def test_transaction_aborted_by_an_exception_leaves_nothing(tmp_path):
 
 def test_checkpointer_recovers_a_step_moved_aside_by_a_cut_commit(tmp_path):
     with outlast.Checkpointer(tmp_path / "run") as ck:
-        ck.save(5, {"x": torch.full((3,), 5.0)})
+        ck.save({"x": torch.full((3,), 5.0)}, 5)
         ck.wait()
     step = tmp_path / "run" / "step-00000005"
     os.rename(step, tmp_path / "run" / ".step-00000005.old-0badcafe")

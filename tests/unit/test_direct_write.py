@@ -107,7 +107,7 @@ def test_checkpointer_files_equal_a_synchronous_save(tmp_path):
     state = _odd_state()
     outlast.save(state, tmp_path / "sync", num_writers=2)
     with outlast.Checkpointer(tmp_path / "run", num_writers=2) as ckpt:
-        ckpt.save(5, state)
+        ckpt.save(state, 5)
     got = tmp_path / "run" / step_dir_name(5)
     sync_m = outlast.manifest_of(tmp_path / "sync")
     got_m = outlast.manifest_of(got)

@@ -25,8 +25,8 @@ import outlast
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULES = [
     "outlast.api", "outlast.checkpointer", "outlast.convert.core", "outlast.layouts", "outlast.merge",
-    "outlast.plan", "outlast.reader", "outlast.regions", "outlast.stateful", "outlast.storage.commit",
-    "outlast.storage.remote", "outlast.writer", "outlast.tree", "outlast.format",
+    "outlast.plan", "outlast.reader", "outlast.saving", "outlast.loading", "outlast.shards", "outlast.regions", "outlast.stateful", "outlast.storage.commit",
+    "outlast.storage.remote", "outlast.writer", "outlast.steps", "outlast.replicator", "outlast.async_saver", "outlast.tree", "outlast.format",
 ]
 
 
@@ -115,7 +115,7 @@ def test_readme_python_and_cli_blocks_run(tmp_path, monkeypatch):
     saved = outlast.read("ckpt/step-00000100")
     for s in (200, 300, 400):  # enough steps for the merge line's --last-k 4
         outlast.save(saved, f"ckpt/step-{s:08d}", step=s)
-    outlast.convert("ckpt/step-00000100", "cli2/hf_dir", src_format="outlast", dst_format="hf", prefix="model")
+    outlast.convert_checkpoint("ckpt/step-00000100", "cli2/hf_dir", src_format="outlast", dst_format="hf", prefix="model")
     ran = []
     for block in _readme_blocks("console"):
         for line in block.splitlines():

@@ -1,4 +1,4 @@
-"""outlast.merge against direct computations of each method."""
+"""outlast.merge_checkpoints against direct computations of each method."""
 
 import pytest
 import torch
@@ -52,7 +52,7 @@ def _check(result, states, weights, newest):
 
 def test_mean(tmp_path):
     paths, states = _save_run(tmp_path)
-    man = outlast.merge(paths, tmp_path / "out")
+    man = outlast.merge_checkpoints(paths, tmp_path / "out")
     out = outlast.read(tmp_path / "out")
     _check(out, states, [0.25] * 4, states[-1])
     assert out["step"] == 400 and out["data"] == {"epoch": 3} and man.step == 400
@@ -62,7 +62,7 @@ def test_weighted_follows_source_order_even_when_given_shuffled(tmp_path):
     paths, states = _save_run(tmp_path)
     order = [2, 0, 3, 1]
     raw = [1.0, 2.0, 3.0, 4.0]
-    outlast.merge([paths[i] for i in order], tmp_path / "out", method="weighted", weights=raw)
+    outlast.merge_checkpoints([paths[i] for i in order], tmp_path / "out", method="weighted", weights=raw)
     w_by_state = [0.0] * 4
     for i, r in zip(order, raw):
         w_by_state[i] = r / sum(raw)
@@ -71,7 +71,7 @@ def test_weighted_follows_source_order_even_when_given_shuffled(tmp_path):
 
 def test_lawa_last_k_by_step(tmp_path):
     paths, states = _save_run(tmp_path, steps=[300, 100, 400, 200])
-    man = outlast.merge(paths, tmp_path / "out", method="lawa", last_k=2)
+    man = outlast.merge_checkpoints(paths, tmp_path / "out", method="lawa", last_k=2)
     # steps 300 and 400 are the newest two: states[0] and states[2]
     _check(outlast.read(tmp_path / "out"), [states[0], states[2]], [0.5, 0.5], states[2])
     assert man.extra["merged_from"]["steps"] == [300, 400]
@@ -80,7 +80,7 @@ def test_lawa_last_k_by_step(tmp_path):
 def test_ema_matches_the_recurrence(tmp_path):
     paths, states = _save_run(tmp_path)
     decay = 0.7
-    outlast.merge(list(reversed(paths)), tmp_path / "out", method="ema", decay=decay)
+    outlast.merge_checkpoints(list(reversed(paths)), tmp_path / "out", method="ema", decay=decay)
     ema = states[0]["w"].clone()
     for sd in states[1:]:
         ema = decay * ema + (1 - decay) * sd["w"]
@@ -104,7 +104,7 @@ def test_mismatched_shapes_name_tensor_and_both_sources(tmp_path):
     outlast.save({"model": {"w": torch.zeros(3, 4), "b": torch.zeros(2)}}, tmp_path / "a", step=1)
     outlast.save({"model": {"w": torch.zeros(4, 3), "b": torch.zeros(2)}}, tmp_path / "b", step=2)
     with pytest.raises(IncompatibleStateError) as e:
-        outlast.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+        outlast.merge_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     msg = str(e.value)
     assert "'model.w'" in msg and str(tmp_path / "a") in msg and str(tmp_path / "b") in msg
     assert not (tmp_path / "out").exists()
@@ -114,7 +114,7 @@ def test_missing_tensor_is_named(tmp_path):
     outlast.save({"model": {"w": torch.zeros(3)}}, tmp_path / "a", step=1)
     outlast.save({"model": {"w": torch.zeros(3), "extra": torch.zeros(1)}}, tmp_path / "b", step=2)
     with pytest.raises(IncompatibleStateError, match="'model.extra' is in .*b but not in .*a"):
-        outlast.merge([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+        outlast.merge_checkpoints([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
 
 
 def test_corrupt_source_fails_with_checksum_error(tmp_path):
@@ -126,5 +126,5 @@ def test_corrupt_source_fails_with_checksum_error(tmp_path):
     data[c.offset + 5] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match="checksum mismatch.*'model.w'"):
-        outlast.merge(paths, tmp_path / "out")
+        outlast.merge_checkpoints(paths, tmp_path / "out")
     assert not (tmp_path / "out").exists()

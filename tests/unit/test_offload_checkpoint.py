@@ -95,9 +95,9 @@ def test_checkpointer_save_and_restore(tmp_path):
     with outlast.Checkpointer(str(tmp_path / "run"), keep_last=2) as ck:
         state = {"train": outlast.ModelOptimizerState(m, opt)}
         losses = _train(m, opt, range(2))
-        ck.save(2, state)
+        ck.save(state, 2)
         losses += _train(m, opt, range(2, 3))  # the step hook waits for the copy before writing the files
-        ck.save(3, state)
+        ck.save(state, 3)
     opt.close()
 
     m2 = _model(seed=7)

@@ -34,7 +34,7 @@ from ..format import PlainEntry
 from ..storage.commit import Transaction
 from ..writer import DEFAULT_MAX_FILE_BYTES, CheckpointWriter, TensorSpec
 
-__all__ = ["convert", "open_source", "Source", "ConvertResult", "SOURCE_FORMATS", "DEST_FORMATS"]
+__all__ = ["convert_checkpoint", "open_source", "Source", "ConvertResult", "SOURCE_FORMATS", "DEST_FORMATS"]
 
 SOURCE_FORMATS = ("outlast", "hf", "dcp", "torch", "deepspeed")
 DEST_FORMATS = ("outlast", "hf", "dcp")
@@ -359,7 +359,7 @@ def write_outlast(src: Source, dst: str, *, overwrite: bool, max_file_bytes: int
         bar.close()
 
 
-def convert(
+def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
@@ -405,8 +405,8 @@ def convert(
         CheckpointExistsError: ``dst`` exists and ``overwrite`` is False.
 
     Example:
-        >>> outlast.convert("ckpt/step-100", "hf-out", src_format="outlast",
-        ...                 dst_format="hf", prefix="model")
+        >>> outlast.convert_checkpoint("ckpt/step-100", "hf-out", src_format="outlast",
+        ...                            dst_format="hf", prefix="model")
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if dst_format not in DEST_FORMATS:
@@ -440,3 +440,13 @@ def convert(
         return ConvertResult(src, dst, src_format, dst_format, len(source.specs), source.nbytes, files, dropped)
     finally:
         source.close()
+
+
+def __getattr__(name: str) -> Any:
+    # ``outlast.convert.core.convert``: the name before 0.2 (see outlast._deprecated).
+    if name == "convert":
+        from .._deprecated import warn
+
+        warn("outlast.convert.core.convert", "outlast.convert_checkpoint")
+        return convert_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, prefix: str 
 
     prefix = prefix or "model"
     cfg, sd = read_gguf(src)
-    m = outlast.save({prefix: sd, "serve_config": cfg.to_json()}, dst, overwrite=overwrite)
+    m = outlast.save({prefix: sd, "serve_config": cfg.to_json()}, dst, overwrite=overwrite).manifest
     return ConvertResult(src=os.fspath(src), dst=os.fspath(dst), src_format="gguf", dst_format="outlast",
                          tensors=len(sd), nbytes=sum(t.numel() * 4 for t in sd.values()),
-                         files=sorted(m.files) if hasattr(m, "files") else [], plain_dropped=[])
+                         files=sorted(m.files), plain_dropped=[])

@@ -310,7 +310,7 @@ def train(cfg: TrainConfig) -> dict:
         if step % cfg.checkpoint.every == 0 or step == stop:
             rng.capture(step)
             t_save = time.time()
-            checkpointer.save(step, state)
+            checkpointer.save(state, step=step)
             stall = time.time() - t_save
             # Each rank writes its share of the checkpoint (replicas are written once); sum them.
             nbytes = torch.tensor([checkpointer.last_metrics.nbytes], dtype=torch.float64, device=device)
