@@ -184,7 +184,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             off = self.layout.offsets[i]
             mapped[off : off + p.numel()].copy_(p.detach().reshape(-1))
+        del mapped
         self.files.flush(g)
+        self.files.release("master", g)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -322,6 +324,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         for i, p in enumerate(self._params):
             off = self.layout.offsets[i]
             p.detach().view(-1).copy_(mapped[off : off + p.numel()])
+        del mapped
+        self.files.release("master", generation)
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -286,6 +286,19 @@ class StateFiles:
             self._maps[key] = t
         return t
 
+    def release(self, kind: str, generation: int) -> None:
+        """Drop the cached mapping of ``kind``'s file and its clean pages from the page cache.
+
+        A mapping is address space, but its pages stay charged to the process' memory
+        cgroup while mapped, and a cgroup v1 limit OOM-kills rather than unmap them: one
+        pass over a file (filling the masters, reading them back) must not pin its size.
+        Call :meth:`flush` first if the pages were written, and drop your own views.
+        """
+        self._maps.pop((kind, generation), None)
+        fd = self._fds.get((kind, generation))
+        if fd is not None and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
