@@ -1,0 +1,495 @@
+"""``outlast route``: one OpenAI-compatible endpoint in front of several ``outlast serve`` replicas.
+
+The router forwards request bodies unchanged (it parses them only to pick a replica, see
+:mod:`outlast.serve.policy`), polls every replica's ``/health`` (``health_interval`` seconds; a
+refused connection takes a replica out of rotation at once), and retries a request on another
+replica when the chosen one cannot be reached, answers 429/503, or dies before the response's
+first event: nothing has reached the client yet, so a retry is invisible. A stream that breaks
+after its first event ends with an OpenAI-style ``error`` event and ``data: [DONE]`` so clients
+raise instead of taking a truncated answer. With ``run_dir`` it follows a Checkpointer directory
+and reloads the replicas one at a time (draining each first), so capacity never drops to zero;
+the bearer-token admin routes do the same on demand. ``/metrics`` has the router's own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from .admin import require_token
+from .errors import AdminAuthError, ServeError
+from .policy import Replica, RoutingConfig, choose, prefix_hashes
+from .reload import committed_steps, version_of
+
+__all__ = ["Router", "create_router_app", "run_router"]
+
+log = logging.getLogger("outlast.serve")
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _sse_error(message: str) -> bytes:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": "replica_failed"}}
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+
+
+def routing_text(body: dict) -> str:
+    """The text whose prefix decides cache affinity: the chat messages in order, or the prompt."""
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        return "".join(f"<{m.get('role')}>{m.get('content')}\n" for m in msgs if isinstance(m, dict))
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1:
+        p = p[0]
+    if isinstance(p, list):
+        return ",".join(map(str, p))
+    return p if isinstance(p, str) else ""
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("outlast_router_requests", "Requests by replica and outcome (ok, http_error, "
+                                "stream_broken, no_replica)", ["replica", "outcome"], registry=r)
+        self.retries = Counter("outlast_router_retries", "Requests moved off a replica before answering",
+                               ["replica", "why"], registry=r)
+        self.decisions = Counter("outlast_router_decisions", "Routing decisions by reason", ["reason"], registry=r)
+        self.up = Gauge("outlast_router_replica_up", "1 while a replica passes health checks", ["replica"], registry=r)
+        self.draining = Gauge("outlast_router_replica_draining", "1 while a replica is drained for a reload",
+                              ["replica"], registry=r)
+        self.outstanding = Gauge("outlast_router_replica_outstanding_requests", "Requests in flight per replica",
+                                 ["replica"], registry=r)
+        self.down_events = Counter("outlast_router_replica_down", "Times a replica left rotation", ["replica"], registry=r)
+        self.reloads = Counter("outlast_router_reloads", "Rolling reloads by outcome", ["outcome"], registry=r)
+        self.step = Gauge("outlast_router_weights_step", "Checkpoint step the fleet serves (-1: unknown)", registry=r)
+        self.step.set(-1)
+
+
+class Router:
+    """The routing state and the proxy.
+
+    Args:
+        backends: replica base URLs (``http://127.0.0.1:8001``).
+        config: the routing policy and its knobs.
+        admin_token: bearer token of the router's admin routes (None: they answer 403).
+        backend_token: bearer token the replicas' admin routes want (default ``admin_token``).
+        run_dir: a Checkpointer directory to follow with rolling reloads (the replicas must run
+            ``--watch RUN_DIR --no-follow``).
+        step: the step the replicas serve at start (default: the newest committed in ``run_dir``).
+        health_interval: seconds between health checks.
+        request_timeout: seconds a replica may take to answer (and between stream events).
+
+    Example:
+        >>> r = Router(["http://127.0.0.1:8001", "http://127.0.0.1:8002"], RoutingConfig("cache_aware"))
+        >>> uvicorn.run(create_router_app(r), port=8000)
+    """
+
+    def __init__(self, backends: list[str], config: RoutingConfig | None = None, *, admin_token: str | None = None,
+                 backend_token: str | None = None, run_dir: str | None = None, step: int | None = None,
+                 health_interval: float = 0.2, request_timeout: float = 600.0, drain_timeout: float = 120.0):
+        if not backends:
+            raise ValueError("the router needs at least one --backend URL")
+        self.replicas = [Replica(u.rstrip("/")) for u in backends]
+        self.config = config or RoutingConfig()
+        self.admin_token = admin_token
+        self.backend_token = backend_token or admin_token
+        self.run_dir = run_dir
+        if run_dir is not None and step is None:
+            steps = committed_steps(run_dir)
+            step = max(steps) if steps else None
+        self.step = step
+        self.history: list[int] = [step] if step is not None else []
+        self.refused: dict[int, str] = {}
+        self.highest_tried = step if step is not None else -1
+        self.follow = True
+        self.health_interval = health_interval
+        self.request_timeout = request_timeout
+        self.drain_timeout = drain_timeout
+        self.m = _Metrics()
+        if step is not None:
+            self.m.step.set(step)
+        self.client: httpx.AsyncClient | None = None
+        self._reload_lock: asyncio.Lock | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.supervisor = None  # set by ``outlast serve --replicas``: /fleet then shows pids and restarts
+
+    # -- lifecycle (inside the server's event loop) --------------------------------------
+    async def start(self) -> None:
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=2.0),
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self._reload_lock = asyncio.Lock()
+        await asyncio.gather(*(self._check(r) for r in self.replicas))
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        if self.run_dir is not None:
+            self._tasks.append(asyncio.create_task(self._watch_loop()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.client is not None:
+            await self.client.aclose()
+
+    def current_path(self) -> str | None:
+        """The step folder the fleet serves (a replica restarted by the supervisor starts from it)."""
+        if self.run_dir is None or self.step is None:
+            return None
+        return committed_steps(self.run_dir).get(self.step)
+
+    def status(self) -> dict:
+        return {"policy": self.config.policy, "step": self.step, "follow": self.follow, "history": list(self.history),
+                "refused": {str(k): v for k, v in sorted(self.refused.items())},
+                "replicas": [{"url": r.url, "up": r.up, "draining": r.draining, "outstanding": r.outstanding,
+                              "outstanding_tokens": r.outstanding_tokens, "weights_version": r.weights_version}
+                             for r in self.replicas]} | (
+            {"pids": self.supervisor.pids(), "restarts": list(self.supervisor.restarts)} if self.supervisor else {})
+
+    # -- health ----------------------------------------------------------------------------
+    def _set_up(self, r: Replica, up: bool, why: str = "") -> None:
+        if r.up and not up:
+            log.warning("outlast route: %s is out of rotation: %s", r.url, why)
+            self.m.down_events.labels(r.url).inc()
+        if not r.up and up:
+            r.forget()  # a replica that comes back (restarted) has an empty prefix cache
+        r.up = up
+        self.m.up.labels(r.url).set(1 if up else 0)
+
+    async def _check(self, r: Replica) -> None:
+        try:
+            resp = await self.client.get(r.url + "/health", timeout=max(1.0, 4 * self.health_interval))
+            if resp.status_code == 200:
+                r.weights_version = resp.json().get("weights_version", "")
+                self._set_up(r, True)
+            else:
+                self._set_up(r, False, f"/health answered {resp.status_code}")
+        except (httpx.HTTPError, ValueError) as e:
+            self._set_up(r, False, f"{type(e).__name__}: {e}")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            await asyncio.gather(*(self._check(r) for r in self.replicas))
+
+    # -- proxy -----------------------------------------------------------------------------
+    def _take(self, r: Replica, tokens: int) -> None:
+        r.outstanding += 1
+        r.outstanding_tokens += tokens
+        self.m.outstanding.labels(r.url).set(r.outstanding)
+
+    def _release(self, r: Replica, tokens: int) -> None:
+        r.outstanding -= 1
+        r.outstanding_tokens -= tokens
+        self.m.outstanding.labels(r.url).set(r.outstanding)
+
+    async def proxy(self, path: str, raw: bytes) -> Response:
+        """Send one POST body to a replica (retrying on others); returns the client's response."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None  # the replica answers the 400
+        if not isinstance(body, dict):
+            body = {}
+        hashes = prefix_hashes(routing_text(body), self.config.chunk_chars) if self.config.policy == "cache_aware" else []
+        mt = body.get("max_tokens") or body.get("max_completion_tokens")
+        tokens = len(routing_text(body)) // 4 + (mt if isinstance(mt, int) else 256)
+        tried: set = set()
+        why_failed = "no replica is up"
+        while True:
+            r, why = choose(self.replicas, self.config, hashes, tried)
+            if r is None:
+                break
+            tried.add(r)
+            self.m.decisions.labels(why).inc()
+            self._take(r, tokens)
+            kept = False
+            try:
+                req = self.client.build_request("POST", r.url + path, content=raw,
+                                                headers={"content-type": "application/json"})
+                resp = await self.client.send(req, stream=True)
+                try:
+                    if resp.status_code in (429, 503) and any(x.available and x not in tried for x in self.replicas):
+                        self.m.retries.labels(r.url, str(resp.status_code)).inc()
+                        why_failed = f"{r.url} answered {resp.status_code}"
+                        continue
+                    if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                        first, rest = await self._first_events(resp)
+                        r.remember(hashes, self.config.tree_chunks)
+                        kept = True
+                        return StreamingResponse(self._relay(r, tokens, resp, first, rest),
+                                                 media_type="text/event-stream",
+                                                 headers={"Cache-Control": "no-cache", "x-outlast-replica": r.url})
+                    content = await resp.aread()
+                finally:
+                    if not kept:
+                        await resp.aclose()
+            except (httpx.TransportError, _StreamEnded) as e:
+                why_failed = f"{r.url}: {type(e).__name__}: {e}"
+                self._set_up(r, False, why_failed)
+                self.m.retries.labels(r.url, "unreachable").inc()
+                continue
+            finally:
+                if not kept:
+                    self._release(r, tokens)
+            r.remember(hashes, self.config.tree_chunks)
+            self.m.requests.labels(r.url, "ok" if resp.status_code < 400 else "http_error").inc()
+            headers = {"x-outlast-replica": r.url}
+            if "retry-after" in resp.headers:
+                headers["Retry-After"] = resp.headers["retry-after"]
+            return Response(content, status_code=resp.status_code, headers=headers,
+                            media_type=resp.headers.get("content-type"))
+        self.m.requests.labels("none", "no_replica").inc()
+        return _error(503, f"no replica could take the request ({why_failed}); retry shortly", "server_error",
+                      "no_replica", headers={"Retry-After": "1"})
+
+    async def _first_events(self, resp: httpx.Response) -> tuple[bytes, bytes]:
+        """Read until one whole event: before it, a failure can still be retried elsewhere."""
+        it = resp.aiter_raw()
+        resp._outlast_iter = it  # the relay continues the same iterator
+        buf = b""
+        async for chunk in it:
+            buf += chunk
+            if b"\n\n" in buf:
+                cut = buf.rindex(b"\n\n") + 2
+                return buf[:cut], buf[cut:]
+        raise _StreamEnded("the replica closed the stream before its first event")
+
+    async def _relay(self, r: Replica, tokens: int, resp: httpx.Response, first: bytes, rest: bytes):
+        buf, done = rest, first.rstrip().endswith(b"data: [DONE]")
+        try:
+            yield first
+            async for chunk in resp._outlast_iter:
+                buf += chunk
+                if b"\n\n" in buf:
+                    cut = buf.rindex(b"\n\n") + 2
+                    out, buf = buf[:cut], buf[cut:]
+                    done = out.rstrip().endswith(b"data: [DONE]")
+                    yield out
+            if not done:
+                raise _StreamEnded("the stream ended without data: [DONE]")
+            self.m.requests.labels(r.url, "ok").inc()
+        except (httpx.TransportError, _StreamEnded) as e:
+            self._set_up(r, False, f"stream broke: {type(e).__name__}: {e}")
+            self.m.requests.labels(r.url, "stream_broken").inc()
+            yield _sse_error(f"the replica {r.url} failed while streaming ({type(e).__name__}: {e}); the response "
+                             f"above is incomplete: retry the request")
+        finally:
+            self._release(r, tokens)
+            await resp.aclose()
+
+    async def get_any(self, path: str) -> Response:
+        for r in self.replicas:
+            if r.available:
+                try:
+                    resp = await self.client.get(r.url + path, timeout=10)
+                    return Response(resp.content, status_code=resp.status_code,
+                                    media_type=resp.headers.get("content-type"))
+                except httpx.TransportError as e:
+                    self._set_up(r, False, f"{type(e).__name__}: {e}")
+        return _error(503, "no replica is up; retry shortly", "server_error", "no_replica", headers={"Retry-After": "1"})
+
+    # -- rolling reloads -------------------------------------------------------------------
+    async def rolling_reload(self, step: int, *, pin: bool = False) -> dict:
+        """Reload every replica to ``step``, one at a time, each drained of requests first.
+
+        Raises:
+            ReloadFailed: a replica refused the step (the ones already moved go back); old weights serve.
+        """
+        async with self._reload_lock:
+            if pin:
+                self.follow = False
+            self.highest_tried = max(self.highest_tried, step)
+            prev, moved = self.step, []
+            for r in self.replicas:
+                if not r.up:
+                    continue  # the supervisor starts it on current_path() when it comes back
+                status, payload = await self._reload_one(r, step)
+                if status != 200:
+                    for m in moved:
+                        if prev is not None:
+                            await self._reload_one(m, prev)
+                    msg = (payload.get("error") or {}).get("message", str(payload))
+                    if status in (404, 422):
+                        self.refused[step] = msg
+                    self.m.reloads.labels("refused").inc()
+                    raise ReloadFailed(status, f"{r.url} did not load step {step}: {msg}; step {prev} keeps serving")
+                moved.append(r)
+            self.step = step
+            self.history.append(step)
+            self.refused.pop(step, None)
+            self.m.step.set(step)
+            self.m.reloads.labels("ok").inc()
+            return self.status()
+
+    async def _reload_one(self, r: Replica, step: int) -> tuple[int, dict]:
+        others = any(x is not r and x.available for x in self.replicas)
+        if others:  # capacity stays on the others while this one swaps
+            r.draining = True
+            self.m.draining.labels(r.url).set(1)
+            deadline = time.monotonic() + self.drain_timeout
+            while r.outstanding and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        try:
+            resp = await self.client.post(r.url + "/admin/reload", json={"step": step}, timeout=self.request_timeout,
+                                          headers={"authorization": f"Bearer {self.backend_token}"})
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = {"error": {"message": resp.text}}
+            if resp.status_code == 200:
+                r.weights_version = version_of(step)
+                r.forget()
+            return resp.status_code, payload
+        except httpx.TransportError as e:
+            return 502, {"error": {"message": f"{type(e).__name__}: {e}"}}
+        finally:
+            r.draining = False
+            self.m.draining.labels(r.url).set(0)
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            if not self.follow:
+                continue
+            newer = [s for s in committed_steps(self.run_dir) if s > self.highest_tried]
+            if not newer:
+                continue
+            step = max(newer)
+            try:
+                await self.rolling_reload(step)
+                log.warning("outlast route: the fleet serves step %d", step)
+            except ReloadFailed as e:
+                log.warning("outlast route: %s", e)
+
+
+class _StreamEnded(Exception):
+    """A replica's stream stopped without its end marker."""
+
+
+class ReloadFailed(ServeError):
+    """A rolling reload stopped: a replica refused the step or could not be reached."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def create_router_app(router: Router) -> FastAPI:
+    """The router's FastAPI application: ``/v1/*`` proxied, ``/health``, ``/metrics``, ``/fleet``, ``/admin/*``.
+
+    Example:
+        >>> app = create_router_app(Router(["http://127.0.0.1:8001"]))
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        await router.start()
+        yield
+        await router.stop()
+
+    app = FastAPI(title="outlast route", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    @app.exception_handler(AdminAuthError)
+    async def _on_auth(_, e: AdminAuthError):
+        return _error(e.status, str(e), "authentication_error" if e.status == 401 else "permission_error", e.code,
+                      headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(ReloadFailed)
+    async def _on_reload(_, e: ReloadFailed):
+        return _error(e.status if e.status in (404, 422) else 502, str(e), "invalid_request_error", "reload_failed", "step")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await router.proxy("/v1/completions", await request.body())
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await router.proxy("/v1/chat/completions", await request.body())
+
+    @app.get("/v1/models")
+    async def models():
+        return await router.get_any("/v1/models")
+
+    @app.get("/health")
+    async def health():
+        up = sum(r.up for r in router.replicas)
+        if not up:
+            return _error(503, "no replica is up", "server_error", "no_replica")
+        return {"status": "ok", "replicas_up": up, "replicas": len(router.replicas)}
+
+    @app.get("/fleet")
+    async def fleet():
+        return router.status()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(router.m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def admin(request: Request) -> None:
+        require_token(request.headers.get("authorization"), router.admin_token)
+        if router.run_dir is None:
+            raise AdminAuthError("reloads are off: start the router with --watch RUN_DIR", 403, "reload_disabled")
+
+    @app.get("/admin/weights")
+    async def admin_weights(request: Request):
+        admin(request)
+        return router.status()
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        admin(request)
+        try:
+            step = json.loads(await request.body()).get("step")
+        except (ValueError, AttributeError):
+            step = None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return _error(400, f"the body must be {{\"step\": N}} with N a non-negative integer, got step={step!r}",
+                          "invalid_request_error", None, "step")
+        return await router.rolling_reload(step, pin=True)
+
+    @app.post("/admin/rollback")
+    async def admin_rollback(request: Request):
+        admin(request)
+        if len(router.history) < 2:
+            return _error(409, f"no earlier step to roll back to (served so far: {router.history})",
+                          "invalid_request_error", "nothing_to_roll_back")
+        prev = router.history[-2]
+        out = await router.rolling_reload(prev, pin=True)
+        del router.history[-3:-1]
+        return out | {"history": list(router.history)}
+
+    @app.post("/admin/follow")
+    async def admin_follow(request: Request):
+        admin(request)
+        router.follow = True
+        return router.status()
+
+    return app
+
+
+def run_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the router until interrupted (blocking).
+
+    Example:
+        >>> run_router(Router(["http://127.0.0.1:8001"]), port=8000)
+    """
+    import uvicorn
+
+    from .server import bind
+
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(create_router_app(router), log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
