@@ -63,7 +63,7 @@ def _load(url: str, stop_evt: threading.Event, out: list, errors: list, stream: 
             errors.append(repr(e))
 
 
-def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, gguf_path):
+def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
     url, run, proc, log = fleet
     stop_evt = threading.Event()
     out: list = []
@@ -116,11 +116,12 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, gguf_path):
     assert {fp for _, _, fp in out} == {"step-1", "step-2", "step-4"}
 
     # Each response equals a fresh engine started on the step it names.
-    from outlast.serve import EngineConfig, SamplingParams, load_engine
+    from outlast.serve import EngineConfig, LLMEngine, SamplingParams
+    from outlast.serve.weights import load_weights
 
     params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)
     for step in (1, 2, 4):
-        eng = load_engine(str(run / f"step-{step:08d}"), EngineConfig(num_blocks=64), tokenizer=gguf_path)
+        eng = LLMEngine(*load_weights(str(run / f"step-{step:08d}")), tokenizer, EngineConfig(num_blocks=64))
         want = {p: eng.tokenizer.decode(eng.generate([eng.tokenizer.encode(p)], params)[0]) for p in PROMPTS}
         got = [(p, text) for p, text, fp in out if fp == f"step-{step}"]
         assert got and all(text == want[p] for p, text in got), (step, [x for x in got if x[1] != want[x[0]]][:3])

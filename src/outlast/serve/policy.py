@@ -65,6 +65,8 @@ class Replica:
     outstanding: int = 0
     outstanding_tokens: int = 0
     weights_version: str = ""
+    slow_checks: int = 0
+    """Health checks in a row that timed out (several take a replica out; one refused connection does)."""
     tree: OrderedDict = field(default_factory=OrderedDict)
 
     @property

@@ -173,9 +173,15 @@ class Router:
             resp = await self.client.get(r.url + "/health", timeout=max(1.0, 4 * self.health_interval))
             if resp.status_code == 200:
                 r.weights_version = resp.json().get("weights_version", "")
+                r.slow_checks = 0
                 self._set_up(r, True)
             else:
                 self._set_up(r, False, f"/health answered {resp.status_code}")
+        except httpx.TimeoutException as e:
+            # A busy replica can be slow to answer; a dead one refuses at once (handled below).
+            r.slow_checks += 1
+            if r.slow_checks >= 3:
+                self._set_up(r, False, f"/health timed out {r.slow_checks} times in a row: {e!r}")
         except (httpx.HTTPError, ValueError) as e:
             self._set_up(r, False, f"{type(e).__name__}: {e}")
 
