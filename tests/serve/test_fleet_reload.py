@@ -26,12 +26,12 @@ MAX = 6
 
 
 @pytest.fixture()
-def fleet(tmp_path, gguf_path):
+def fleet(tmp_path, tokenizer_dir):
     run = tmp_path / "run"
     commit_step(str(run), 1)
     port = free_port()
     log = str(tmp_path / "fleet.log")
-    proc = start(["serve", "--watch", str(run), "--tokenizer", gguf_path, "--replicas", "2", "--port", str(port),
+    proc = start(["serve", "--watch", str(run), "--tokenizer", tokenizer_dir, "--replicas", "2", "--port", str(port),
                   "--kv-cache-gib", "0.02", "--max-model-len", "256", "--served-model-name", "tiny"], log)
     url = f"http://127.0.0.1:{port}"
     try:

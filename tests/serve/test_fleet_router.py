@@ -23,7 +23,7 @@ from serve_data import MAX_NEW, PROMPTS
 
 
 @pytest.fixture()
-def fleet(tmp_path, gguf_path, weights):
+def fleet(tmp_path, tokenizer_dir, weights):
     # The real model's weights as an outlast checkpoint: replicas read it in under a second, where
     # dequantising the GGUF takes several (each replica, and again on the restart).
     import outlast
@@ -33,7 +33,7 @@ def fleet(tmp_path, gguf_path, weights):
     outlast.save({"model": sd, "serve_config": cfg.to_json()}, ckpt)
     port = free_port()
     log = str(tmp_path / "fleet.log")
-    proc = start(["serve", ckpt, "--tokenizer", gguf_path, "--replicas", "2", "--port", str(port),
+    proc = start(["serve", ckpt, "--tokenizer", tokenizer_dir, "--replicas", "2", "--port", str(port),
                   "--kv-cache-gib", "0.05", "--max-model-len", "512", "--served-model-name", "m"], log)
     url = f"http://127.0.0.1:{port}"
     try:

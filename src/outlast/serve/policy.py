@@ -66,6 +66,8 @@ class Replica:
     outstanding_tokens: int = 0
     weights_version: str = ""
     slow_checks: int = 0
+    catching_up: bool = False
+    """A reload to the fleet's step is under way for this replica (it came back on other weights)."""
     """Health checks in a row that timed out (several take a replica out; one refused connection does)."""
     tree: OrderedDict = field(default_factory=OrderedDict)
 
@@ -125,6 +127,8 @@ def choose(replicas: list[Replica], cfg: RoutingConfig, hashes: list[bytes], exc
         >>> r, why = choose(replicas, RoutingConfig(), prefix_hashes(prompt, 32))
     """
     cands = [r for r in replicas if r.available and (exclude is None or r not in exclude)]
+    if not cands:  # every live replica is draining: queueing on one beats failing the request
+        cands = [r for r in replicas if r.up and (exclude is None or r not in exclude)]
     if not cands:
         return None, "none"
     if cfg.policy == "round_robin":

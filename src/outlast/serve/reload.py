@@ -93,6 +93,7 @@ class WeightsManager:
         self.refused: dict[int, str] = {}
         self.highest_tried = step if step is not None else -1
         self._lock = threading.Lock()
+        self._prepared: tuple | None = None  # (step, runtime, identity) read ahead of its swap
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="outlast-reload", daemon=True)
         m = loop.engine.metrics
@@ -117,6 +118,29 @@ class WeightsManager:
                 "committed": sorted(committed_steps(self.run_dir))}
 
     # -- changes ---------------------------------------------------------------------------
+    def prepare(self, step: int) -> dict:
+        """Read and verify ``step`` into the serving layout without serving it yet (the engine keeps
+        running); a later :meth:`reload` of the same step then only swaps. Raises as :meth:`reload`."""
+        with self._lock:
+            path = self._path(step)
+            try:
+                self._prepared = (step, *self._build(path))
+            except (CheckpointError, OSError, ValueError, KeyError) as e:
+                raise self._refuse(step, path, e) from e
+            return self.status() | {"prepared": step}
+
+    def _path(self, step: int) -> str:
+        path = committed_steps(self.run_dir).get(step)
+        if path is None:
+            raise StepNotFoundError(f"{self.run_dir} has no committed step {step} "
+                                    f"(committed: {sorted(committed_steps(self.run_dir))})")
+        self.highest_tried = max(self.highest_tried, step)
+        return path
+
+    def _build(self, path: str) -> tuple:
+        cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)
+        return LlamaRuntime(cfg, sd), weights_identity(cfg, sd)
+
     def reload(self, step: int, *, pin: bool = False) -> dict:
         """Load ``step`` and serve it (blocking until it serves).
 
@@ -128,23 +152,18 @@ class WeightsManager:
             :meth:`status` after the swap.
 
         Raises:
-            ModelLoadError: no such committed step, or it is incomplete, corrupt or does not fit;
-                the old weights keep serving and the step is listed in ``refused``.
+            StepNotFoundError: ``run_dir`` has no such committed step.
+            ModelLoadError: it is incomplete, corrupt or does not fit; the old weights keep
+                serving and the step is listed in ``refused``.
         """
         with self._lock:
             if pin:
                 self.follow = False
-            path = committed_steps(self.run_dir).get(step)
-            if path is None:
-                raise StepNotFoundError(f"{self.run_dir} has no committed step {step} "
-                                     f"(committed: {sorted(committed_steps(self.run_dir))})")
-            self.highest_tried = max(self.highest_tried, step)
+            path = self._path(step)
             t0 = time.monotonic()
+            prepared, self._prepared = self._prepared, None
             try:
-                cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)
-                identity = weights_identity(cfg, sd)
-                runtime = LlamaRuntime(cfg, sd)
-                del sd
+                runtime, identity = prepared[1:] if prepared and prepared[0] == step else self._build(path)
                 self.loop.swap_weights(runtime, identity, version_of(step))
             except ServeError as e:
                 if isinstance(e, ModelLoadError):

@@ -19,9 +19,10 @@ import json
 import logging
 import time
 
+import httpcore
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .admin import require_token
@@ -123,12 +124,15 @@ class Router:
         self.client: httpx.AsyncClient | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
+        self._side_tasks: set[asyncio.Task] = set()
         self.supervisor = None  # set by ``outlast serve --replicas``: /fleet then shows pids and restarts
 
     # -- lifecycle (inside the server's event loop) --------------------------------------
     async def start(self) -> None:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout, connect=2.0),
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self.pool = httpcore.AsyncConnectionPool(max_connections=1024, max_keepalive_connections=256)
+        self._timeouts = {"connect": 2.0, "read": self.request_timeout, "write": 30.0, "pool": 30.0}
         self._reload_lock = asyncio.Lock()
         await asyncio.gather(*(self._check(r) for r in self.replicas))
         self._tasks.append(asyncio.create_task(self._health_loop()))
@@ -143,6 +147,7 @@ class Router:
                 await t
         if self.client is not None:
             await self.client.aclose()
+            await self.pool.aclose()
 
     def current_path(self) -> str | None:
         """The step folder the fleet serves (a replica restarted by the supervisor starts from it)."""
@@ -175,6 +180,12 @@ class Router:
                 r.weights_version = resp.json().get("weights_version", "")
                 r.slow_checks = 0
                 self._set_up(r, True)
+                if (self.run_dir is not None and self.step is not None and not r.catching_up
+                        and r.weights_version != version_of(self.step) and not self._reload_lock.locked()):
+                    r.catching_up = True
+                    t = asyncio.create_task(self._catch_up(r))
+                    self._side_tasks.add(t)
+                    t.add_done_callback(self._side_tasks.discard)
             else:
                 self._set_up(r, False, f"/health answered {resp.status_code}")
         except httpx.TimeoutException as e:
@@ -201,19 +212,26 @@ class Router:
         r.outstanding_tokens -= tokens
         self.m.outstanding.labels(r.url).set(r.outstanding)
 
-    async def proxy(self, path: str, raw: bytes) -> Response:
-        """Send one POST body to a replica (retrying on others); returns the client's response."""
+    async def proxy(self, path: str, raw: bytes, send, disconnected: asyncio.Event) -> None:
+        """Answer one POST ``raw`` body on ASGI ``send``, from a replica (retrying on others).
+
+        The hot path talks ASGI and httpcore directly: FastAPI's routing and httpx's request models
+        cost more CPU than the rest of the router together.
+        """
         try:
             body = json.loads(raw)
         except ValueError:
             body = None  # the replica answers the 400
         if not isinstance(body, dict):
             body = {}
-        hashes = prefix_hashes(routing_text(body), self.config.chunk_chars) if self.config.policy == "cache_aware" else []
+        text = routing_text(body)
+        hashes = prefix_hashes(text, self.config.chunk_chars) if self.config.policy == "cache_aware" else []
         mt = body.get("max_tokens") or body.get("max_completion_tokens")
-        tokens = len(routing_text(body)) // 4 + (mt if isinstance(mt, int) else 256)
+        tokens = len(text) // 4 + (mt if isinstance(mt, int) else 256)
         tried: set = set()
         why_failed = "no replica is up"
+        headers = [(b"host", b"outlast-replica"), (b"content-type", b"application/json"),
+                   (b"content-length", str(len(raw)).encode())]
         while True:
             r, why = choose(self.replicas, self.config, hashes, tried)
             if r is None:
@@ -221,80 +239,73 @@ class Router:
             tried.add(r)
             self.m.decisions.labels(why).inc()
             self._take(r, tokens)
-            kept = False
+            resp = None
             try:
-                req = self.client.build_request("POST", r.url + path, content=raw,
-                                                headers={"content-type": "application/json"})
-                resp = await self.client.send(req, stream=True)
-                try:
-                    if resp.status_code in (429, 503) and any(x.available and x not in tried for x in self.replicas):
-                        self.m.retries.labels(r.url, str(resp.status_code)).inc()
-                        why_failed = f"{r.url} answered {resp.status_code}"
-                        continue
-                    if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                        first, rest = await self._first_events(resp)
-                        r.remember(hashes, self.config.tree_chunks)
-                        kept = True
-                        return StreamingResponse(self._relay(r, tokens, resp, first, rest),
-                                                 media_type="text/event-stream",
-                                                 headers={"Cache-Control": "no-cache", "x-outlast-replica": r.url})
-                    content = await resp.aread()
-                finally:
-                    if not kept:
-                        await resp.aclose()
-            except (httpx.TransportError, _StreamEnded) as e:
+                resp = await self.pool.handle_async_request(httpcore.Request(
+                    b"POST", r.url + path, headers=headers, content=raw, extensions={"timeout": self._timeouts}))
+                ctype = _header(resp.headers, b"content-type")
+                if resp.status in (429, 503) and any(x.available and x not in tried for x in self.replicas):
+                    self.m.retries.labels(r.url, str(resp.status)).inc()
+                    why_failed = f"{r.url} answered {resp.status}"
+                    continue
+                out_headers = [(b"content-type", ctype or b"application/json"), (b"x-outlast-replica", r.url.encode())]
+                retry_after = _header(resp.headers, b"retry-after")
+                if retry_after:
+                    out_headers.append((b"retry-after", retry_after))
+                it = resp.aiter_stream()
+                if ctype.startswith(b"text/event-stream"):
+                    first, rest = await _first_events(it)
+                    r.remember(hashes, self.config.tree_chunks)
+                    await send({"type": "http.response.start", "status": resp.status,
+                                "headers": out_headers + [(b"cache-control", b"no-cache")]})
+                    await self._relay(r, it, first, rest, send, disconnected)
+                    return
+                content = b"".join([c async for c in it])
+            except _NETWORK as e:
                 why_failed = f"{r.url}: {type(e).__name__}: {e}"
                 self._set_up(r, False, why_failed)
                 self.m.retries.labels(r.url, "unreachable").inc()
                 continue
             finally:
-                if not kept:
-                    self._release(r, tokens)
+                self._release(r, tokens)
+                if resp is not None:
+                    await resp.aclose()
             r.remember(hashes, self.config.tree_chunks)
-            self.m.requests.labels(r.url, "ok" if resp.status_code < 400 else "http_error").inc()
-            headers = {"x-outlast-replica": r.url}
-            if "retry-after" in resp.headers:
-                headers["Retry-After"] = resp.headers["retry-after"]
-            return Response(content, status_code=resp.status_code, headers=headers,
-                            media_type=resp.headers.get("content-type"))
+            self.m.requests.labels(r.url, "ok" if resp.status < 400 else "http_error").inc()
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            await send({"type": "http.response.body", "body": content})
+            return
         self.m.requests.labels("none", "no_replica").inc()
-        return _error(503, f"no replica could take the request ({why_failed}); retry shortly", "server_error",
-                      "no_replica", headers={"Retry-After": "1"})
+        err = json.dumps({"error": {"message": f"no replica could take the request ({why_failed}); retry shortly",
+                                    "type": "server_error", "param": None, "code": "no_replica"}}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": err})
 
-    async def _first_events(self, resp: httpx.Response) -> tuple[bytes, bytes]:
-        """Read until one whole event: before it, a failure can still be retried elsewhere."""
-        it = resp.aiter_raw()
-        resp._outlast_iter = it  # the relay continues the same iterator
-        buf = b""
-        async for chunk in it:
-            buf += chunk
-            if b"\n\n" in buf:
-                cut = buf.rindex(b"\n\n") + 2
-                return buf[:cut], buf[cut:]
-        raise _StreamEnded("the replica closed the stream before its first event")
-
-    async def _relay(self, r: Replica, tokens: int, resp: httpx.Response, first: bytes, rest: bytes):
+    async def _relay(self, r: Replica, it, first: bytes, rest: bytes, send, disconnected: asyncio.Event) -> None:
+        """Forward whole events; a stream that breaks gets an error event instead of a silent end."""
         buf, done = rest, first.rstrip().endswith(b"data: [DONE]")
+        await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
-            yield first
-            async for chunk in resp._outlast_iter:
+            async for chunk in it:
+                if disconnected.is_set():
+                    return  # the client left: closing our side makes the replica abort the request
                 buf += chunk
                 if b"\n\n" in buf:
                     cut = buf.rindex(b"\n\n") + 2
                     out, buf = buf[:cut], buf[cut:]
                     done = out.rstrip().endswith(b"data: [DONE]")
-                    yield out
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
             if not done:
                 raise _StreamEnded("the stream ended without data: [DONE]")
             self.m.requests.labels(r.url, "ok").inc()
-        except (httpx.TransportError, _StreamEnded) as e:
+            await send({"type": "http.response.body", "body": b""})
+        except _NETWORK as e:
             self._set_up(r, False, f"stream broke: {type(e).__name__}: {e}")
             self.m.requests.labels(r.url, "stream_broken").inc()
-            yield _sse_error(f"the replica {r.url} failed while streaming ({type(e).__name__}: {e}); the response "
-                             f"above is incomplete: retry the request")
-        finally:
-            self._release(r, tokens)
-            await resp.aclose()
+            await send({"type": "http.response.body", "more_body": False, "body": _sse_error(
+                f"the replica {r.url} failed while streaming ({type(e).__name__}: {e}); the response above is "
+                f"incomplete: retry the request")})
 
     async def get_any(self, path: str) -> Response:
         for r in self.replicas:
@@ -309,30 +320,36 @@ class Router:
 
     # -- rolling reloads -------------------------------------------------------------------
     async def rolling_reload(self, step: int, *, pin: bool = False) -> dict:
-        """Reload every replica to ``step``, one at a time, each drained of requests first.
+        """Move every replica to ``step``: all read and verify it while serving, then one at a time is
+        drained and swapped, so the others keep the capacity.
 
         Raises:
-            ReloadFailed: a replica refused the step (the ones already moved go back); old weights serve.
+            ReloadFailed: a replica refused the step (replicas already swapped go back); old weights serve.
         """
         async with self._reload_lock:
             if pin:
                 self.follow = False
             self.highest_tried = max(self.highest_tried, step)
-            prev, moved = self.step, []
-            for r in self.replicas:
-                if not r.up:
-                    continue  # the supervisor starts it on current_path() when it comes back
-                status, payload = await self._reload_one(r, step)
+            prev = self.step
+            live = [r for r in self.replicas if r.up]
+            prepared = await asyncio.gather(*(self._admin(r, {"step": step, "prepare_only": True}) for r in live))
+            for r, (status, payload) in zip(live, prepared):
+                if status in (404, 422):
+                    raise self._failed(step, prev, r, status, payload)
+            moved = []
+            for r, (status, _) in zip(live, prepared):
                 if status != 200:
+                    continue  # unreachable (dead or restarting): the health checks catch it up later
+                status, payload = await self._swap_one(r, step)
+                if status in (404, 422):
                     for m in moved:
                         if prev is not None:
-                            await self._reload_one(m, prev)
-                    msg = (payload.get("error") or {}).get("message", str(payload))
-                    if status in (404, 422):
-                        self.refused[step] = msg
-                    self.m.reloads.labels("refused").inc()
-                    raise ReloadFailed(status, f"{r.url} did not load step {step}: {msg}; step {prev} keeps serving")
-                moved.append(r)
+                            await self._swap_one(m, prev)
+                    raise self._failed(step, prev, r, status, payload)
+                if status == 200:
+                    moved.append(r)
+            if not moved:
+                raise self._failed(step, prev, None, 502, {"error": {"message": "no replica could be reached"}})
             self.step = step
             self.history.append(step)
             self.refused.pop(step, None)
@@ -340,30 +357,54 @@ class Router:
             self.m.reloads.labels("ok").inc()
             return self.status()
 
-    async def _reload_one(self, r: Replica, step: int) -> tuple[int, dict]:
+    def _failed(self, step: int, prev: int | None, r: Replica | None, status: int, payload: dict) -> "ReloadFailed":
+        msg = (payload.get("error") or {}).get("message", str(payload))
+        if status in (404, 422):
+            self.refused[step] = msg
+        self.m.reloads.labels("refused" if status in (404, 422) else "failed").inc()
+        where = r.url if r is not None else "the fleet"
+        return ReloadFailed(status, f"{where} did not load step {step}: {msg}; step {prev} keeps serving")
+
+    async def _admin(self, r: Replica, body: dict) -> tuple[int, dict]:
+        try:
+            resp = await self.client.post(r.url + "/admin/reload", json=body, timeout=self.request_timeout,
+                                          headers={"authorization": f"Bearer {self.backend_token}"})
+        except httpx.TransportError as e:
+            return 502, {"error": {"message": f"{type(e).__name__}: {e}"}}
+        try:
+            return resp.status_code, resp.json()
+        except ValueError:
+            return resp.status_code, {"error": {"message": resp.text}}
+
+    async def _swap_one(self, r: Replica, step: int) -> tuple[int, dict]:
         others = any(x is not r and x.available for x in self.replicas)
         if others:  # capacity stays on the others while this one swaps
             r.draining = True
             self.m.draining.labels(r.url).set(1)
             deadline = time.monotonic() + self.drain_timeout
-            while r.outstanding and time.monotonic() < deadline:
+            while r.outstanding and time.monotonic() < deadline and any(
+                    x is not r and x.available for x in self.replicas):
                 await asyncio.sleep(0.01)
         try:
-            resp = await self.client.post(r.url + "/admin/reload", json={"step": step}, timeout=self.request_timeout,
-                                          headers={"authorization": f"Bearer {self.backend_token}"})
-            try:
-                payload = resp.json()
-            except ValueError:
-                payload = {"error": {"message": resp.text}}
-            if resp.status_code == 200:
+            status, payload = await self._admin(r, {"step": step})
+            if status == 200:
                 r.weights_version = version_of(step)
                 r.forget()
-            return resp.status_code, payload
-        except httpx.TransportError as e:
-            return 502, {"error": {"message": f"{type(e).__name__}: {e}"}}
+            return status, payload
         finally:
             r.draining = False
             self.m.draining.labels(r.url).set(0)
+
+    async def _catch_up(self, r: Replica) -> None:
+        """A replica that came back on other weights (restarted mid-reload) is moved to the fleet's step."""
+        try:
+            async with self._reload_lock:
+                if r.up and self.step is not None and r.weights_version != version_of(self.step):
+                    status, payload = await self._swap_one(r, self.step)
+                    if status != 200:
+                        log.warning("outlast route: %s could not catch up to step %s: %s", r.url, self.step, payload)
+        finally:
+            r.catching_up = False
 
     async def _watch_loop(self) -> None:
         while True:
@@ -385,6 +426,27 @@ class _StreamEnded(Exception):
     """A replica's stream stopped without its end marker."""
 
 
+_NETWORK = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException, _StreamEnded)
+
+
+def _header(headers: list, name: bytes) -> bytes:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return b""
+
+
+async def _first_events(it) -> tuple[bytes, bytes]:
+    """Read until one whole event: before it, a failure can still be retried elsewhere."""
+    buf = b""
+    async for chunk in it:
+        buf += chunk
+        if b"\n\n" in buf:
+            cut = buf.rindex(b"\n\n") + 2
+            return buf[:cut], buf[cut:]
+    raise _StreamEnded("the replica closed the stream before its first event")
+
+
 class ReloadFailed(ServeError):
     """A rolling reload stopped: a replica refused the step or could not be reached."""
 
@@ -393,8 +455,13 @@ class ReloadFailed(ServeError):
         self.status = status
 
 
-def create_router_app(router: Router) -> FastAPI:
-    """The router's FastAPI application: ``/v1/*`` proxied, ``/health``, ``/metrics``, ``/fleet``, ``/admin/*``.
+_PROXIED = frozenset(("/v1/completions", "/v1/chat/completions"))
+
+
+def create_router_app(router: Router):
+    """The router's ASGI application: ``/v1/*`` proxied, ``/health``, ``/metrics``, ``/fleet``, ``/admin/*``.
+
+    The two POST routes are answered by a plain ASGI function in front of FastAPI (which serves the rest).
 
     Example:
         >>> app = create_router_app(Router(["http://127.0.0.1:8001"]))
@@ -416,14 +483,6 @@ def create_router_app(router: Router) -> FastAPI:
     @app.exception_handler(ReloadFailed)
     async def _on_reload(_, e: ReloadFailed):
         return _error(e.status if e.status in (404, 422) else 502, str(e), "invalid_request_error", "reload_failed", "step")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await router.proxy("/v1/completions", await request.body())
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await router.proxy("/v1/chat/completions", await request.body())
 
     @app.get("/v1/models")
     async def models():
@@ -483,7 +542,30 @@ def create_router_app(router: Router) -> FastAPI:
         router.follow = True
         return router.status()
 
-    return app
+    async def asgi(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _PROXIED:
+            return await app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        disconnected = asyncio.Event()
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await router.proxy(scope["path"], b"".join(chunks), send, disconnected)
+        finally:
+            watcher.cancel()
+
+    return asgi
 
 
 def run_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
