@@ -76,7 +76,8 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def counters(url: str) -> dict:
     out = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        m = re.match(r"^(outlast_serve_prefix_cache_(?:hits|queries)_tokens_total) (\S+)$", line)
+        m = re.match(r"^(outlast_serve_prefix_cache_(?:hits|queries)_tokens_total|"
+                     r"outlast_serve_weight_(?:prepare|reload)_seconds_(?:sum|count)) (\S+)$", line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
@@ -273,7 +274,10 @@ def main() -> None:
         first2 = min((t for t, fp in loop.ok if fp == "step-2"), default=None)
         reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None,
                   "failed_requests": len(loop.failed), "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
-                  "failure_samples": loop.failed[:2] + loop.cut_streams[:2], "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"]}
+                  "failure_samples": loop.failed[:2] + loop.cut_streams[:2],
+                  "replica_prepare_s": [c.get("outlast_serve_weight_prepare_seconds_sum") for c in map(counters, replicas)],
+                  "replica_swap_call_s": [c.get("outlast_serve_weight_reload_seconds_sum") for c in map(counters, replicas)],
+                  "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"]}
 
         # Replica kill under load.
         with Loop(ca, 60) as loop:
@@ -322,6 +326,7 @@ def main() -> None:
             ("TTFT p50 round-robin (s)", conv_rr["ttft_p50_s"]),
             ("TTFT p50 cache-aware (s)", conv_ca["ttft_p50_s"]),
             ("commit -> first response on the new step (s)", reload["commit_to_first_response_s"]),
+            ("  replicas' read+verify+build (s)", " / ".join(f"{x:.2f}" for x in reload["replica_prepare_s"] if x is not None)),
             ("failed requests during reload (of total)", f"{reload['failed_requests']} of {reload['requests'] + reload['failed_requests']}"),
             ("kill -9: out of rotation after (s)", kill["out_of_rotation_s"]),
             ("kill -9: failed requests / cut streams (of total)", f"{kill['failed_requests']} / {kill['cut_streams']} of {kill['requests'] + kill['failed_requests'] + kill['cut_streams']}")]

@@ -33,8 +33,10 @@ class ServeMetrics:
         self.weights_step.set(-1)
         self.reloads = Counter("outlast_serve_weight_reloads", "Hot reloads by outcome (ok, refused, failed)",
                                ["outcome"], registry=r)
-        self.reload_seconds = Histogram("outlast_serve_weight_reload_seconds", "Read + build + swap of new weights",
-                                        buckets=_LAT, registry=r)
+        self.reload_seconds = Histogram("outlast_serve_weight_reload_seconds", "Reload call: read + build (unless "
+                                        "prepared) + wait for running requests + swap", buckets=_LAT, registry=r)
+        self.prepare_seconds = Histogram("outlast_serve_weight_prepare_seconds", "Reading, verifying and building "
+                                         "new weights ahead of their swap", buckets=_LAT, registry=r)
         self.itl = Histogram("outlast_serve_inter_token_latency_seconds", "Time between tokens", buckets=_LAT, registry=r)
 
     def render(self) -> bytes:

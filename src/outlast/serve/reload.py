@@ -123,8 +123,10 @@ class WeightsManager:
         running); a later :meth:`reload` of the same step then only swaps. Raises as :meth:`reload`."""
         with self._lock:
             path = self._path(step)
+            t0 = time.monotonic()
             try:
                 self._prepared = (step, *self._build(path))
+                self.loop.engine.metrics.prepare_seconds.observe(time.monotonic() - t0)
             except (CheckpointError, OSError, ValueError, KeyError) as e:
                 raise self._refuse(step, path, e) from e
             return self.status() | {"prepared": step}
