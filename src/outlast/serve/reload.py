@@ -201,8 +201,7 @@ class WeightsManager:
             raise ModelLoadError(f"no earlier step to roll back to (served so far: {self.history})")
         prev = self.history[-2]
         out = self.reload(prev, pin=True)
-        del self.history[-2:]  # the rollback undoes the last change instead of adding one
-        self.history.append(prev)
+        del self.history[-2:]  # [..., prev, current, prev] -> [..., prev]: a rollback undoes, it adds nothing
         return out | {"history": list(self.history)}
 
     def resume_following(self) -> dict:

@@ -320,8 +320,9 @@ class Router:
 
     # -- rolling reloads -------------------------------------------------------------------
     async def rolling_reload(self, step: int, *, pin: bool = False) -> dict:
-        """Move every replica to ``step``: all read and verify it while serving, then one at a time is
-        drained and swapped, so the others keep the capacity.
+        """Move every replica to ``step``, one at a time: each reads and verifies it while still serving,
+        then is drained and swapped, so the others keep the capacity. One at a time also keeps the
+        reading off the other replicas' cores, so the first replica serves the new step sooner.
 
         Raises:
             ReloadFailed: a replica refused the step (replicas already swapped go back); old weights serve.
@@ -330,17 +331,11 @@ class Router:
             if pin:
                 self.follow = False
             self.highest_tried = max(self.highest_tried, step)
-            prev = self.step
-            live = [r for r in self.replicas if r.up]
-            prepared = await asyncio.gather(*(self._admin(r, {"step": step, "prepare_only": True}) for r in live))
-            for r, (status, payload) in zip(live, prepared):
-                if status in (404, 422):
-                    raise self._failed(step, prev, r, status, payload)
-            moved = []
-            for r, (status, _) in zip(live, prepared):
-                if status != 200:
-                    continue  # unreachable (dead or restarting): the health checks catch it up later
-                status, payload = await self._swap_one(r, step)
+            prev, moved = self.step, []
+            for r in [r for r in self.replicas if r.up]:
+                status, payload = await self._admin(r, {"step": step, "prepare_only": True})
+                if status == 200:
+                    status, payload = await self._swap_one(r, step)
                 if status in (404, 422):
                     for m in moved:
                         if prev is not None:
@@ -348,6 +343,7 @@ class Router:
                     raise self._failed(step, prev, r, status, payload)
                 if status == 200:
                     moved.append(r)
+                # else unreachable (dead or restarting): the health checks catch it up later
             if not moved:
                 raise self._failed(step, prev, None, 502, {"error": {"message": "no replica could be reached"}})
             self.step = step
