@@ -49,16 +49,17 @@ def _load(url: str, stop_evt: threading.Event, out: list, errors: list, stream: 
         if stop_evt.is_set() or time.monotonic() > deadline:
             return
         p = PROMPTS[i % len(PROMPTS)]
+        sent = time.monotonic()
         try:
             kw = dict(model="tiny", prompt=p, max_tokens=MAX, temperature=0, extra_body={"ignore_eos": True})
             if stream:
                 chunks = list(client.completions.create(stream=True, **kw))
                 fps = {c.system_fingerprint for c in chunks}
                 assert len(fps) == 1, fps  # one request, one version of the weights
-                out.append((p, "".join(c.choices[0].text for c in chunks if c.choices), fps.pop()))
+                out.append((p, "".join(c.choices[0].text for c in chunks if c.choices), fps.pop(), sent))
             else:
                 r = client.completions.create(**kw)
-                out.append((p, r.choices[0].text, r.system_fingerprint))
+                out.append((p, r.choices[0].text, r.system_fingerprint, sent))
         except Exception as e:  # noqa: BLE001 - every failure is reported by the test
             errors.append(repr(e))
 
@@ -72,7 +73,9 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
     for t in threads:
         t.start()
     try:
-        served = lambda step: any(fp == f"step-{step}" for _, _, fp in out[-6:])  # noqa: E731
+        served = lambda step: any(x[2] == f"step-{step}" for x in out[-6:])  # noqa: E731
+        # Responses to requests sent after time t (one received just before may still be on its way in).
+        since = lambda t: [x for x in out if x[3] > t]  # noqa: E731
         wait_for(lambda: served(1), 60, "responses from step 1", proc, log)
         commit_step(str(run), 2)
         wait_for(lambda: served(2), 60, "responses from step 2 after its commit", proc, log)
@@ -83,9 +86,9 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
         corrupt(bad)
         os.rename(bad, run / os.path.basename(bad))
         wait_for(lambda: "3" in httpx.get(url + "/fleet", timeout=5).json()["refused"], 60, "step 3 refused", proc, log)
-        n = len(out)
-        wait_for(lambda: len(out) >= n + 4, 60, "responses after the refusal", proc, log)
-        assert {fp for _, _, fp in out[n:]} == {"step-2"}
+        t = time.monotonic()
+        wait_for(lambda: len(since(t)) >= 4, 60, "responses after the refusal", proc, log)
+        assert {x[2] for x in since(t)} == {"step-2"}
         commit_step(str(run), 4)
         wait_for(lambda: served(4), 60, "responses from step 4 (the watcher goes on past a refused step)", proc, log)
 
@@ -102,9 +105,9 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
         r = httpx.post(url + "/admin/rollback", headers={"authorization": f"Bearer {TOKEN}"}, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["step"] == 2 and {x["weights_version"] for x in r.json()["replicas"]} == {"step-2"}
-        n = len(out)
-        wait_for(lambda: len(out) >= n + 4, 60, "responses after the rollback", proc, log)
-        assert {fp for _, _, fp in out[n:]} == {"step-2"}
+        t = time.monotonic()
+        wait_for(lambda: len(since(t)) >= 4, 60, "responses after the rollback", proc, log)
+        assert {x[2] for x in since(t)} == {"step-2"}
         r = httpx.post(url + "/admin/reload", json={"step": 3}, headers={"authorization": f"Bearer {TOKEN}"}, timeout=120)
         assert r.status_code == 422 and "step 3" in r.json()["error"]["message"], r.text
     finally:
@@ -113,7 +116,7 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
             t.join(90)
     assert not any(t.is_alive() for t in threads)
     assert errors == [], errors[:5]
-    assert {fp for _, _, fp in out} == {"step-1", "step-2", "step-4"}
+    assert {x[2] for x in out} == {"step-1", "step-2", "step-4"}
 
     # Each response equals a fresh engine started on the step it names.
     from outlast.serve import EngineConfig, LLMEngine, SamplingParams
@@ -123,6 +126,6 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
     for step in (1, 2, 4):
         eng = LLMEngine(*load_weights(str(run / f"step-{step:08d}")), tokenizer, EngineConfig(num_blocks=64))
         want = {p: eng.tokenizer.decode(eng.generate([eng.tokenizer.encode(p)], params)[0]) for p in PROMPTS}
-        got = [(p, text) for p, text, fp in out if fp == f"step-{step}"]
+        got = [(p, text) for p, text, fp, _ in out if fp == f"step-{step}"]
         assert got and all(text == want[p] for p, text in got), (step, [x for x in got if x[1] != want[x[0]]][:3])
     shutil.rmtree(run, ignore_errors=True)
