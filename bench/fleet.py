@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -303,6 +304,7 @@ def main() -> None:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)  # two 540 MB checkpoints
 
     load = os.getloadavg()
     ratio = conv_ca["hit_rate"] / max(conv_rr["hit_rate"], 1e-9)

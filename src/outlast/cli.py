@@ -345,7 +345,8 @@ def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy:
     import secrets
 
     from .serve.policy import RoutingConfig
-    from .serve.router import Router, run_router
+    from .serve.router import Router
+    from .serve.router_app import run_router
     from .serve.supervisor import Supervisor, free_port, replica_argv
 
     opts = [x for k, v in options if v is not None for x in (k, str(v))]
@@ -401,7 +402,8 @@ def route_cmd(backends: tuple[str, ...], host: str, port: int, policy: str, watc
 
     from .serve.admin import token_from
     from .serve.policy import RoutingConfig
-    from .serve.router import Router, run_router
+    from .serve.router import Router
+    from .serve.router_app import run_router
 
     token = token_from(admin_token)
     router = Router(list(backends), RoutingConfig(policy=policy), admin_token=token,
