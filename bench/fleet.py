@@ -77,7 +77,8 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def counters(url: str) -> dict:
     out = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        m = re.match(r"^(outlast_serve_prefix_cache_(?:hits|queries)_tokens_total|"
+        m = re.match(r"^(outlast_serve_prefix_cache_(?:hits|queries)_tokens_total|outlast_serve_preemptions_total|"
+                     r"outlast_router_decisions_total\{reason=\"\w+\"\}|"
                      r"outlast_serve_weight_(?:prepare|reload)_seconds_(?:sum|count)) (\S+)$", line)
         if m:
             out[m.group(1)] = float(m.group(2))
@@ -132,6 +133,7 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
     import openai
 
     before = [counters(r) for r in replicas]
+    route_before = counters(router)
     ttft, errors = [], []
     client = openai.OpenAI(base_url=router + "/v1", api_key="unused", timeout=120, max_retries=0)
 
@@ -161,12 +163,17 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
     for th in threads:
         th.join(600)
     after = [counters(r) for r in replicas]
+    route_after = counters(router)
+    decisions = {k.split('"')[1]: v - route_before.get(k, 0) for k, v in route_after.items() if "decisions" in k}
+    preempt = sum(a.get("outlast_serve_preemptions_total", 0) - b.get("outlast_serve_preemptions_total", 0)
+                  for a, b in zip(after, before))
     hits = sum(a["outlast_serve_prefix_cache_hits_tokens_total"] - b["outlast_serve_prefix_cache_hits_tokens_total"]
                for a, b in zip(after, before))
     queries = sum(a["outlast_serve_prefix_cache_queries_tokens_total"] - b["outlast_serve_prefix_cache_queries_tokens_total"]
                   for a, b in zip(after, before))
     return {"hit_rate": hits / max(queries, 1), "ttft_p50_s": statistics.median(ttft) if ttft else None,
-            "ttft_mean_s": statistics.mean(ttft) if ttft else None, "requests": len(ttft), "errors": len(errors)}
+            "ttft_mean_s": statistics.mean(ttft) if ttft else None, "requests": len(ttft), "errors": len(errors),
+            "preemptions": preempt, "decisions": decisions}
 
 
 class Loop:
@@ -311,7 +318,9 @@ def main() -> None:
     summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib, "cpus": os.cpu_count(), "startup_s": startup,
                "overhead": over, "round_robin": conv_rr, "cache_aware": conv_ca, "hit_rate_ratio": ratio,
                "reload": reload, "kill": kill,
-               "targets": {"router_overhead_p50_le_1ms": over["completion_overhead_p50_ms"] <= 1.0,
+               # Both differences must be within 1 ms: the completion one alone is mostly engine noise.
+               "targets": {"router_overhead_p50_le_1ms": max(over["completion_overhead_p50_ms"],
+                                                             over["models_overhead_p50_ms"]) <= 1.0,
                            "hit_rate_ratio_ge_1.8": ratio >= 1.8,
                            "reload_visible_le_2s": (reload["commit_to_first_response_s"] or 1e9) <= 2.0,
                            "zero_failed_during_reload": reload["failed_requests"] == 0 and reload["cut_streams"] == 0}}
@@ -327,6 +336,7 @@ def main() -> None:
             ("  ratio cache-aware / round-robin", ratio),
             ("TTFT p50 round-robin (s)", conv_rr["ttft_p50_s"]),
             ("TTFT p50 cache-aware (s)", conv_ca["ttft_p50_s"]),
+            ("preemptions round-robin / cache-aware", f"{conv_rr['preemptions']:.0f} / {conv_ca['preemptions']:.0f}"),
             ("commit -> first response on the new step (s)", reload["commit_to_first_response_s"]),
             ("  replicas' read+verify+build (s)", " / ".join(f"{x:.2f}" for x in reload["replica_prepare_s"] if x is not None)),
             ("failed requests during reload (of total)", f"{reload['failed_requests']} of {reload['requests'] + reload['failed_requests']}"),
