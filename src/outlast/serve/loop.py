@@ -128,6 +128,8 @@ class EngineLoop:
             ModelLoadError: the new weights do not fit the served architecture (old ones stay).
             ServeError: the loop stopped or did not swap within ``timeout`` seconds.
         """
+        if not self.alive:
+            raise ServeError(f"the engine loop has stopped ({self.error!r}); no weights can be swapped in")
         done = threading.Event()
         box: list = []
         self._inbox.put(("swap", (runtime, identity, version, done, box)))
