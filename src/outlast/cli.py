@@ -237,7 +237,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 
 
 @main.command(name="serve")
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--max-num-seqs", default=32, show_default=True, type=click.IntRange(1), help="Most sequences at once.")
@@ -259,23 +259,59 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 @click.option("--tokenizer", default=None, type=click.Path(exists=True),
               help="GGUF file or HF directory with the tokenizer (default MODEL).")
 @click.option("--served-model-name", default=None, help="The model id clients use (default MODEL's file name).")
-def serve_cmd(model: str, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
+@click.option("--watch", "watch", default=None, type=click.Path(file_okay=False),
+              help="A Checkpointer run directory: serve each newly committed, verified step (hot reload).")
+@click.option("--no-follow", is_flag=True, help="With --watch: reload only through the admin endpoint.")
+@click.option("--admin-token", default=None, help="Bearer token of the /admin routes (default $OUTLAST_ADMIN_TOKEN; "
+              "none: admin off).")
+@click.option("--replicas", default=None, type=click.IntRange(1),
+              help="Run N engine processes behind a router on --port (restarted if they die).")
+@click.option("--policy", default="cache_aware", show_default=True,
+              type=click.Choice(["cache_aware", "least_tokens", "round_robin"]), help="With --replicas: routing policy.")
+def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
               no_prefix_caching: bool, blas_threads: int, prefix: str, config_path: str | None, tokenizer: str | None,
-              served_model_name: str | None) -> None:
+              served_model_name: str | None, watch: str | None, no_follow: bool, admin_token: str | None,
+              replicas: int | None, policy: str) -> None:
     """Serve MODEL (a GGUF file, HF directory or outlast checkpoint) over an OpenAI-compatible API.
+
+    With --watch RUN_DIR, MODEL may be left out (the newest committed step serves first) and each
+    newly committed step is hot-loaded. With --replicas N, N engine processes run behind a router.
 
     \b
     Examples:
       outlast serve SmolLM2-135M-Instruct.Q4_1.gguf --port 8000
       outlast serve ckpt/step-00001000 --tokenizer model.gguf --kv-disk /tmp/kv
+      outlast serve --watch runs/exp1 --tokenizer model.gguf --replicas 2 --admin-token $TOKEN
     """
     import os
 
     from .serve import EngineConfig, ServeError, load_engine
+    from .serve.admin import token_from
     from .serve.loop import EngineLoop
+    from .serve.reload import committed_steps, step_of
     from .serve.server import serve
 
+    if model is None:
+        steps = committed_steps(watch) if watch else {}
+        if not steps:
+            click.echo("error: give MODEL, or --watch RUN_DIR holding at least one committed step-* checkpoint",
+                       err=True)
+            sys.exit(EXIT_BAD)
+        model = steps[max(steps)]
+    start_step = None
+    if watch and os.path.dirname(os.path.abspath(model)) == os.path.abspath(watch):
+        start_step = step_of(model)
+    name = served_model_name or os.path.basename(os.path.normpath(watch if watch and start_step is not None else model))
+    if replicas is not None:
+        _serve_replicas(model, name, host, port, replicas, policy, watch, start_step, token_from(admin_token),
+                        [("--max-num-seqs", max_num_seqs), ("--token-budget", token_budget),
+                         ("--kv-cache-gib", kv_cache_gib), ("--kv-disk-gib", kv_disk_gib),
+                         ("--max-model-len", max_model_len), ("--max-waiting", max_waiting),
+                         ("--blas-threads", blas_threads), ("--prefix", prefix), ("--config", config_path),
+                         ("--tokenizer", tokenizer), ("--served-model-name", name)],
+                        kv_disk, no_prefix_caching)
+        return
     try:
         ec = EngineConfig(max_num_seqs=max_num_seqs, token_budget=token_budget, kv_cache_gib=kv_cache_gib,
                           kv_disk_dir=kv_disk, kv_disk_gib=kv_disk_gib, max_model_len=max_model_len,
@@ -285,15 +321,97 @@ def serve_cmd(model: str, host: str, port: int, max_num_seqs: int, token_budget:
     except (ServeError, CheckpointError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD)
-    name = served_model_name or os.path.basename(os.path.normpath(model))
     loop = EngineLoop(engine)
     loop.start()
-    click.echo(f"serving {name} on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV blocks of "
-               f"{engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
+    weights = None
+    if watch:
+        from .serve.reload import WeightsManager
+
+        weights = WeightsManager(loop, watch, prefix=prefix, config=config_path, follow=not no_follow,
+                                 step=start_step).start()
+    click.echo(f"serving {name} ({engine.weights_version}) on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV "
+               f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
     try:
-        serve(loop, name, host, port)
+        serve(loop, name, host, port, weights=weights, admin_token=token_from(admin_token))
     finally:
+        if weights is not None:
+            weights.close()
         loop.close()
+
+
+def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy: str, watch: str | None,
+                    start_step: int | None, admin_token: str | None, options: list, kv_disk: str | None,
+                    no_prefix_caching: bool) -> None:
+    import os
+    import secrets
+
+    from .serve.policy import RoutingConfig
+    from .serve.router import Router
+    from .serve.router_app import run_router
+    from .serve.supervisor import Supervisor, free_port, replica_argv
+
+    opts = [x for k, v in options if v is not None for x in (k, str(v))]
+    if no_prefix_caching:
+        opts.append("--no-prefix-caching")
+    if watch:
+        opts += ["--watch", watch, "--no-follow"]  # the router rolls reloads across replicas, one at a time
+    internal = secrets.token_urlsafe(24)  # the replicas' admin token: only the router knows it
+    env = dict(os.environ, OUTLAST_ADMIN_TOKEN=internal)
+    ports = [free_port() for _ in range(n)]
+    router = Router([f"http://127.0.0.1:{p}" for p in ports], RoutingConfig(policy=policy), admin_token=admin_token,
+                    backend_token=internal, run_dir=watch, step=start_step)
+
+    def argv(p: int, m: str) -> list[str]:
+        extra = ["--kv-disk", os.path.join(kv_disk, f"replica-{p}")] if kv_disk else []
+        return replica_argv(m, p, opts + extra)
+
+    sup = Supervisor(argv, ports, lambda: router.current_path() or model, env=env).start()
+    router.supervisor = sup
+    click.echo(f"routing {name} ({policy}) on http://{host}:{port}/v1 to {n} replicas on ports "
+               f"{', '.join(map(str, ports))}", err=True)
+    try:
+        run_router(router, host, port)
+    finally:
+        sup.close()
+
+
+@main.command(name="route")
+@click.option("--backend", "backends", multiple=True, required=True,
+              help="A replica's base URL (repeat): http://127.0.0.1:8001")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--policy", default="cache_aware", show_default=True,
+              type=click.Choice(["cache_aware", "least_tokens", "round_robin"]))
+@click.option("--watch", default=None, type=click.Path(file_okay=False),
+              help="Follow this Checkpointer run directory, reloading the replicas one at a time "
+                   "(run them with --watch RUN_DIR --no-follow).")
+@click.option("--admin-token", default=None, help="Bearer token of the router's /admin routes "
+              "(default $OUTLAST_ADMIN_TOKEN).")
+@click.option("--backend-token", default=None, help="Bearer token of the replicas' /admin routes "
+              "(default $OUTLAST_BACKEND_TOKEN, else the admin token).")
+@click.option("--health-interval", default=0.2, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds between health checks of each replica.")
+def route_cmd(backends: tuple[str, ...], host: str, port: int, policy: str, watch: str | None,
+              admin_token: str | None, backend_token: str | None, health_interval: float) -> None:
+    """Route OpenAI-API requests across running `outlast serve` replicas.
+
+    \b
+    Example:
+      outlast route --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002 --port 8000
+    """
+    import os
+
+    from .serve.admin import token_from
+    from .serve.policy import RoutingConfig
+    from .serve.router import Router
+    from .serve.router_app import run_router
+
+    token = token_from(admin_token)
+    router = Router(list(backends), RoutingConfig(policy=policy), admin_token=token,
+                    backend_token=backend_token or os.environ.get("OUTLAST_BACKEND_TOKEN") or token,
+                    run_dir=watch, health_interval=health_interval)
+    click.echo(f"routing ({policy}) on http://{host}:{port}/v1 to {', '.join(backends)}", err=True)
+    run_router(router, host, port)
 
 
 @main.command(name="merge")

@@ -85,3 +85,12 @@ def alone_outputs(make_engine, prompt_ids):
     eng = make_engine(num_blocks=64, token_budget=512)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
     return [eng.generate([ids], params)[0] for ids in prompt_ids]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tokenizer, tmp_path_factory) -> str:
+    """The GGUF's tokenizer saved as a Hugging Face directory: server processes load it in a fraction
+    of the time that building it from the GGUF takes (the fleet tests start several)."""
+    d = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.hf.save_pretrained(d)
+    return str(d)

@@ -85,7 +85,8 @@ def test_seeded_sampling_is_reproducible_over_http(client):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["weights_version"].startswith("weights-")
     msgs = [{"role": "user", "content": PROMPTS[3]}]
     for _ in range(2):  # the second finds the first's prompt blocks
         client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, temperature=0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig, ModelConfig
-from .errors import BadRequestError
+from .errors import BadRequestError, ModelLoadError
 from .kv_cache import KVCacheManager
 from .kv_disk import DiskKVTier
 from .metrics import ServeMetrics
@@ -40,6 +40,9 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int = 0
+    weights_version: str = ""
+    """Which weights computed this request (``step-N`` for a checkpoint step): every token of one
+    request comes from one version, because a swap waits for running requests to finish."""
 
 
 class LLMEngine:
@@ -70,6 +73,7 @@ class LLMEngine:
             threadpool_limits(limits=ec.blas_threads, user_api="blas")  # stays in force (not used as a context)
         self.tokenizer = tokenizer
         self.identity = weights_identity(config, state_dict)
+        self.weights_version = "weights-" + self.identity.hex()[:12]
         self.runtime = LlamaRuntime(config, state_dict)
         self.metrics = metrics or ServeMetrics()
         block_bytes = 2 * config.num_layers * ec.block_size * config.num_kv_heads * config.head_dim * 4
@@ -89,6 +93,33 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self._prev_queries = self._prev_hits = self._prev_disk = self._prev_preempt = 0
+
+    # -- weights -------------------------------------------------------------------------
+    def swap_ready(self) -> bool:
+        """True when no request is computing on the current weights (a swap may happen now)."""
+        return not self.scheduler.running and not any(r.output_token_ids or r.num_preemptions
+                                                      for r in self.scheduler.waiting)
+
+    def swap_weights(self, runtime: LlamaRuntime, identity: bytes, version: str) -> None:
+        """Serve from ``runtime`` from the next step on (call between steps, when :meth:`swap_ready`).
+
+        The prefix cache's hashes are rooted in ``identity``, so blocks computed by the old weights
+        are never matched again (they age out of the LRU); ``version`` tags every later output.
+        """
+        if self.scheduler.running:
+            raise RuntimeError("swap_weights while requests are running on the old weights")
+        old = self.runtime.config
+        new = runtime.config
+        if (old.num_layers, old.num_kv_heads, old.head_dim, old.vocab_size) != \
+                (new.num_layers, new.num_kv_heads, new.head_dim, new.vocab_size):
+            raise ModelLoadError(f"the new weights' shape (layers {new.num_layers}, kv heads {new.num_kv_heads}, "
+                                 f"head dim {new.head_dim}, vocab {new.vocab_size}) differs from the served model's; "
+                                 f"a hot reload keeps the architecture: restart the server for another model")
+        self.runtime = runtime
+        self.identity = identity
+        self.kv.salt = identity
+        self.weights_version = version
+        self.scheduler.admit_new = True
 
     # -- requests ------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, prompt_param: str = "prompt") -> None:
@@ -221,7 +252,7 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             self.metrics.finished.labels(reason).inc()
         return StepOutput(req.request_id, [tok], delta, reason is not None, reason, len(req.prompt_token_ids),
-                          len(req.output_token_ids), req.num_cached_prompt_tokens)
+                          len(req.output_token_ids), req.num_cached_prompt_tokens, self.weights_version)
 
     def _update_gauges(self) -> None:
         m, kv = self.metrics, self.kv

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 
-__all__ = ["ServeError", "ModelLoadError", "BadRequestError", "OverloadedError"]
+__all__ = ["ServeError", "ModelLoadError", "StepNotFoundError", "BadRequestError", "OverloadedError",
+           "AdminAuthError", "NoReplicaError"]
 
 
 class ServeError(CheckpointError):
@@ -37,3 +38,20 @@ class OverloadedError(ServeError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StepNotFoundError(ModelLoadError):
+    """A reload asked for a step the watched run directory has not committed."""
+
+
+class AdminAuthError(ServeError):
+    """An admin request without the right bearer token (HTTP 401), or admin is off (HTTP 403)."""
+
+    def __init__(self, message: str, status: int = 401, code: str = "invalid_token"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class NoReplicaError(ServeError):
+    """The router has no healthy replica left to send a request to (HTTP 503)."""

@@ -46,6 +46,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outlast-engine", daemon=True)
         self.error: BaseException | None = None
+        self._swap: tuple | None = None  # new weights waiting for the running requests to finish
 
     def start(self) -> None:
         self._thread.start()
@@ -117,6 +118,41 @@ class EngineLoop:
             raise box[0]
         return box[0]
 
+    def swap_weights(self, runtime, identity: bytes, version: str, timeout: float = 600.0) -> None:
+        """Serve ``runtime`` once the requests running now have finished; blocks until it serves.
+
+        Call it from a thread other than the event loop's (it waits). New requests wait in the
+        queue meanwhile (they run on the new weights); nothing is dropped or recomputed.
+
+        Raises:
+            ModelLoadError: the new weights do not fit the served architecture (old ones stay).
+            ServeError: the loop stopped or did not swap within ``timeout`` seconds.
+        """
+        if not self.alive:
+            raise ServeError(f"the engine loop has stopped ({self.error!r}); no weights can be swapped in")
+        done = threading.Event()
+        box: list = []
+        self._inbox.put(("swap", (runtime, identity, version, done, box)))
+        if not done.wait(timeout):
+            self._inbox.put(("cancel_swap", done))
+            done.wait(30.0)  # the loop either swapped meanwhile or cancels now
+            if not box:
+                raise ServeError("the engine loop stopped before swapping weights")
+        if box[0] is not None:
+            raise box[0]
+
+    def _maybe_swap(self) -> None:
+        if self._swap is None or not self.engine.swap_ready():
+            return
+        (runtime, identity, version, done, box), self._swap = self._swap, None
+        try:
+            self.engine.swap_weights(runtime, identity, version)
+            box.append(None)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting caller
+            self.engine.scheduler.admit_new = True
+            box.append(e)
+        done.set()
+
     def _deliver(self, rid: str, item) -> None:
         s = self._streams.get(rid)
         if s is not None:
@@ -139,6 +175,19 @@ class EngineLoop:
             eng.abort(arg)
         elif kind == "wake":
             pass
+        elif kind == "swap":
+            if self._swap is not None:  # a newer swap replaces one still waiting
+                self._swap[4].append(ServeError("replaced by a newer weight swap before it happened"))
+                self._swap[3].set()
+            self._swap = arg
+            eng.scheduler.admit_new = False
+        elif kind == "cancel_swap":
+            if self._swap is not None and self._swap[3] is arg:
+                self._swap[4].append(ServeError("the engine did not reach a point to swap weights in time "
+                                                "(requests still running); the old weights stay"))
+                arg.set()
+                self._swap = None
+                eng.scheduler.admit_new = True
         elif kind == "call":
             fn, box, done = arg
             try:
@@ -158,6 +207,7 @@ class EngineLoop:
                         self._handle(self._inbox.get_nowait())
                 except queue.Empty:
                     pass
+                self._maybe_swap()
                 if self._stop.is_set() or not eng.has_work():
                     continue
                 for out in eng.step():

@@ -29,6 +29,14 @@ class ServeMetrics:
         self.generation_tokens = Counter("outlast_serve_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("outlast_serve_requests_finished", "Requests finished", ["reason"], registry=r)
         self.ttft = Histogram("outlast_serve_time_to_first_token_seconds", "Arrival to first token", buckets=_LAT, registry=r)
+        self.weights_step = Gauge("outlast_serve_weights_step", "Checkpoint step being served (-1: not a step)", registry=r)
+        self.weights_step.set(-1)
+        self.reloads = Counter("outlast_serve_weight_reloads", "Hot reloads by outcome (ok, refused, failed)",
+                               ["outcome"], registry=r)
+        self.reload_seconds = Histogram("outlast_serve_weight_reload_seconds", "Reload call: read + build (unless "
+                                        "prepared) + wait for running requests + swap", buckets=_LAT, registry=r)
+        self.prepare_seconds = Histogram("outlast_serve_weight_prepare_seconds", "Reading, verifying and building "
+                                         "new weights ahead of their swap", buckets=_LAT, registry=r)
         self.itl = Histogram("outlast_serve_inter_token_latency_seconds", "Time between tokens", buckets=_LAT, registry=r)
 
     def render(self) -> bytes:

@@ -94,6 +94,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.admit_new = True
+        """False while a weight swap waits for running requests to finish: waiting requests that
+        never started stay queued (they will run on the new weights); preempted ones still resume."""
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -150,6 +153,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
+                if not self.admit_new and not (req.output_token_ids or req.num_preemptions):
+                    break
                 prefix, cached = self.kv.lookup_prefix(req)
                 n = min(req.num_tokens - cached, budget)
                 req.num_computed_tokens = cached

@@ -11,6 +11,7 @@ blocks the engine thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -22,7 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .errors import BadRequestError, OverloadedError, ServeError
+from .admin import require_token
+from .errors import AdminAuthError, BadRequestError, ModelLoadError, OverloadedError, ServeError, StepNotFoundError
 from .loop import EngineLoop
 from .sampler import SamplingParams
 
@@ -113,12 +115,15 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
+def create_app(loop: EngineLoop, model_name: str, weights=None, admin_token: str | None = None) -> FastAPI:
     """The FastAPI application serving ``model_name`` through ``loop``.
 
     Args:
         loop: a started :class:`EngineLoop`.
         model_name: the id clients send as ``model`` (and ``/v1/models`` lists).
+        weights: a :class:`~outlast.serve.reload.WeightsManager` for hot reloads (the admin routes
+            ``GET /admin/weights``, ``POST /admin/reload {"step": N}``, ``/admin/rollback``, ``/admin/follow``).
+        admin_token: the bearer token the admin routes require (None: they answer 403).
 
     Returns:
         The application (run it with uvicorn, or :func:`serve`).
@@ -139,6 +144,19 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
     async def _on_overload(_, e: OverloadedError):
         return _error(429, str(e), "rate_limit_error", None, "queue_full", headers={"Retry-After": str(e.retry_after)})
 
+    @app.exception_handler(AdminAuthError)
+    async def _on_auth(_, e: AdminAuthError):
+        return _error(e.status, str(e), "authentication_error" if e.status == 401 else "permission_error", None,
+                      e.code, headers={"WWW-Authenticate": "Bearer"} if e.status == 401 else None)
+
+    @app.exception_handler(StepNotFoundError)
+    async def _on_no_step(_, e: StepNotFoundError):
+        return _error(404, str(e), "invalid_request_error", "step", "step_not_found")
+
+    @app.exception_handler(ModelLoadError)
+    async def _on_refused(_, e: ModelLoadError):
+        return _error(422, str(e), "invalid_request_error", "step", "checkpoint_refused")
+
     @app.exception_handler(ServeError)
     async def _on_serve(_, e: ServeError):
         return _error(503, str(e), "server_error", None, None, headers={"Retry-After": "5"})
@@ -152,7 +170,7 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
     async def health():
         if not loop.alive:
             return _error(503, f"the engine loop has stopped: {loop.error!r}", "server_error")
-        return {"status": "ok"}
+        return {"status": "ok", "weights_version": engine.weights_version}
 
     @app.get("/v1/models")
     async def models():
@@ -162,6 +180,35 @@ def create_app(loop: EngineLoop, model_name: str) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def admin(request: Request):
+        require_token(request.headers.get("authorization"), admin_token)
+        if weights is None:
+            raise AdminAuthError("hot reload is off: start the server with --watch RUN_DIR", 403, "reload_disabled")
+        return weights
+
+    @app.get("/admin/weights")
+    async def admin_weights(request: Request):
+        return (await admin(request)).status()
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        wm = await admin(request)
+        body = await _json_body(request)
+        step = body.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise _bad(f"step must be a non-negative integer, got {step!r}", "step")
+        if body.get("prepare_only") is True:  # read and verify now, swap on a later call (rolling reloads)
+            return await asyncio.to_thread(wm.prepare, step)
+        return await asyncio.to_thread(wm.reload, step, pin=True)
+
+    @app.post("/admin/rollback")
+    async def admin_rollback(request: Request):
+        return await asyncio.to_thread((await admin(request)).rollback)
+
+    @app.post("/admin/follow")
+    async def admin_follow(request: Request):
+        return (await admin(request)).resume_following()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -219,26 +266,32 @@ async def _respond(loop: EngineLoop, ids: list[int], params: SamplingParams, str
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                    "finish_reason": last.finish_reason} if chat else
                   {"index": 0, "text": content, "logprobs": None, "finish_reason": last.finish_reason})
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                "usage": usage_of(last)}
+        return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": last.weights_version,
+                "choices": [choice], "usage": usage_of(last)}
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
+    fingerprint = loop.engine.weights_version  # until the first output says which weights run it
+
     def event(choices: list, usage=None) -> str:
-        d = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": choices}
+        d = {"id": rid, "object": chunk_obj, "created": created, "model": model, "system_fingerprint": fingerprint,
+             "choices": choices}
         if include_usage:
             d["usage"] = usage
         return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
     async def sse():
+        nonlocal fingerprint
         async with contextlib.aclosing(gen):
-            if chat:
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
             last = None
             try:
                 async for o in gen:
+                    if last is None and chat:  # sent with the first token: it then names the weights that run it
+                        fingerprint = o.weights_version
+                        yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])
                     last = o
+                    fingerprint = o.weights_version
                     if not o.text and not o.finished:
                         continue
                     if chat:
@@ -260,20 +313,24 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without it a keep-alive client's second request waited ~40 ms
+    # (the response's header and body writes held by Nagle until the client's delayed ACK).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     return sock
 
 
-def serve(loop: EngineLoop, model_name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted (blocking).
+def serve(loop: EngineLoop, model_name: str, host: str = "127.0.0.1", port: int = 8000, *, weights=None,
+          admin_token: str | None = None) -> None:
+    """Serve until interrupted (blocking); ``weights`` and ``admin_token`` as in :func:`create_app`.
 
     Example:
         >>> serve(loop, "smollm2", "127.0.0.1", 8000)
     """
     import uvicorn
 
-    app = create_app(loop, model_name)
+    app = create_app(loop, model_name, weights, admin_token)
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
@@ -286,13 +343,14 @@ class ServerThread:
         >>> with ServerThread(loop, "m") as srv: httpx.get(srv.url + "/health")
     """
 
-    def __init__(self, loop: EngineLoop, model_name: str, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, loop: EngineLoop, model_name: str, host: str = "127.0.0.1", port: int = 0, *, weights=None,
+                 admin_token: str | None = None):
         import uvicorn
 
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(loop, model_name), log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(create_app(loop, model_name, weights, admin_token), log_level="warning",
                                                     timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

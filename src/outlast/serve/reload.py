@@ -1,0 +1,227 @@
+"""Hot reload: follow a Checkpointer run directory and swap each newly committed, verified step in.
+
+A training run's :class:`outlast.Checkpointer` commits ``RUN_DIR/step-NNNNNNNN`` by renaming a
+finished folder whose ``manifest.json`` was written last, so a ``step-*`` folder with a manifest is
+a commit. :class:`WeightsManager` polls for a step newer than any it has tried, reads it with
+:func:`outlast.read` (every chunk's checksum checked, whatever layout trained it) into the serving
+layout on a worker thread, and hands it to the engine loop, which swaps it in between steps once the
+requests running on the old weights finish. A checkpoint that is incomplete, corrupt or of another
+architecture is refused, recorded with its reason, and the old weights keep serving. The same
+manager serves the authenticated admin endpoint: reload a given step, roll back, or resume following.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+
+from ..errors import CheckpointError
+from .errors import ModelLoadError, ServeError, StepNotFoundError
+from .loop import EngineLoop
+from .model import LlamaRuntime
+from .weights import load_weights, weights_identity
+
+__all__ = ["WeightsManager", "committed_steps", "step_of", "version_of"]
+
+log = logging.getLogger("outlast.serve")
+_STEP = re.compile(r"^step-(\d+)$")
+
+
+def committed_steps(run_dir: str) -> dict[int, str]:
+    """``{step: path}`` of the committed step folders of a Checkpointer directory (manifest present;
+    checksums are checked only when one is loaded).
+
+    Example:
+        >>> committed_steps("runs/exp1")
+        {100: 'runs/exp1/step-00000100', 200: 'runs/exp1/step-00000200'}
+    """
+    out = {}
+    try:
+        names = os.listdir(run_dir)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        m = _STEP.match(name)
+        if m and os.path.exists(os.path.join(run_dir, name, "manifest.json")):
+            out[int(m.group(1))] = os.path.join(run_dir, name)
+    return out
+
+
+def step_of(path: str) -> int | None:
+    """The step a ``step-NNNNNNNN`` folder holds, or None for any other source."""
+    m = _STEP.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def version_of(step: int) -> str:
+    """The ``system_fingerprint`` of responses served by a checkpoint step: ``step-<N>``."""
+    return f"step-{step}"
+
+
+class WeightsManager:
+    """Which checkpoint step an engine serves, and every change to it.
+
+    Args:
+        loop: the running engine loop whose weights are replaced.
+        run_dir: the Checkpointer directory (``step-*`` folders).
+        prefix: the model's sub-tree in the checkpoints.
+        config: a config.json for checkpoints without ``serve_config``.
+        follow: load each new committed step automatically (False: only the admin endpoint reloads).
+        poll_s: how often the directory is listed.
+        step: the step served at start (None if the engine's weights came from elsewhere).
+
+    Example:
+        >>> wm = WeightsManager(loop, "runs/exp1", step=100); wm.start()
+        >>> wm.reload(200)      # blocks until step 200 serves; raises if it is refused
+        >>> wm.rollback()       # back to 100
+        >>> wm.close()
+    """
+
+    def __init__(self, loop: EngineLoop, run_dir: str, *, prefix: str = "model", config: str | None = None,
+                 follow: bool = True, poll_s: float = 0.2, step: int | None = None):
+        self.loop = loop
+        self.run_dir = run_dir
+        self.prefix = prefix
+        self.config = config
+        self.follow = follow
+        self.poll_s = poll_s
+        self.step = step
+        self.history: list[int] = [step] if step is not None else []
+        self.refused: dict[int, str] = {}
+        self.highest_tried = step if step is not None else -1
+        self._lock = threading.Lock()
+        self._prepared: tuple | None = None  # (step, runtime, identity) read ahead of its swap
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="outlast-reload", daemon=True)
+        m = loop.engine.metrics
+        if step is not None:
+            loop.engine.weights_version = version_of(step)
+            m.weights_step.set(step)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "WeightsManager":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def status(self) -> dict:
+        """What serves now, the steps served before, the refused ones with why, and the committed ones."""
+        return {"step": self.step, "version": self.loop.engine.weights_version, "follow": self.follow,
+                "history": list(self.history), "refused": {str(k): v for k, v in sorted(self.refused.items())},
+                "committed": sorted(committed_steps(self.run_dir))}
+
+    # -- changes ---------------------------------------------------------------------------
+    def prepare(self, step: int) -> dict:
+        """Read and verify ``step`` into the serving layout without serving it yet (the engine keeps
+        running); a later :meth:`reload` of the same step then only swaps. Raises as :meth:`reload`."""
+        with self._lock:
+            path = self._path(step)
+            t0 = time.monotonic()
+            try:
+                self._prepared = (step, *self._build(path))
+                self.loop.engine.metrics.prepare_seconds.observe(time.monotonic() - t0)
+            except (CheckpointError, OSError, ValueError, KeyError) as e:
+                raise self._refuse(step, path, e) from e
+            return self.status() | {"prepared": step}
+
+    def _path(self, step: int) -> str:
+        path = committed_steps(self.run_dir).get(step)
+        if path is None:
+            raise StepNotFoundError(f"{self.run_dir} has no committed step {step} "
+                                    f"(committed: {sorted(committed_steps(self.run_dir))})")
+        self.highest_tried = max(self.highest_tried, step)
+        return path
+
+    def _build(self, path: str) -> tuple:
+        cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)
+        return LlamaRuntime(cfg, sd), weights_identity(cfg, sd)
+
+    def reload(self, step: int, *, pin: bool = False) -> dict:
+        """Load ``step`` and serve it (blocking until it serves).
+
+        Args:
+            step: a committed step of ``run_dir``.
+            pin: stop following new commits (an operator chose this step).
+
+        Returns:
+            :meth:`status` after the swap.
+
+        Raises:
+            StepNotFoundError: ``run_dir`` has no such committed step.
+            ModelLoadError: it is incomplete, corrupt or does not fit; the old weights keep
+                serving and the step is listed in ``refused``.
+        """
+        with self._lock:
+            if pin:
+                self.follow = False
+            path = self._path(step)
+            t0 = time.monotonic()
+            prepared, self._prepared = self._prepared, None
+            try:
+                runtime, identity = prepared[1:] if prepared and prepared[0] == step else self._build(path)
+                self.loop.swap_weights(runtime, identity, version_of(step))
+            except ServeError as e:
+                if isinstance(e, ModelLoadError):
+                    raise self._refuse(step, path, e) from e
+                self.loop.engine.metrics.reloads.labels("failed").inc()
+                raise
+            except (CheckpointError, OSError, ValueError, KeyError) as e:
+                raise self._refuse(step, path, e) from e
+            self.refused.pop(step, None)
+            self.step = step
+            self.history.append(step)
+            m = self.loop.engine.metrics
+            m.reloads.labels("ok").inc()
+            m.weights_step.set(step)
+            m.reload_seconds.observe(time.monotonic() - t0)
+            log.warning("outlast serve: now serving step %d (%s) after %.2f s", step, path, time.monotonic() - t0)
+            return self.status()
+
+    def _refuse(self, step: int, path: str, e: BaseException) -> ModelLoadError:
+        why = f"{type(e).__name__}: {e}"
+        self.refused[step] = why
+        self.loop.engine.metrics.reloads.labels("refused").inc()
+        log.warning("outlast serve: refused %s, still serving step %s: %s", path, self.step, why)
+        return ModelLoadError(f"step {step} ({path}) was refused and step {self.step} keeps serving: {why}")
+
+    def rollback(self) -> dict:
+        """Serve the step served before the current one, and stop following new commits.
+
+        Raises:
+            ModelLoadError: nothing to roll back to, or that step is gone or refused now.
+        """
+        if len(self.history) < 2:
+            raise ModelLoadError(f"no earlier step to roll back to (served so far: {self.history})")
+        prev = self.history[-2]
+        out = self.reload(prev, pin=True)
+        del self.history[-2:]  # [..., prev, current, prev] -> [..., prev]: a rollback undoes, it adds nothing
+        return out | {"history": list(self.history)}
+
+    def resume_following(self) -> dict:
+        """Follow new commits again (the next one newer than any tried is loaded)."""
+        self.follow = True
+        return self.status()
+
+    # -- the watcher -----------------------------------------------------------------------
+    def newest_untried(self) -> int | None:
+        steps = [s for s in committed_steps(self.run_dir) if s > self.highest_tried]
+        return max(steps) if steps else None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            if not self.follow or not self.loop.alive:
+                continue
+            step = self.newest_untried()
+            if step is None:
+                continue
+            try:
+                self.reload(step)
+            except ServeError:
+                pass  # refused and recorded; the next commit is tried when it appears

@@ -1,0 +1,103 @@
+"""One engine following a run directory (``outlast serve --watch`` without replicas), in process.
+
+The engine swaps weights only between steps and only once the requests running on the old weights
+have finished: a request that started before a swap ends on the old weights, whole, and a request
+queued meanwhile runs on the new ones. The watcher loads each new commit, refuses a corrupt one
+(old weights stay), and goes on to the next.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+
+from fleet_helpers import TOKEN, commit_step, corrupt, wait_for
+
+
+def test_swap_waits_for_running_requests(tmp_path, tokenizer):
+    from outlast.serve import EngineConfig, LLMEngine, SamplingParams
+    from outlast.serve.model import LlamaRuntime
+    from outlast.serve.weights import load_weights, weights_identity
+
+    run = str(tmp_path / "run")
+    cfg, sd1 = load_weights(commit_step(run, 1))
+    _, sd2 = load_weights(commit_step(run, 2))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ids = tokenizer.encode("The river runs")
+    want1 = LLMEngine(cfg, sd1, tokenizer, EngineConfig(num_blocks=32)).generate([ids], params)[0]
+    want2 = LLMEngine(cfg, sd2, tokenizer, EngineConfig(num_blocks=32)).generate([ids], params)[0]
+    assert want1 != want2
+
+    eng = LLMEngine(cfg, sd1, tokenizer, EngineConfig(num_blocks=32))
+    old = eng.add_request("old", ids, params)
+    eng.step()  # "old" is running on step 1's weights
+    eng.scheduler.admit_new = False  # what EngineLoop does when a swap is asked for
+    new = eng.add_request("new", ids, params)
+    outs = []
+    while not eng.swap_ready():
+        outs += eng.step()
+    assert old.output_token_ids == want1 and new.num_computed_tokens == 0  # "new" waited
+    assert {o.weights_version for o in outs} == {eng.weights_version}
+    eng.swap_weights(LlamaRuntime(cfg, sd2), weights_identity(cfg, sd2), "step-2")
+    outs = []
+    while eng.has_work():
+        outs += eng.step()
+    assert new.output_token_ids == want2 and {o.weights_version for o in outs} == {"step-2"}
+    # The same prompt found no prefix blocks of step 1: the cache keys carry the weights' identity.
+    assert new.num_cached_prompt_tokens == 0
+
+
+def test_watch_follows_refuses_corrupt_and_admin(tmp_path, tokenizer):
+    from outlast.serve import EngineConfig, LLMEngine
+    from outlast.serve.loop import EngineLoop
+    from outlast.serve.reload import WeightsManager
+    from outlast.serve.server import ServerThread
+    from outlast.serve.weights import load_weights
+
+    run = tmp_path / "run"
+    eng = LLMEngine(*load_weights(commit_step(str(run), 1)), tokenizer, EngineConfig(num_blocks=64))
+    loop = EngineLoop(eng)
+    loop.start()
+    wm = WeightsManager(loop, str(run), step=1, poll_s=0.05).start()
+    body = {"prompt": "A market at dawn", "max_tokens": 4, "temperature": 0}
+    try:
+        with ServerThread(loop, "tiny", weights=wm, admin_token=TOKEN) as srv:
+            fp = lambda: httpx.post(srv.url + "/v1/completions", json=body, timeout=30).json()["system_fingerprint"]  # noqa: E731
+            assert fp() == "step-1"
+            commit_step(str(run), 2)
+            wait_for(lambda: fp() == "step-2", 60, "step 2 served")
+            bad = commit_step(str(tmp_path / "side"), 3)
+            corrupt(bad)
+            os.rename(bad, run / os.path.basename(bad))
+            wait_for(lambda: "3" in wm.status()["refused"], 60, "step 3 refused")
+            assert fp() == "step-2" and "checksum" in wm.status()["refused"]["3"].lower()
+            commit_step(str(run), 4)
+            wait_for(lambda: fp() == "step-4", 60, "step 4 served after the refused one")
+            m = httpx.get(srv.url + "/metrics", timeout=10).text
+            assert 'outlast_serve_weight_reloads_total{outcome="refused"} 1.0' in m
+            assert "outlast_serve_weights_step 4.0" in m
+
+            admin = srv.url + "/admin/reload"
+            r = httpx.post(admin, json={"step": 1}, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "missing_token"
+            r = httpx.post(admin, json={"step": 1}, headers={"authorization": "Bearer " + TOKEN + "x"}, timeout=10)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+            auth = {"authorization": "Bearer " + TOKEN}
+            assert httpx.post(admin, json={"step": 9}, headers=auth, timeout=10).status_code == 404
+            assert httpx.post(admin, json={"step": 3}, headers=auth, timeout=30).status_code == 422
+            assert fp() == "step-4"
+            r = httpx.post(admin, json={"step": 1}, headers=auth, timeout=60)
+            assert r.status_code == 200 and r.json()["step"] == 1 and r.json()["follow"] is False
+            assert fp() == "step-1"
+            commit_step(str(run), 5)  # pinned by the admin: not followed ...
+            time.sleep(0.5)
+            assert fp() == "step-1"
+            r = httpx.post(srv.url + "/admin/rollback", headers=auth, timeout=60)
+            assert r.status_code == 200 and r.json()["step"] == 4 and fp() == "step-4"
+            httpx.post(srv.url + "/admin/follow", headers=auth, timeout=10).raise_for_status()
+            wait_for(lambda: fp() == "step-5", 60, "step 5 once following again")  # ... until following resumes
+    finally:
+        wm.close()
+        loop.close()
