@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--chunk-mb", type=int, default=16)
+    ap.add_argument("--overlap", action="store_true", help="OffloadAdamW(overlap_backward=True)")
+    ap.add_argument("--pool-sets", type=int, default=4)
     ap.add_argument("--save", default="", help="outlast.save the optimizer here after training")
     ap.add_argument("--raw-io", action="store_true", help="also time a read+write pass of the same bytes")
     a = ap.parse_args()
@@ -136,7 +138,8 @@ def main() -> None:
     if a.optim == "offload":
         from outlast.offload import OffloadAdamW
 
-        opt = OffloadAdamW(model.parameters(), dir=a.dir, master_params=a.master, chunk_bytes=a.chunk_mb << 20, **kw)
+        opt = OffloadAdamW(model.parameters(), dir=a.dir, master_params=a.master, chunk_bytes=a.chunk_mb << 20,
+                           overlap_backward=a.overlap, pool_sets=a.pool_sets, **kw)
     else:
         opt = torch.optim.AdamW(model.parameters(), **kw)
     g = torch.Generator().manual_seed(1)
