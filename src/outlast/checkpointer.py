@@ -24,7 +24,8 @@ from .api import load, persist, prepare_flat, prepare_save
 from .collective import Group, group_timeout, outlast_class, raise_gathered
 from .tree import flatten
 from .engine import (
-    PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingPool, find_owners, hooked_modules, phase_of_items, wait_event,
+    PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingPool, find_owners, hooked_modules, phase_of_items, pin_file_backed,
+    release_pins, wait_event,
 )
 from .errors import (
     CheckpointError,
@@ -434,6 +435,20 @@ class Checkpointer:
 
     def _start(self, step: int, state: dict, m: SaveMetrics, bufs) -> Job:
         optimizers, modules, hooked = self._register_hooks(state)
+        pins = pin_file_backed(optimizers)  # offloaded optimizer state: written from its files, not staged
+        try:
+            job = self._make_job(step, state, m, bufs, optimizers, modules, hooked)
+        except BaseException:
+            release_pins(pins)
+            raise
+        job.pins = pins
+        with self._lock:
+            self._inflight.append(job)
+        self.metrics.append(m)
+        self._engine.submit(job)
+        return job
+
+    def _make_job(self, step: int, state: dict, m: SaveMetrics, bufs, optimizers, modules, hooked) -> Job:
         if self._pg is None:
             # One process: only flatten here (state_dict() calls and plain values belong
             # to this moment); planning runs first thing on the staging thread.
@@ -456,10 +471,6 @@ class Checkpointer:
             m.nbytes = prepared.nbytes
             job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), bufs,
                       self._persist_job, self._job_done, metrics=m)
-        with self._lock:
-            self._inflight.append(job)
-        self.metrics.append(m)
-        self._engine.submit(job)
         return job
 
     def _persist_job(self, job: Job) -> None:

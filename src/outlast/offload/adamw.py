@@ -20,6 +20,7 @@ this one loads there, so a run can move in and out of offload at any checkpoint.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -171,6 +172,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._session: _Overlap | None = None
         self._grad_order: list[int] | None = None  # the order gradients were final in the last overlapped step
         self._hook_handles: list = []
+        self._pins = [0, 0]  # per generation: saves still reading its files (see pin_state_files)
+        self._pin_cond = threading.Condition()
+        self.pin_timeout_s = 1800.0
+        """The longest a step waits for a checkpoint still reading the generation it is about to write."""
         if self.overlap_backward:
             self._check_overlap_allowed()
             self._chunks_of = [[] for _ in self._params]
@@ -250,6 +255,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         steps = [s + 1 if a else s for s, a in zip(old_steps, active)]
         hyper = [self._hyper(g) for g in self.param_groups]
         src, dst = self.files.generation, self.files.next_generation()
+        self._wait_unpinned(dst)
         kinds = self.kinds
         nk = len(kinds)
         chunks = self.layout.chunks
@@ -343,6 +349,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             for hook in [*pre.values(), *self._optimizer_step_pre_hooks.values()]:
                 hook(self, (self,), {})
         src, dst = self.files.generation, self.files.next_generation()
+        self._wait_unpinned(dst)
         kinds, chunks = self.kinds, self.layout.chunks
         nk = len(kinds)
 
@@ -598,6 +605,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             for pid in saved["params"]:
                 index_of[pid] = len(index_of)
         g = self.files.generation
+        self._wait_unpinned(g)  # this writes the current generation in place
         steps = [0] * len(self._params)
         for pid, i in index_of.items():
             entry = saved_state.get(pid, saved_state.get(str(pid)))
@@ -634,6 +642,50 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._failed = None
         self._refresh_state()
 
+    # ------------------------------------------------------------------ checkpoint engines
+    def pin_state_files(self) -> "StatePin | None":
+        """Keep the current generation's files unchanged until the pin is released.
+
+        For checkpoint engines that write in the background (the ``Checkpointer``): the
+        tensors of :meth:`state_dict` are memory-mapped views of these files, so instead of
+        copying them into staging memory (the size of the whole state) an engine can write
+        them straight from the files, if nothing changes them meanwhile. The next step writes
+        the other generation anyway; the one after would write this one, so it waits (at most
+        ``pin_timeout_s``) until every pin on it is released.
+
+        Returns:
+            A :class:`StatePin` (``holds(tensor)``: is this tensor in the pinned files;
+            ``release()``), or None when the state is not in files (``tier="host"``) or the
+            optimizer is closed: then stage it as any tensor.
+
+        Example:
+            >>> pin = opt.pin_state_files()                              # doctest: +SKIP
+            >>> direct = [t for t in tensors if pin.holds(t)]            # doctest: +SKIP
+            >>> ...; pin.release()                                       # doctest: +SKIP
+        """
+        if self._closed or self.tier != "disk":
+            return None
+        g = self.files.generation
+        storages = {self.files.mapped(k, g).untyped_storage().data_ptr() for k in self.kinds}
+        with self._pin_cond:
+            self._pins[g] += 1
+        return StatePin(self, g, storages)
+
+    def _unpin(self, generation: int) -> None:
+        with self._pin_cond:
+            self._pins[generation] -= 1
+            self._pin_cond.notify_all()
+
+    def _wait_unpinned(self, generation: int) -> None:
+        with self._pin_cond:
+            if not self._pin_cond.wait_for(lambda: self._pins[generation] == 0, self.pin_timeout_s):
+                raise StorageError(
+                    f"OffloadAdamW: waited {self.pin_timeout_s:g} s for a checkpoint still writing the optimizer state "
+                    f"from {self.files.path(self.kinds[0], generation)} (and the other files of generation "
+                    f"{generation}); this step would overwrite them. Wait for the save to finish "
+                    "(Checkpointer.wait()) or raise pin_timeout_s"
+                )
+
     # ------------------------------------------------------------------ lifecycle
     @property
     def buffer_bytes(self) -> int:
@@ -653,6 +705,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                 self._abort(ValueError("OffloadAdamW closed between backward() and step()"))
             for h in self._hook_handles:
                 h.remove()
+
             self._hook_handles = []
             self._closed = True
             self.state = {}  # type: ignore[assignment]
@@ -716,3 +769,27 @@ class _Accumulating:
 
     def __exit__(self, *exc) -> None:
         self._opt._accumulating = self._prev
+
+
+class StatePin:
+    """A generation of state files kept unchanged for a checkpoint (:meth:`OffloadAdamW.pin_state_files`).
+
+    Thread-safe: :meth:`release` may run on a background thread. Idempotent.
+    """
+
+    def __init__(self, opt: OffloadAdamW, generation: int, storages: set[int]):
+        self._opt: OffloadAdamW | None = opt
+        self.generation = generation
+        self._storages = frozenset(storages)
+        self._lock = threading.Lock()
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) one of the pinned files."""
+        t = getattr(tensor, "_local_tensor", tensor)
+        return t.device.type == "cpu" and t.untyped_storage().data_ptr() in self._storages
+
+    def release(self) -> None:
+        with self._lock:
+            opt, self._opt = self._opt, None
+        if opt is not None:
+            opt._unpin(self.generation)
