@@ -52,7 +52,8 @@ from .storage.local import aligned_buffer
 
 log = logging.getLogger("outlast")
 
-__all__ = ["Engine", "Job", "StagingBuffers", "StagingPool", "find_owners", "hooked_modules", "copy_into", "pin_file_backed"]
+__all__ = ["Engine", "Job", "StagingBuffers", "StagingPool", "find_owners", "hooked_modules", "copy_into", "pin_file_backed",
+           "release_pins"]
 
 # Copies are cut into chunks of this size: each chunk is one GIL-free memmove, and a
 # hook waiting for a phase never waits for more than the chunk in progress beyond it.
@@ -303,7 +304,6 @@ class Job:
     # From :func:`pin_file_backed`: items whose tensors a pin holds are persisted from their
     # files, not staged; the pins are released when the job ends, whatever its outcome.
     pins: list = field(default_factory=list)
-    direct_bytes: int = 0  # bytes persisted straight from files (not staged)
 
     def staged(self) -> bool:
         return self.phase_done[-1].is_set()
@@ -419,7 +419,6 @@ class Engine:
                     bufs = [None] * len(items)
                     for i, b in zip(keep, job.buffers.for_items(sub)):
                         bufs[i] = b
-                    job.direct_bytes = sum(items[i].nbytes for i in direct)
                 else:
                     bufs = job.buffers.for_items(job.prepared)
                 order = sorted((i for i in range(len(items)) if i not in direct), key=lambda i: job.phases[i])
@@ -484,10 +483,10 @@ class Engine:
     @staticmethod
     def _finish(job: Job) -> None:
         try:
-            release_pins(job.pins)  # the files are written (or the save failed): they may change again
             job.on_done(job)
         except BaseException as e:  # noqa: BLE001
             if job.error is None:
                 job.error = e
         finally:
-            job.done.set()
+            release_pins(job.pins)  # written (or failed): the files may change again; before done,
+            job.done.set()          # so a step after Checkpointer.wait() never waits for them
