@@ -17,6 +17,15 @@ Two measurements, one run, side by side:
    ``fwd+bwd + max(update, raw I/O)`` (the forward and backward do not overlap the I/O),
    peak anonymous RSS above the interpreter against parameters + gradients + the buffer
    pool, and the peak page cache of the cgroup.
+   Two rows: the plain step (``opt.step()`` after ``backward()``) and
+   ``overlap_backward=True`` (each chunk updated from the gradient hooks during the
+   backward, with ``--overlap-pool-sets`` buffer sets), fresh processes, interleaved for
+   ``--big-rounds`` rounds. The bound's compute (fwd+bwd and update) is the plain run's
+   (the overlapped run's backward includes the update); its raw I/O the fastest of all.
+   ``--big-dtype float32 --big-layers 32`` is an I/O-bound variant: an fp32 model with
+   fp32 masters offloaded, whose state (3 kinds) is read and written each step, under a
+   limit of its parameters + gradients + 768 MiB (the state is then only ~1.15x the limit:
+   with fp32 parameters resident it cannot be 3x; the bf16 default is the 3x case).
 
 Peer (``--deepspeed``): DeepSpeed ZeRO-3 with ``offload_optimizer: nvme`` on its CPU
 accelerator (bench/offload_deepspeed.py), the model that fits, once, in a fresh process
@@ -82,8 +91,14 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-fit", action="store_true")
+    ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--big-rounds", type=int, default=1)
+    ap.add_argument("--overlap-pool-sets", type=int, default=16)
     ap.add_argument("--deepspeed", action="store_true", help="also run the DeepSpeed ZeRO-3 NVMe peer")
     a = ap.parse_args()
+    if a.deepspeed and a.skip_fit:
+        ap.error("--deepspeed compares with the model that fits: drop --skip-fit")
     os.makedirs(a.dir, exist_ok=True)
     width = 2048
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
@@ -93,67 +108,87 @@ def main() -> None:
     fit = ["--layers", str(a.fit_layers), "--width", str(width), "--dtype", "float32", "--steps", str(a.steps)]
     modes = ["torch", "offload"]
     runs: dict[str, list[dict]] = {m: [] for m in modes}
-    for r in range(a.rounds):
+    result: dict = {}
+    for r in range(0 if a.skip_fit else a.rounds):
         order = modes if r % 2 == 0 else modes[::-1]
         for m in order:
             d = os.path.join(a.dir, f"fit-{m}")
             shutil.rmtree(d, ignore_errors=True)
             runs[m].append(_run(fit + ["--optim", m, "--dir", d]))
             shutil.rmtree(d, ignore_errors=True)
-    step = {m: statistics.median(_steady(x["step_s"]) for x in runs[m]) for m in modes}
-    per_round = [_steady(o["step_s"]) / _steady(t["step_s"]) for t, o in zip(runs["torch"], runs["offload"])]
-    losses_equal = all(t["losses"] == o["losses"] for t, o in zip(runs["torch"], runs["offload"]))
-    n_fit = runs["torch"][0]["params"]
-    print(f"\n1. model that fits: {n_fit / 1e6:.0f}M fp32 params, AdamW state {8 * n_fit / 2**20:.0f} MiB, "
-          f"{a.rounds} rounds x {a.steps} steps")
-    print(f"{'mode':<10}{'step s':>10}{'fwd+bwd s':>12}{'peak anon MiB':>15}")
-    for m in modes:
-        fb = statistics.median(_steady(x["compute_s"]) for x in runs[m])
-        pk = statistics.median(x["peak_anon_above_base"] for x in runs[m]) / 2**20
-        print(f"{m:<10}{step[m]:>10.3f}{fb:>12.3f}{pk:>15.0f}")
-    ost = [s for x in runs["offload"] for s in x["stats"][1:]]
-    stages = {k: statistics.median(s[k] for s in ost) for k in ("read_s", "update_s", "write_s", "pipeline_s")}
-    print("offload step stages (median s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in stages.items()))
-    print(f"offload / in-memory: {step['offload'] / step['torch']:.2f}x (per round: "
-          f"{', '.join(f'{x:.2f}' for x in per_round)}); losses equal: {losses_equal}")
-    result = {"fit": {"params": n_fit, "torch_step_s": step["torch"], "offload_step_s": step["offload"],
-                      "ratio": step["offload"] / step["torch"], "ratio_per_round": per_round,
-                      "losses_equal": losses_equal, "offload_stages_s": stages}}
+    if not a.skip_fit:
+        step = {m: statistics.median(_steady(x["step_s"]) for x in runs[m]) for m in modes}
+        per_round = [_steady(o["step_s"]) / _steady(t["step_s"]) for t, o in zip(runs["torch"], runs["offload"])]
+        losses_equal = all(t["losses"] == o["losses"] for t, o in zip(runs["torch"], runs["offload"]))
+        n_fit = runs["torch"][0]["params"]
+        print(f"\n1. model that fits: {n_fit / 1e6:.0f}M fp32 params, AdamW state {8 * n_fit / 2**20:.0f} MiB, "
+              f"{a.rounds} rounds x {a.steps} steps")
+        print(f"{'mode':<10}{'step s':>10}{'fwd+bwd s':>12}{'peak anon MiB':>15}")
+        for m in modes:
+            fb = statistics.median(_steady(x["compute_s"]) for x in runs[m])
+            pk = statistics.median(x["peak_anon_above_base"] for x in runs[m]) / 2**20
+            print(f"{m:<10}{step[m]:>10.3f}{fb:>12.3f}{pk:>15.0f}")
+        ost = [s for x in runs["offload"] for s in x["stats"][1:]]
+        stages = {k: statistics.median(s[k] for s in ost) for k in ("read_s", "update_s", "write_s", "pipeline_s")}
+        print("offload step stages (median s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in stages.items()))
+        print(f"offload / in-memory: {step['offload'] / step['torch']:.2f}x (per round: "
+              f"{', '.join(f'{x:.2f}' for x in per_round)}); losses equal: {losses_equal}")
+        result["fit"] = {"params": n_fit, "torch_step_s": step["torch"], "offload_step_s": step["offload"],
+                          "ratio": step["offload"] / step["torch"], "ratio_per_round": per_round,
+                          "losses_equal": losses_equal, "offload_stages_s": stages}
 
     # ---- 2. does not fit: under a cgroup limit, against the disk's bound ---------------
     if not a.skip_big:
         n = a.big_layers * width * width
-        limit = 16 * n // 3
+        limit = 16 * n // 3 if a.big_dtype == "bfloat16" else 8 * n + (768 << 20)
         d = os.path.join(a.dir, "big")
-        shutil.rmtree(d, ignore_errors=True)
-        big = _run(["--layers", str(a.big_layers), "--width", str(width), "--dtype", "bfloat16", "--master",
-                    "--optim", "offload", "--dir", d, "--steps", str(max(3, a.steps - 1)), "--chunk-mb", "2",
-                    "--raw-io"], limit)
-        shutil.rmtree(d, ignore_errors=True)
-        st = big["stats"][1:]
-        step_s = _steady(big["step_s"])
-        fb = _steady(big["compute_s"])
-        upd = statistics.median(s["update_s"] for s in st)
-        raw = min(big["raw_io_s"])
+        common = ["--layers", str(a.big_layers), "--width", str(width), "--dtype", a.big_dtype, "--master",
+                  "--optim", "offload", "--dir", d, "--steps", str(max(3, a.steps - 1)), "--chunk-mb", "2", "--raw-io"]
+        bmodes = {"plain": [], "overlap": ["--overlap", "--pool-sets", str(a.overlap_pool_sets)]}
+        bruns: dict[str, list[dict]] = {m: [] for m in bmodes}
+        for r in range(a.big_rounds):
+            for m in (list(bmodes) if r % 2 == 0 else list(bmodes)[::-1]):
+                shutil.rmtree(d, ignore_errors=True)
+                bruns[m].append(_run(common + bmodes[m], limit))
+                shutil.rmtree(d, ignore_errors=True)
+        plain = bruns["plain"]
+        fb = statistics.median(_steady(x["compute_s"]) for x in plain)
+        upd = statistics.median(statistics.median(s["update_s"] for s in x["stats"][1:]) for x in plain)
+        raw = min(t for m in bmodes for x in bruns[m] for t in x["raw_io_s"])
         bound = max(fb + upd, raw)
         engine_bound = fb + max(upd, raw)
-        resident = big["params_grads_bytes"] + big["pool_bytes"]
-        bw = big["bytes_per_step"] / raw / 2**20
-        print(f"\n2. model that does not fit: {n / 1e6:.0f}M bf16 params + fp32 masters offloaded; fp32 params+grads+"
-              f"AdamW {big['fp32_params_grads_adamw_bytes'] / 2**30:.2f} GiB = "
-              f"{big['fp32_params_grads_adamw_bytes'] / limit:.2f}x the {limit / 2**30:.2f} GiB cgroup limit")
-        print(f"{'step s':>8}{'fwd+bwd':>9}{'update':>8}{'raw I/O':>9}{'MiB/s':>7}{'bound':>7}{'x bound':>9}"
-              f"{'eng. bound':>11}{'x eng':>7}{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
-        print(f"{step_s:>8.2f}{fb:>9.2f}{upd:>8.2f}{raw:>9.2f}{bw:>7.0f}{bound:>7.2f}{step_s / bound:>9.2f}"
-              f"{engine_bound:>11.2f}{step_s / engine_bound:>7.2f}{big['peak_anon_above_base'] / resident:>22.2f}"
-              f"{big['cgroup_peak_bytes'] / 2**30:>16.2f}{big['peak_cgroup_cache'] / 2**20:>15.0f}")
-        result["big"] = {"params": n, "limit_bytes": limit, "state_over_limit": big["fp32_params_grads_adamw_bytes"] / limit,
-                         "step_s": step_s, "fwd_bwd_s": fb, "update_s": upd, "raw_io_s": raw, "bound_s": bound,
-                         "x_bound": step_s / bound, "engine_bound_s": engine_bound, "x_engine_bound": step_s / engine_bound,
-                         "bytes_per_step": big["bytes_per_step"], "disk_mib_s": bw,
-                         "peak_anon_above_base": big["peak_anon_above_base"], "params_grads_pool_bytes": resident,
-                         "x_memory": big["peak_anon_above_base"] / resident, "cgroup_peak_bytes": big["cgroup_peak_bytes"],
-                         "peak_cgroup_cache": big["peak_cgroup_cache"], "losses": big["losses"]}
+        x0 = plain[0]
+        state_bytes = x0["fp32_params_grads_adamw_bytes"]
+        bw = x0["bytes_per_step"] / raw / 2**20
+        print(f"\n2. model that does not fit: {n / 1e6:.0f}M {a.big_dtype} params + fp32 masters offloaded; fp32 "
+              f"params+grads+AdamW {state_bytes / 2**30:.2f} GiB = {state_bytes / limit:.2f}x the "
+              f"{limit / 2**30:.2f} GiB cgroup limit; {a.big_rounds} round(s)")
+        print(f"bound = max(fwd+bwd {fb:.2f} + update {upd:.2f}, raw read+write {raw:.2f} s at {bw:.0f} MiB/s) = "
+              f"{bound:.2f} s; engine bound without overlap fwd+bwd + max(update, raw) = {engine_bound:.2f} s")
+        print(f"{'mode':<9}{'step s':>8}{'x bound':>9}{'per round':>18}{'in bwd':>8}{'drain s':>9}"
+              f"{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
+        result["big"] = {"params": n, "dtype": a.big_dtype, "limit_bytes": limit, "state_over_limit": state_bytes / limit,
+                         "fwd_bwd_s": fb, "update_s": upd, "raw_io_s": raw, "bound_s": bound,
+                         "engine_bound_s": engine_bound, "bytes_per_step": x0["bytes_per_step"], "disk_mib_s": bw}
+        for m in bmodes:
+            xs = bruns[m]
+            step_s = statistics.median(_steady(x["step_s"]) for x in xs)
+            per = [_steady(x["step_s"]) / bound for x in xs]
+            st = [s for x in xs for s in x["stats"][1:]]
+            ovl = statistics.median(s.get("overlapped_chunks", 0) / s.get("chunks", 1) for s in st) if m == "overlap" else 0.0
+            drain = statistics.median(s["drain_s"] for s in st) if m == "overlap" else float("nan")
+            mem = max(x["peak_anon_above_base"] / (x["params_grads_bytes"] + x["pool_bytes"]) for x in xs)
+            cg = max(x["cgroup_peak_bytes"] for x in xs)
+            cache = max(x["peak_cgroup_cache"] for x in xs)
+            print(f"{m:<9}{step_s:>8.2f}{step_s / bound:>9.2f}{', '.join(f'{v:.2f}' for v in per):>18}{ovl:>8.0%}"
+                  f"{drain:>9.2f}{mem:>22.2f}{cg / 2**30:>16.2f}{cache / 2**20:>15.0f}")
+            result["big"][m] = {"step_s": step_s, "x_bound": step_s / bound, "x_bound_per_round": per,
+                                "x_engine_bound": step_s / engine_bound, "overlapped_fraction": ovl, "drain_s": drain,
+                                "x_memory": mem, "cgroup_peak_bytes": cg, "peak_cgroup_cache": cache,
+                                "pool_bytes": xs[0]["pool_bytes"], "losses": xs[0]["losses"]}
+        losses = {m: bruns[m][0]["losses"] for m in bmodes}
+        print(f"losses equal (plain, overlap): {losses['plain'] == losses['overlap']}")
+        result["big"]["losses_equal"] = losses["plain"] == losses["overlap"]
     if a.deepspeed:
         d = os.path.join(a.dir, "ds")
         shutil.rmtree(d, ignore_errors=True)

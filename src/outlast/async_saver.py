@@ -24,7 +24,7 @@ import torch
 
 from .engine import (
     PHASE_FORWARD, PHASE_OPTIM, Engine, Job, StagingBuffers, StagingPool, find_owners, hooked_modules,
-    phase_of_items, wait_event,
+    phase_of_items, pin_file_backed, release_pins, wait_event,
 )
 from .saving import prepare_flat, prepare_save
 from .tree import flatten
@@ -174,6 +174,19 @@ class AsyncSaver:
         flattening happens here, planning on the staging thread); otherwise the keyword
         arguments of the collective :func:`~outlast.prepare_save`, run here."""
         optimizers, modules, hooked = self._register_hooks(state)
+        pins = pin_file_backed(optimizers)  # offloaded optimizer state: written from its files, not staged
+        try:
+            job = self._make_job(step, state, metrics, bufs, persist, num_writers, prepare_kw, optimizers, modules, hooked)
+        except BaseException:
+            release_pins(pins)
+            raise
+        job.pins = pins
+        with self._lock:
+            self.inflight.append(job)
+        self.engine.submit(job)
+        return job
+
+    def _make_job(self, step, state, metrics, bufs, persist, num_writers, prepare_kw, optimizers, modules, hooked) -> Job:
         if prepare_kw is None:
             # One process: only flatten here (state_dict() calls and plain values belong
             # to this moment); planning runs first thing on the staging thread.
@@ -195,9 +208,6 @@ class AsyncSaver:
             metrics.nbytes = prepared.nbytes
             job = Job(step, prepared, phase_of_items(prepared, optimizers, modules), bufs,
                       persist, self._job_done, metrics=metrics)
-        with self._lock:
-            self.inflight.append(job)
-        self.engine.submit(job)
         return job
 
     def _job_done(self, job: Job) -> None:

@@ -35,6 +35,7 @@ scheduling priority (``nice``) and writes with one writer by default.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import queue
@@ -51,7 +52,8 @@ from .storage.local import aligned_buffer
 
 log = logging.getLogger("outlast")
 
-__all__ = ["Engine", "Job", "StagingBuffers", "StagingPool", "find_owners", "hooked_modules", "copy_into"]
+__all__ = ["Engine", "Job", "StagingBuffers", "StagingPool", "find_owners", "hooked_modules", "copy_into", "pin_file_backed",
+           "release_pins"]
 
 # Copies are cut into chunks of this size: each chunk is one GIL-free memmove, and a
 # hook waiting for a phase never waits for more than the chunk in progress beyond it.
@@ -137,6 +139,32 @@ def phase_of_items(prepared: PreparedSave, optimizers, modules) -> list[int]:
         k = _storage_key(it.data)
         out.append(PHASE_FORWARD if k in forward else PHASE_OPTIM if k in optim else PHASE_REST)
     return out
+
+
+def pin_file_backed(optimizers: list) -> list:
+    """Pins of optimizer state that already lives in files (``OffloadAdamW.pin_state_files``).
+
+    A tensor a pin ``holds`` is not staged: it is persisted straight from its (memory-mapped)
+    file, so a save does not hold a second, in-memory copy of offloaded state; the pin keeps
+    the file unchanged until the save ends (:meth:`Engine` releases it). Optimizers without
+    the method (every in-memory one) give none.
+    """
+    pins = []
+    try:
+        for o in optimizers:
+            pin = getattr(o, "pin_state_files", None)
+            pin = pin() if callable(pin) else None
+            if pin is not None:
+                pins.append(pin)
+    except BaseException:
+        release_pins(pins)
+        raise
+    return pins
+
+
+def release_pins(pins: list) -> None:
+    for p in pins:
+        p.release()
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, chunk: int = COPY_CHUNK) -> None:
@@ -273,6 +301,9 @@ class Job:
     # the staging thread so the training thread only flattens.
     prepare: Callable[[], tuple[PreparedSave, list[int]]] | None = None
     has_cuda: bool = False
+    # From :func:`pin_file_backed`: items whose tensors a pin holds are persisted from their
+    # files, not staged; the pins are released when the job ends, whatever its outcome.
+    pins: list = field(default_factory=list)
 
     def staged(self) -> bool:
         return self.phase_done[-1].is_set()
@@ -377,8 +408,20 @@ class Engine:
                     job.prepare = None
                     if job.metrics is not None:
                         job.metrics.nbytes = job.prepared.nbytes
-                bufs = job.buffers.for_items(job.prepared)
-                order = sorted(range(len(job.prepared.items)), key=lambda i: job.phases[i])
+                items = job.prepared.items
+                direct = {i for i, it in enumerate(items) if any(p.holds(it.data) for p in job.pins)}
+                if direct:
+                    # Staging buffers for the other items only; the save is then written item by
+                    # item (the file-backed ones read from their files) instead of as images.
+                    keep = [i for i in range(len(items)) if i not in direct]
+                    sub = dataclasses.replace(job.prepared, items=[items[i] for i in keep],
+                                              writer_of=[job.prepared.writer_of[i] for i in keep])
+                    bufs = [None] * len(items)
+                    for i, b in zip(keep, job.buffers.for_items(sub)):
+                        bufs[i] = b
+                else:
+                    bufs = job.buffers.for_items(job.prepared)
+                order = sorted((i for i in range(len(items)) if i not in direct), key=lambda i: job.phases[i])
                 if job.cuda_ready is not None:
                     self._stream.wait_event(job.cuda_ready)
                 current = 0
@@ -397,7 +440,10 @@ class Engine:
                     self._finish_phase(job, current)
                     current += 1
                 job.stage_s = time.perf_counter() - t0
-                job.prepared = job.prepared.with_images(job.buffers.images, bufs)
+                if direct:
+                    job.prepared = job.prepared.with_data([items[i].data if i in direct else bufs[i] for i in range(len(items))])
+                else:
+                    job.prepared = job.prepared.with_images(job.buffers.images, bufs)
             except BaseException as e:  # noqa: BLE001 - handed to persist, then to the training thread
                 job.stage_error = e
                 job.release_waiters()
@@ -442,4 +488,5 @@ class Engine:
             if job.error is None:
                 job.error = e
         finally:
-            job.done.set()
+            release_pins(job.pins)  # written (or failed): the files may change again; before done,
+            job.done.set()          # so a step after Checkpointer.wait() never waits for them

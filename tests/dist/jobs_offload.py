@@ -61,6 +61,33 @@ def resume(rank: int, world: int, root: str, pairs: str) -> dict:
     return out
 
 
+def async_save(rank: int, world: int, root: str) -> dict:
+    """DDP + OffloadAdamW on every rank, saved after K steps by the asynchronous Checkpointer
+    (collective planning, each rank its own files): the offloaded state goes from the state
+    files, not through staging, and the checkpoint holds the state of step K although two
+    more steps (the second one writing the generation the save reads) follow at once."""
+    wrapped, model, opt = _build("offload", world, rank, root)
+    for s in range(K):
+        step(wrapped, opt, s, rank, world)
+    want = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
+    ck = outlast.Checkpointer(os.path.join(root, "async-ck"))
+    ck.save(K, {"train": outlast.ModelOptimizerState(model, opt), "step": K})
+    for s in range(K, K + 2):
+        step(wrapped, opt, s, rank, world)
+    ck.wait()
+    staged = sum(img.numel() for bufs in ck._pool._free for _, img in bufs.images)
+    ck.close()
+    opt.close()
+    torch.manual_seed(123)
+    _, model2, opt2 = build("ddp", world)
+    state = {"train": outlast.ModelOptimizerState(model2, opt2), "step": 0}
+    outlast.load(state, os.path.join(root, "async-ck", f"step-{K:08d}"))
+    got = opt2.state_dict()["state"]
+    same = all(torch.equal(got[i][k], want[i][k]) for i in want for k in ("exp_avg", "exp_avg_sq"))
+    state_bytes = sum(v.numel() * v.element_size() for st in want.values() for k, v in st.items() if k != "step")
+    return {"same": same and state["step"] == K, "staged": staged, "state_bytes": state_bytes}
+
+
 if __name__ == "__main__":
     case, world, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    spawn({"reference": reference, "resume": resume}[case], world, out, *sys.argv[4:])
+    spawn({"reference": reference, "resume": resume, "async_save": async_save}[case], world, out, *sys.argv[4:])

@@ -121,7 +121,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--chunk-mb", type=int, default=16)
+    ap.add_argument("--overlap", action="store_true", help="OffloadAdamW(overlap_backward=True)")
+    ap.add_argument("--pool-sets", type=int, default=4)
     ap.add_argument("--save", default="", help="outlast.save the optimizer here after training")
+    ap.add_argument("--save-async", default="", help="save the optimizer with an outlast.Checkpointer under this directory")
     ap.add_argument("--raw-io", action="store_true", help="also time a read+write pass of the same bytes")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -136,7 +139,8 @@ def main() -> None:
     if a.optim == "offload":
         from outlast.offload import OffloadAdamW
 
-        opt = OffloadAdamW(model.parameters(), dir=a.dir, master_params=a.master, chunk_bytes=a.chunk_mb << 20, **kw)
+        opt = OffloadAdamW(model.parameters(), dir=a.dir, master_params=a.master, chunk_bytes=a.chunk_mb << 20,
+                           overlap_backward=a.overlap, pool_sets=a.pool_sets, **kw)
     else:
         opt = torch.optim.AdamW(model.parameters(), **kw)
     g = torch.Generator().manual_seed(1)
@@ -170,6 +174,16 @@ def main() -> None:
         t0 = time.perf_counter()
         outlast.save({"optim": opt}, a.save)
         out["save_s"] = time.perf_counter() - t0
+    if a.save_async:
+        import outlast
+
+        t0 = time.perf_counter()
+        with outlast.Checkpointer(a.save_async) as ck:
+            ck.save(a.steps, {"optim": opt})
+            ck.wait()
+            out["async_save_s"] = time.perf_counter() - t0
+            out["async_saved_bytes"] = ck.metrics[-1].nbytes
+            out["async_staged_bytes"] = sum(img.numel() for bufs in ck._pool._free for _, img in bufs.images)
     if a.optim == "offload":
         out["pool_bytes"] = opt.buffer_bytes
         out["bytes_per_step"] = opt.bytes_per_step

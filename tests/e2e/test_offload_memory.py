@@ -92,3 +92,18 @@ def test_losses_under_the_limit_equal_torch_adamw_without_it(tmp_path):
     free = json.loads(p.stdout.strip().splitlines()[-1])
     assert limited["losses"] == free["losses"]
     assert limited["losses"][-1] != limited["losses"][0]
+
+
+def test_async_checkpointer_saves_offloaded_state_under_the_limit(tmp_path):
+    """The Checkpointer writes the 3.2 GB of offloaded state (2.4x the limit) straight from
+    its files: staging it (what it did before) would not fit under the limit."""
+    _require_cgroups()
+    common = ["--layers", str(LAYERS), "--width", str(WIDTH), "--dtype", "bfloat16", "--steps", "1"]
+    r = run_limited(_child(*common, "--optim", "offload", "--master", "--dir", str(tmp_path / "st"),
+                           "--chunk-mb", "2", "--save-async", str(tmp_path / "run")), LIMIT, env=_env(), timeout_s=400)
+    out = _result(r)
+    assert r.oom_kills == 0 and 0 < r.peak_bytes <= LIMIT
+    assert out["async_saved_bytes"] >= 12 * N_PARAMS > 2 * LIMIT
+    assert out["async_staged_bytes"] < 1 << 20  # headers and step counters only
+    written = sum(f.stat().st_size for f in (tmp_path / "run" / "step-00000001" / "data").iterdir())
+    assert written >= 12 * N_PARAMS

@@ -107,3 +107,89 @@ def test_checkpointer_save_and_restore(tmp_path):
     losses += _train(m2, opt2, range(3, 5))
     assert losses == ref_losses
     opt2.close()
+
+
+def _staged_bytes(ck):
+    """Bytes of staging memory the Checkpointer holds (its buffers are reused between saves)."""
+    return sum(img.numel() for bufs in ck._pool._free for _, img in bufs.images)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_checkpointer_writes_offloaded_state_from_its_files_not_staged(tmp_path, wrap):
+    """The async Checkpointer stages the model but not the offloaded state: its staging
+    memory is the size of the parameters, not parameters + state (the old behaviour staged
+    everything), and the checkpoint still holds the exact state."""
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), dir=str(tmp_path / "off"), chunk_bytes=16384, **KW)
+    state = {"train": outlast.ModelOptimizerState(m, opt)} if wrap else {"model": m, "optim": opt}
+    params_bytes = sum(p.numel() * 4 for p in m.parameters())
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        _train(m, opt, range(2))
+        want = {k: v.clone() for k, v in opt.state_dict()["state"][2].items()}
+        ck.save(2, state)
+        ck.wait()
+        staged = _staged_bytes(ck)
+        assert params_bytes <= staged < params_bytes + 4096 * 8  # the parameters and headers, no state
+        assert ck.metrics[-1].nbytes >= 3 * params_bytes  # while the save held parameters and both moments
+        _train(m, opt, range(2, 4))  # both generations written since: the checkpoint must not follow them
+    opt.close()
+    ref = _model(seed=5)
+    ref_opt = torch.optim.AdamW(ref.parameters(), **KW)
+    back = {"train": outlast.ModelOptimizerState(ref, ref_opt)} if wrap else {"model": ref, "optim": ref_opt}
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        assert ck.restore(back) == 2
+    got = ref_opt.state_dict()["state"][2]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(got[k], want[k])
+
+
+def test_a_step_that_would_overwrite_files_being_saved_waits_for_the_save(tmp_path, monkeypatch):
+    """A save pins the generation it writes from; the next step writes the other one, the
+    step after waits for the save (here it times out: the save is held), then goes on."""
+    import threading
+
+    import outlast.checkpointer as checkpointer
+    from outlast.errors import StorageError
+
+    hold = threading.Event()
+    real_persist = checkpointer.persist
+
+    def slow_persist(*a, **k):
+        hold.wait(30)
+        return real_persist(*a, **k)
+
+    monkeypatch.setattr(checkpointer, "persist", slow_persist)
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), dir=str(tmp_path / "off"), chunk_bytes=16384, **KW)
+    opt.pin_timeout_s = 0.5
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        _train(m, opt, range(2))
+        want = {k: v.clone() for k, v in opt.state_dict()["state"][2].items()}
+        ck.save(2, {"model": m, "optim": opt})
+        _train(m, opt, range(2, 3))  # writes the other generation: no wait
+        x, y = _batch(3)
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        with pytest.raises(StorageError, match=r"exp_avg\.\d\.bin .*this step would overwrite them.*Checkpointer.wait"):
+            opt.step()
+        hold.set()
+        ck.wait()
+        opt.step()  # the save is done: the step goes on
+    opt.close()
+    ref = _model(seed=5)
+    ref_opt = torch.optim.AdamW(ref.parameters(), **KW)
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        assert ck.restore({"model": ref, "optim": ref_opt}) == 2
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(ref_opt.state_dict()["state"][2][k], want[k])
+
+
+def test_host_tier_state_is_staged_as_before(tmp_path):
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), tier="host", chunk_bytes=16384, **KW)
+    assert opt.pin_state_files() is None  # in memory, updated in place: the Checkpointer copies it
+    with outlast.Checkpointer(str(tmp_path / "run")) as ck:
+        _train(m, opt, range(2))
+        ck.save(2, {"model": m, "optim": opt})
+        ck.wait()
+        assert _staged_bytes(ck) >= 3 * sum(p.numel() * 4 for p in m.parameters())
+    opt.close()

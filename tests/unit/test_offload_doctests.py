@@ -5,11 +5,11 @@ import tempfile
 
 import pytest
 
-from outlast.offload import files, host, layout, pool, stream
+from outlast.offload import files, host, layout, overlap, pool, stream
 from outlast.storage.local import aligned_buffer
 
 
-@pytest.mark.parametrize("module", [layout, pool, stream, host, files], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [layout, pool, stream, overlap, host, files], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     globs = dict(vars(module), tempfile=tempfile, aligned_buffer=aligned_buffer, StateLayout=layout.StateLayout)
     result = doctest.testmod(module, globs=globs, optionflags=doctest.ELLIPSIS)

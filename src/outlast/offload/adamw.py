@@ -20,16 +20,20 @@ this one loads there, so a run can move in and out of offload at any checkpoint.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 from ..errors import IncompatibleStateError, StorageError
 from .files import StateFiles
 from .host import HostState
 from .layout import ALIGN_ELEMS, ITEMSIZE, StateLayout
 from .pool import BufferPool
+from .overlap import ChunkStream
 from .stream import run_pipeline
 
 __all__ = ["OffloadAdamW"]
@@ -70,6 +74,15 @@ class OffloadAdamW(torch.optim.Optimizer):
             an intra-op worker preempted by an I/O thread stalls the whole region; on 2
             cores with 2 intra-op threads the update ran 8x slower with the I/O beside it
             than without (0.35 s against 3 s for 67M bf16 parameters with masters).
+        overlap_backward: update each chunk of state during ``backward()``, as soon as the
+            gradients of every parameter in it are final (post-accumulate-grad hooks), so the
+            state's reads and writes overlap the backward pass instead of following it;
+            ``step()`` then finishes the chunks left and commits. Same results, bit for bit.
+            Because a parameter changes as soon as its gradient is accumulated, nothing may
+            change a gradient between ``backward()`` and ``step()``: gradient clipping,
+            unscaling, a closure and DDP are refused with an error saying so; with gradient
+            accumulation, run the backward of every micro-batch but the last inside
+            ``with opt.accumulating():``. See docs/offload.md.
 
     Example:
         >>> opt = OffloadAdamW(model.parameters(), lr=3e-4, dir="/nvme/run1/optim")  # doctest: +SKIP
@@ -95,6 +108,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         pool_sets: int = DEFAULT_POOL_SETS,
         reopen: bool = False,
         update_threads: int | None = None,
+        overlap_backward: bool = False,
     ):
         if not 0.0 <= float(lr):
             raise ValueError(f"OffloadAdamW: lr={lr} must be >= 0")
@@ -140,6 +154,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             pin = torch.cuda.is_available() and any(p.device.type == "cuda" for p in self._params)
             self.pool = BufferPool(pool_sets, len(self.kinds), chunk_elems * ITEMSIZE, pin=pin)
             self._fviews = [[b.view(torch.float32) for b in s] for s in self.pool.sets]
+            self._set_of = {id(s[0]): k for k, s in enumerate(self.pool.sets)}
             # Scratch for the denominator and for gradients that need a copy (another dtype,
             # device, or maximize): used by the update stage only, which is one thread.
             self._denom = torch.empty(chunk_elems, dtype=torch.float32)
@@ -152,6 +167,23 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.files.close()
             raise
         self._failed: str | None = None
+        self.overlap_backward = bool(overlap_backward)
+        self._accumulating = False
+        self._session: _Overlap | None = None
+        self._grad_order: list[int] | None = None  # the order gradients were final in the last overlapped step
+        self._hook_handles: list = []
+        self._pins = [0, 0]  # per generation: saves still reading its files (see pin_state_files)
+        self._pin_cond = threading.Condition()
+        self.pin_timeout_s = 1800.0
+        """The longest a step waits for a checkpoint still reading the generation it is about to write."""
+        if self.overlap_backward:
+            self._check_overlap_allowed()
+            self._chunks_of = [[] for _ in self._params]
+            for c in self.layout.chunks:
+                for pc in c.pieces:
+                    self._chunks_of[pc.param].append(c.index)
+            for i, p in enumerate(self._params):
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(_GradHook(self, i)))
         self.last_step_stats: dict = {}
         """Seconds the last step's stages spent (read_s, update_s, write_s, pool_wait_s,
         pipeline_s, commit_s, step_s) and its bytes moved: where the time of a step goes."""
@@ -203,6 +235,14 @@ class OffloadAdamW(torch.optim.Optimizer):
             StorageError: a read or write of the state failed (disk full, I/O error);
                 the message names the file. The state of the previous step is intact.
         """
+        if self.overlap_backward:
+            if closure is not None:
+                raise ValueError(
+                    "OffloadAdamW(overlap_backward=True) updates the parameters during backward(), so step() "
+                    "cannot re-evaluate the model with a closure; call backward() yourself, then step(), or build "
+                    "the optimizer with overlap_backward=False"
+                )
+            return self._step_overlapped()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -217,10 +257,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         steps = [s + 1 if a else s for s, a in zip(old_steps, active)]
         hyper = [self._hyper(g) for g in self.param_groups]
         src, dst = self.files.generation, self.files.next_generation()
+        self._wait_unpinned(dst)
         kinds = self.kinds
         nk = len(kinds)
         chunks = self.layout.chunks
-        sets_of = {id(s[0]): k for k, s in enumerate(self.pool.sets)}
+        sets_of = self._set_of
 
         def read(c: int, bufs: list[torch.Tensor]) -> None:
             n = chunks[c].numel * ITEMSIZE
@@ -257,6 +298,162 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.last_step_stats = stats
         self._refresh_state()
         return loss
+
+    # ------------------------------------------------------------------ the step, overlapped with backward
+    def _check_overlap_allowed(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise ValueError(
+                "OffloadAdamW(overlap_backward=True) updates a parameter as soon as its local gradient is "
+                "accumulated, before DDP's all-reduce has averaged it over the ranks; under torch.distributed "
+                f"(world size {torch.distributed.get_world_size()}) use overlap_backward=False"
+            )
+
+    def accumulating(self) -> "_Accumulating":
+        """Context manager for the backward passes of every micro-batch but the last: inside it the
+        gradient hooks do nothing, so gradients accumulate and the update waits for the last
+        backward (``overlap_backward=True`` only; with it off this does nothing).
+
+        Example:
+            >>> for mb in micro_batches[:-1]:                                # doctest: +SKIP
+            ...     with opt.accumulating():
+            ...         loss(model, mb).backward()
+            >>> loss(model, micro_batches[-1]).backward(); opt.step()         # doctest: +SKIP
+        """
+        return _Accumulating(self)
+
+    def _on_grad(self, i: int) -> None:
+        """Post-accumulate-grad hook of parameter ``i``: its gradient is final for this step."""
+        if self._accumulating or self._closed or self._failed:
+            return
+        s = self._session
+        if s is None:
+            s = self._begin(run_pre_hooks=True)
+        if s.final[i]:
+            e = ValueError(
+                f"OffloadAdamW(overlap_backward=True): parameter {i} (shape {list(self._params[i].shape)}) got a "
+                "second gradient before step(); its first one was taken as final. With gradient accumulation, run "
+                "the backward of every micro-batch but the last inside `with opt.accumulating():`"
+            )
+            self._abort(e)
+            raise e
+        g = self._params[i].grad
+        s.mark_final(i, g)
+        self._pump(s)
+
+    def _begin(self, *, run_pre_hooks: bool) -> "_Overlap":
+        """Start an overlapped step: from here on the optimizer changes parameters."""
+        self._check_usable()
+        if run_pre_hooks:
+            # Step pre-hooks promise to run before the optimizer changes anything (the Checkpointer's
+            # waits for its copy of the parameters and state): here that is now, inside backward().
+            # step() runs them again, as torch's wrapper always does.
+            pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", {})
+            for hook in [*pre.values(), *self._optimizer_step_pre_hooks.values()]:
+                hook(self, (self,), {})
+        src, dst = self.files.generation, self.files.next_generation()
+        self._wait_unpinned(dst)
+        kinds, chunks = self.kinds, self.layout.chunks
+        nk = len(kinds)
+
+        def read(c: int, bufs: list[torch.Tensor]) -> None:
+            n = chunks[c].numel * ITEMSIZE
+            for k in range(nk):
+                self.files.read(kinds[k], src, chunks[c].start, bufs[k][:n])
+
+        def write(c: int, bufs: list[torch.Tensor]) -> None:
+            n = chunks[c].numel * ITEMSIZE
+            for k in range(nk):
+                self.files.write(kinds[k], dst, chunks[c].start, bufs[k][:n])
+
+        if self._grad_order is None:
+            order = list(range(len(chunks)))[::-1]  # backward usually reaches the last parameters first
+        else:
+            rank = {p: r for r, p in enumerate(self._grad_order)}
+            last = len(self._params)
+            order = sorted(range(len(chunks)), key=lambda c: max(rank.get(pc.param, last) for pc in chunks[c].pieces)
+                           if chunks[c].pieces else last)
+        s = _Overlap(self, src, dst, [self._hyper(g) for g in self.param_groups],
+                     ChunkStream(order, self.pool, read, write), time.perf_counter())
+        self._session = s
+        return s
+
+    def _update_chunk(self, s: "_Overlap", c: int, bufs: list[torch.Tensor]) -> None:
+        f = self._fviews[self._set_of[id(bufs[0])]]
+        for pc in self.layout.chunks[c].pieces:
+            if s.final[pc.param]:
+                self._update_piece(pc, f, s.hyper[self._group_of[pc.param]], float(self.files.steps[pc.param] + 1))
+
+    def _pump(self, s: "_Overlap") -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.update_threads or max(1, threads - 1))
+        try:
+            with torch.no_grad():
+                s.stream.pump(lambda c: s.pending[c] == 0, lambda c, b: self._update_chunk(s, c, b))
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step_overlapped(self) -> None:
+        s = self._session
+        if s is None:  # no hook fired: gradients set by hand, or none at all
+            s = self._begin(run_pre_hooks=False)
+        self._session = None
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        try:
+            for i, p in enumerate(self._params):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise ValueError(f"OffloadAdamW: parameter {i} has a sparse gradient; AdamW does not support them")
+                if s.final[i]:
+                    if p.grad is not s.grads[i] or p.grad._version != s.versions[i]:
+                        raise ValueError(
+                            f"OffloadAdamW(overlap_backward=True): the gradient of parameter {i} (shape "
+                            f"{list(p.shape)}) changed between backward() and step() (gradient clipping, unscaling "
+                            "or zero_grad?), but its update may already have used it. Clip or scale gradients "
+                            "only with overlap_backward=False"
+                        )
+                elif p.grad is not None:  # a gradient no hook saw (set by hand): final now
+                    s.mark_final(i, p.grad)
+            hyper = [self._hyper(g) for g in self.param_groups]
+            if hyper != s.hyper:
+                raise ValueError(
+                    "OffloadAdamW(overlap_backward=True): lr, betas, eps, weight_decay or maximize changed between "
+                    "backward() and step(), after the update had begun with the old values; change them before "
+                    "backward() (LR schedulers stepped after step() already do)"
+                )
+            t1 = time.perf_counter()
+            overlapped = s.stream.updated  # chunks updated inside backward()
+            torch.set_num_threads(self.update_threads or max(1, threads - 1))
+            s.stream.drain(lambda c, b: self._update_chunk(s, c, b))
+            t2 = time.perf_counter()
+            self.files.flush(s.dst)
+            steps = [n + 1 if f else n for n, f in zip(self.files.steps, s.final)]
+            self.files.commit(s.dst, steps)
+        except BaseException as e:
+            self._abort(e, s)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        t3 = time.perf_counter()
+        self._grad_order = s.order
+        stats = dict(s.stream.stats)
+        stats.update(overlapped_chunks=overlapped, chunks=len(self.layout.chunks), backward_s=t0 - s.t0,
+                     drain_s=t2 - t1, commit_s=t3 - t2, step_s=t3 - t0, pipeline_s=t3 - s.t0, bytes=self.bytes_per_step)
+        self.last_step_stats = stats
+        self._refresh_state()
+
+    def _abort(self, e: BaseException, s: "_Overlap | None" = None) -> None:
+        """Stop an overlapped step that failed; undo what it did, or say what cannot be undone."""
+        s = s or self._session
+        self._session = None
+        if s is None:
+            return
+        try:
+            s.stream.close()
+        except BaseException:  # noqa: BLE001 - the first error is the one raised
+            pass
+        if s.stream.updated == 0:
+            return  # nothing changed yet: the parameters and state are those of the previous step
+        self._after_failure(e, s.src)
 
     @staticmethod
     def _hyper(group: dict) -> tuple:
@@ -384,6 +581,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         """
         if self._closed:
             raise ValueError("OffloadAdamW is closed")
+        if self._session is not None:
+            raise ValueError(
+                "OffloadAdamW(overlap_backward=True): a backward() has begun this step's update; call step() "
+                "before load_state_dict"
+            )
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise IncompatibleStateError(
@@ -407,6 +609,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             for pid in saved["params"]:
                 index_of[pid] = len(index_of)
         g = self.files.generation
+        self._wait_unpinned(g)  # this writes the current generation in place
         steps = [0] * len(self._params)
         for pid, i in index_of.items():
             entry = saved_state.get(pid, saved_state.get(str(pid)))
@@ -443,6 +646,50 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._failed = None
         self._refresh_state()
 
+    # ------------------------------------------------------------------ checkpoint engines
+    def pin_state_files(self) -> "StatePin | None":
+        """Keep the current generation's files unchanged until the pin is released.
+
+        For checkpoint engines that write in the background (the ``Checkpointer``): the
+        tensors of :meth:`state_dict` are memory-mapped views of these files, so instead of
+        copying them into staging memory (the size of the whole state) an engine can write
+        them straight from the files, if nothing changes them meanwhile. The next step writes
+        the other generation anyway; the one after would write this one, so it waits (at most
+        ``pin_timeout_s``) until every pin on it is released.
+
+        Returns:
+            A :class:`StatePin` (``holds(tensor)``: is this tensor in the pinned files;
+            ``release()``), or None when the state is not in files (``tier="host"``) or the
+            optimizer is closed: then stage it as any tensor.
+
+        Example:
+            >>> pin = opt.pin_state_files()                              # doctest: +SKIP
+            >>> direct = [t for t in tensors if pin.holds(t)]            # doctest: +SKIP
+            >>> ...; pin.release()                                       # doctest: +SKIP
+        """
+        if self._closed or self.tier != "disk":
+            return None
+        g = self.files.generation
+        storages = {self.files.mapped(k, g).untyped_storage().data_ptr() for k in self.kinds}
+        with self._pin_cond:
+            self._pins[g] += 1
+        return StatePin(self, g, storages)
+
+    def _unpin(self, generation: int) -> None:
+        with self._pin_cond:
+            self._pins[generation] -= 1
+            self._pin_cond.notify_all()
+
+    def _wait_unpinned(self, generation: int) -> None:
+        with self._pin_cond:
+            if not self._pin_cond.wait_for(lambda: self._pins[generation] == 0, self.pin_timeout_s):
+                raise StorageError(
+                    f"OffloadAdamW: waited {self.pin_timeout_s:g} s for a checkpoint still writing the optimizer state "
+                    f"from {self.files.path(self.kinds[0], generation)} (and the other files of generation "
+                    f"{generation}); this step would overwrite them. Wait for the save to finish "
+                    "(Checkpointer.wait()) or raise pin_timeout_s"
+                )
+
     # ------------------------------------------------------------------ lifecycle
     @property
     def buffer_bytes(self) -> int:
@@ -458,6 +705,12 @@ class OffloadAdamW(torch.optim.Optimizer):
     def close(self) -> None:
         """Close the state files (they stay on disk; ``reopen=True`` continues from them)."""
         if not self._closed:
+            if self._session is not None:
+                self._abort(ValueError("OffloadAdamW closed between backward() and step()"))
+            for h in self._hook_handles:
+                h.remove()
+
+            self._hook_handles = []
             self._closed = True
             self.state = {}  # type: ignore[assignment]
             self.files.close()
@@ -472,3 +725,75 @@ class OffloadAdamW(torch.optim.Optimizer):
 def _append(e: BaseException, text: str) -> None:
     if e.args and isinstance(e.args[0], str):
         e.args = (e.args[0] + text,) + e.args[1:]
+
+
+class _Overlap:
+    """One step overlapped with backward: which gradients are final, and the chunk stream."""
+
+    def __init__(self, opt: OffloadAdamW, src: int, dst: int, hyper: list[tuple], stream: ChunkStream, t0: float):
+        n = len(opt._params)
+        self.src, self.dst, self.hyper, self.stream, self.t0 = src, dst, hyper, stream, t0
+        self.final = [False] * n
+        self.grads: list = [None] * n
+        self.versions = [0] * n
+        self.order: list[int] = []
+        # parameters of each chunk whose gradient is not final yet (a chunk with none is updatable)
+        self.pending = [len({pc.param for pc in c.pieces}) for c in opt.layout.chunks]
+        self._chunks_of = opt._chunks_of
+
+    def mark_final(self, i: int, grad: torch.Tensor) -> None:
+        self.final[i] = True
+        self.grads[i] = grad
+        self.versions[i] = grad._version
+        self.order.append(i)
+        for c in self._chunks_of[i]:
+            self.pending[c] -= 1
+
+
+class _GradHook:
+    """The post-accumulate-grad hook of one parameter (holds the optimizer weakly)."""
+
+    def __init__(self, opt: OffloadAdamW, i: int):
+        self._opt = weakref.ref(opt)
+        self._i = i
+
+    def __call__(self, param: torch.Tensor) -> None:
+        opt = self._opt()
+        if opt is not None:
+            opt._on_grad(self._i)
+
+
+class _Accumulating:
+    def __init__(self, opt: OffloadAdamW):
+        self._opt = opt
+
+    def __enter__(self) -> None:
+        self._prev = self._opt._accumulating
+        self._opt._accumulating = True
+
+    def __exit__(self, *exc) -> None:
+        self._opt._accumulating = self._prev
+
+
+class StatePin:
+    """A generation of state files kept unchanged for a checkpoint (:meth:`OffloadAdamW.pin_state_files`).
+
+    Thread-safe: :meth:`release` may run on a background thread. Idempotent.
+    """
+
+    def __init__(self, opt: OffloadAdamW, generation: int, storages: set[int]):
+        self._opt: OffloadAdamW | None = opt
+        self.generation = generation
+        self._storages = frozenset(storages)
+        self._lock = threading.Lock()
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) one of the pinned files."""
+        t = getattr(tensor, "_local_tensor", tensor)
+        return t.device.type == "cpu" and t.untyped_storage().data_ptr() in self._storages
+
+    def release(self) -> None:
+        with self._lock:
+            opt, self._opt = self._opt, None
+        if opt is not None:
+            opt._unpin(self.generation)
