@@ -240,7 +240,7 @@ def main() -> None:
     run = os.path.join(tmp, "run")
     cfg, sd = read_gguf(gguf)
     with outlast.Checkpointer(run) as ck:
-        ck.save(1, {"model": sd, "serve_config": cfg.to_json()})
+        ck.save({"model": sd, "serve_config": cfg.to_json()}, 1)
     procs, logs = [], []
     try:
         ports = [free_port() for _ in range(2)]
@@ -273,7 +273,7 @@ def main() -> None:
         with Loop(ca, 120) as loop:
             time.sleep(2.0)
             with outlast.Checkpointer(run) as ck:
-                ck.save(2, {"model": sd2, "serve_config": cfg.to_json()})
+                ck.save({"model": sd2, "serve_config": cfg.to_json()}, 2)
             commit = os.stat(os.path.join(run, "step-00000002", "manifest.json")).st_mtime
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not any(fp == "step-2" for _, fp in loop.ok):

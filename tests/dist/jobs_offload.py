@@ -71,7 +71,7 @@ def async_save(rank: int, world: int, root: str) -> dict:
         step(wrapped, opt, s, rank, world)
     want = {i: {k: v.clone() for k, v in st.items()} for i, st in opt.state_dict()["state"].items()}
     ck = outlast.Checkpointer(os.path.join(root, "async-ck"))
-    ck.save(K, {"train": outlast.ModelOptimizerState(model, opt), "step": K})
+    ck.save({"train": outlast.ModelOptimizerState(model, opt), "step": K}, K)
     for s in range(K, K + 2):
         step(wrapped, opt, s, rank, world)
     ck.wait()

@@ -179,7 +179,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         with outlast.Checkpointer(a.save_async) as ck:
-            ck.save(a.steps, {"optim": opt})
+            ck.save({"optim": opt}, a.steps)
             ck.wait()
             out["async_save_s"] = time.perf_counter() - t0
             out["async_saved_bytes"] = ck.metrics[-1].nbytes

@@ -48,7 +48,7 @@ def commit_step(run_dir: str, step: int, seed: int | None = None) -> str:
     import outlast
 
     with outlast.Checkpointer(run_dir) as ck:
-        ck.save(step, {"model": tiny_state(step if seed is None else seed), "serve_config": tiny_config().to_json()})
+        ck.save({"model": tiny_state(step if seed is None else seed), "serve_config": tiny_config().to_json()}, step)
     return ck.path_of(step)
 
 

@@ -126,7 +126,7 @@ def test_checkpointer_writes_offloaded_state_from_its_files_not_staged(tmp_path,
     with outlast.Checkpointer(str(tmp_path / "run")) as ck:
         _train(m, opt, range(2))
         want = {k: v.clone() for k, v in opt.state_dict()["state"][2].items()}
-        ck.save(2, state)
+        ck.save(state, 2)
         ck.wait()
         staged = _staged_bytes(ck)
         assert params_bytes <= staged < params_bytes + 4096 * 8  # the parameters and headers, no state
@@ -165,7 +165,7 @@ def test_a_step_that_would_overwrite_files_being_saved_waits_for_the_save(tmp_pa
     with outlast.Checkpointer(str(tmp_path / "run")) as ck:
         _train(m, opt, range(2))
         want = {k: v.clone() for k, v in opt.state_dict()["state"][2].items()}
-        ck.save(2, {"model": m, "optim": opt})
+        ck.save({"model": m, "optim": opt}, 2)
         _train(m, opt, range(2, 3))  # writes the other generation: no wait
         x, y = _batch(3)
         torch.nn.functional.mse_loss(m(x), y).backward()
@@ -189,7 +189,7 @@ def test_host_tier_state_is_staged_as_before(tmp_path):
     assert opt.pin_state_files() is None  # in memory, updated in place: the Checkpointer copies it
     with outlast.Checkpointer(str(tmp_path / "run")) as ck:
         _train(m, opt, range(2))
-        ck.save(2, {"model": m, "optim": opt})
+        ck.save({"model": m, "optim": opt}, 2)
         ck.wait()
         assert _staged_bytes(ck) >= 3 * sum(p.numel() * 4 for p in m.parameters())
     opt.close()
