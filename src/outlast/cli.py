@@ -128,7 +128,6 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def ls_cmd(directory: str, as_json: bool) -> None:
     """List the checkpoints under DIRECTORY with step, size and status."""
-    import os
 
     from .reader import list_checkpoints
 
@@ -284,7 +283,6 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
       outlast serve ckpt/step-00001000 --tokenizer model.gguf --kv-disk /tmp/kv
       outlast serve --watch runs/exp1 --tokenizer model.gguf --replicas 2 --admin-token $TOKEN
     """
-    import os
 
     from .serve import EngineConfig, ServeError, load_engine
     from .serve.admin import token_from
@@ -342,7 +340,6 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
 def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy: str, watch: str | None,
                     start_step: int | None, admin_token: str | None, options: list, kv_disk: str | None,
                     no_prefix_caching: bool) -> None:
-    import os
     import secrets
 
     from .serve.policy import RoutingConfig
@@ -399,7 +396,6 @@ def route_cmd(backends: tuple[str, ...], host: str, port: int, policy: str, watc
     Example:
       outlast route --backend http://127.0.0.1:8001 --backend http://127.0.0.1:8002 --port 8000
     """
-    import os
 
     from .serve.admin import token_from
     from .serve.policy import RoutingConfig
@@ -434,7 +430,6 @@ def merge_cmd(dst: str, srcs: tuple[str, ...], method: str, weights: str | None,
       outlast merge ckpt/lawa ckpt/step-* --method lawa --last-k 5
       outlast merge ckpt/ema ckpt/step-* --method ema --decay 0.9
     """
-    import os
 
     from .merge import merge_checkpoints
 
