@@ -4,15 +4,29 @@ A GGUF file carries its own vocabulary, merges and chat template; ``transformers
 fast tokenizer from them (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``). A Hugging
 Face directory has its tokenizer files. :class:`Tokenizer` is the small surface the engine
 and server use: encode, decode, render a chat, and the end-of-turn ids.
+
+Building the tokenizer from a GGUF file is slow (7-23 s for SmolLM2's 49k vocabulary on the
+2-core box: transformers converts the vocabulary and merges in Python), and every server,
+replica and test process would pay it. The result is therefore cached as an ordinary
+tokenizer directory (``tokenizer.json``, ``tokenizer_config.json``, the chat template: JSON
+and text, no pickle) under ``$OUTLAST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/outlast`` or
+``~/.cache/outlast``), keyed by the xxh3 hash of the whole GGUF file (about 40 ms for the
+135M model), so an edited or replaced file never finds a stale entry. Loading from the
+cache takes about 0.5 s. ``OUTLAST_CACHE_DIR=off`` (or an unwritable directory) turns it off.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 
 from .errors import BadRequestError, ModelLoadError
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer", "cache_dir"]
+
+log = logging.getLogger("outlast.serve")
 
 
 class Tokenizer:
@@ -64,9 +78,66 @@ def load_tokenizer(source: str) -> Tokenizer:
     source = os.fspath(source)
     try:
         if os.path.isfile(source) and source.endswith(".gguf"):
-            hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(source)), gguf_file=os.path.basename(source))
+            hf = _from_gguf(source)
         else:
             hf = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"no tokenizer could be loaded from {source}: {e}") from None
     return Tokenizer(hf)
+
+
+def cache_dir() -> str | None:
+    """Where built tokenizers are cached (None: caching is off)."""
+    env = os.environ.get("OUTLAST_CACHE_DIR")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "none") else env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "outlast")
+
+
+def _file_key(path: str) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _from_gguf(source: str):
+    from transformers import AutoTokenizer
+
+    root = cache_dir()
+    entry = None
+    if root is not None:
+        entry = os.path.join(root, "tokenizers", f"gguf-{_file_key(source)}")
+        if os.path.isfile(os.path.join(entry, "tokenizer.json")):
+            try:
+                return AutoTokenizer.from_pretrained(entry)
+            except Exception as e:  # noqa: BLE001 - a damaged entry (tokenizers raises plain Exception): rebuild it
+                log.warning("the cached tokenizer at %s could not be loaded (%s); rebuilding it from %s", entry, e, source)
+                shutil.rmtree(entry, ignore_errors=True)
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(source)), gguf_file=os.path.basename(source))
+    if entry is not None:
+        _store(hf, entry)
+    return hf
+
+
+def _store(hf, entry: str) -> None:
+    """Save ``hf`` at ``entry`` atomically (a complete directory or none); failures only warn."""
+    parent = os.path.dirname(entry)
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        hf.save_pretrained(tmp)
+        os.rename(tmp, entry)  # another process may have won the race: then keep its copy
+        tmp = None
+    except OSError as e:
+        if not os.path.isdir(entry):
+            log.warning("could not cache the tokenizer under %s (%s); the next start builds it again "
+                        "(set OUTLAST_CACHE_DIR to a writable directory, or to 'off')", parent, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
