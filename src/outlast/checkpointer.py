@@ -270,13 +270,23 @@ class Checkpointer:
                 f"checkpoint {self.path_of(step)} is committed; the remote tier lacks it."
             )
         else:
-            latest = self.latest_step()
-            keep = f"the latest valid checkpoint is still step {latest}" if latest is not None else "no checkpoint is committed yet"
-            msg = (
-                f"background save of step {step} to {self.path_of(step)} failed: {e}. "
-                f"Nothing of it was committed; {keep}. Fix the cause (free disk space, check "
-                "permissions or the remote) and save again."
-            )
+            valid = self.steps()
+            if step in valid:
+                # The failure came after the commit (retention, queueing the upload): the
+                # checkpoint itself is good, and saying otherwise would send a user after it.
+                msg = (
+                    f"step {step} was saved and committed to {self.path_of(step)}, but what follows a "
+                    f"commit failed: {e}. The checkpoint is valid; older ones may not have been "
+                    "deleted as keep_last/keep_every ask. Fix the cause (permissions, disk) and save again."
+                )
+            else:
+                latest = valid[-1] if valid else None
+                keep = f"the latest valid checkpoint is still step {latest}" if latest is not None else "no checkpoint is committed yet"
+                msg = (
+                    f"background save of step {step} to {self.path_of(step)} failed: {e}. "
+                    f"Nothing of it was committed; {keep}. Fix the cause (free disk space, check "
+                    "permissions or the remote) and save again."
+                )
         cls = type(e) if isinstance(e, CheckpointError) else StorageError if isinstance(e, OSError) else CheckpointError
         try:
             err = cls(msg)

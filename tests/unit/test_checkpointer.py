@@ -574,3 +574,26 @@ def test_reupload_removes_the_remote_manifest_first(tmp_path, monkeypatch):
     got = tier.manifest(step_dir_name(5))
     assert got.files.keys() == outlast.manifest_of(path).files.keys()
     tier.fs.rm(tier.root, recursive=True)
+
+
+def test_a_failure_after_the_commit_says_the_checkpoint_is_valid(tmp_path, monkeypatch):
+    state = make_state()
+    ckpt = outlast.Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(state, 1)
+    ckpt.wait()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / step_dir_name(1)))
+
+    monkeypatch.setattr(ckpt._repo, "apply_retention", refuse)  # deleting step 1 fails after step 2 commits
+    ckpt.save(state, 2)
+    with pytest.raises(CheckpointError) as ei:
+        ckpt.wait()
+    msg = str(ei.value)
+    assert "step 2 was saved and committed" in msg and "Nothing of it was committed" not in msg
+    assert "Permission denied" in msg
+    monkeypatch.undo()
+    assert ckpt.steps() == [1, 2]
+    ckpt.save(state, 3)  # and the next save still works
+    ckpt.close()
+    assert ckpt.steps() == [3]
