@@ -176,6 +176,7 @@ def load(
         >>> report = outlast.load({"model": model, "optim": opt}, "ckpt/step-100")
     """
     path = os.fspath(path)
+    _wait_for_saves_in_flight(state)
     group = group_of(process_group)
     if group is not None:
         return _load_distributed(state, path, strict, verify, group)
@@ -189,6 +190,17 @@ def load(
         report.tensors_loaded = len({r.fqn for r in requests})
         _finish_load(flat, manifest, reader, extras, report, verify)
     return report
+
+
+def _wait_for_saves_in_flight(state: dict) -> None:
+    """Optimizers whose state lives in files a background save may still be writing from
+    (``OffloadAdamW``): wait for those saves before the load writes into the same files."""
+    from .engine import find_owners
+
+    for opt in find_owners(state)[0]:
+        wait = getattr(opt, "wait_for_checkpoints", None)
+        if callable(wait):
+            wait()
 
 
 def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group: Group) -> LoadReport:

@@ -193,3 +193,42 @@ def test_host_tier_state_is_staged_as_before(tmp_path):
         ck.wait()
         assert _staged_bytes(ck) >= 3 * sum(p.numel() * 4 for p in m.parameters())
     opt.close()
+
+
+def test_load_waits_for_a_save_still_writing_the_state_files(tmp_path):
+    """outlast.load fills the optimizer's mapped views in place: while a checkpoint holds a pin on
+    those files (an async save writing them), the load must not change a byte of them."""
+    import threading
+    import time
+
+    m = _model()
+    opt = OffloadAdamW(m.parameters(), dir=str(tmp_path / "off"), chunk_bytes=16384, **KW)
+    _train(m, opt, range(2))
+    state = {"train": outlast.ModelOptimizerState(m, opt)}
+    outlast.save(state, str(tmp_path / "a"))
+    _train(m, opt, range(2, 4))  # the live state moves on from the checkpoint
+    before = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
+    pin = opt.pin_state_files()
+    assert pin is not None
+    done = threading.Event()
+    errors = []
+
+    def load():
+        try:
+            outlast.load(state, str(tmp_path / "a"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        done.set()
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert not done.is_set()  # waiting for the pin
+    now = opt.state_dict()["state"][0]
+    for k, v in before.items():
+        assert torch.equal(now[k], v), k  # the pinned files are untouched
+    pin.release()
+    assert done.wait(60) and not errors, errors
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert not torch.equal(opt.state_dict()["state"][0][k], before[k])
+    opt.close()

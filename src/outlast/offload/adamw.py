@@ -675,6 +675,18 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._pins[g] += 1
         return StatePin(self, g, storages)
 
+    def wait_for_checkpoints(self) -> None:
+        """Block until no save still writes the current state files (at most ``pin_timeout_s``).
+
+        :meth:`state_dict` hands out views of the files, and ``outlast.load`` fills such views
+        in place; it calls this first, so a load never changes bytes that an asynchronous
+        save in flight is checksumming and writing.
+
+        Example:
+            >>> opt.wait_for_checkpoints()   # doctest: +SKIP
+        """
+        self._wait_unpinned(self.files.generation)
+
     def _unpin(self, generation: int) -> None:
         with self._pin_cond:
             self._pins[generation] -= 1
