@@ -37,6 +37,21 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_same_as_torch_adamw(ref_params, ref_opt, params, opt, kinds=("exp_avg", "exp_avg_sq")) -> None:
+    """Parameters bit-equal pairwise, and ``opt``'s state (indexed as torch numbers parameters:
+    across ``ref_opt``'s groups, in order) bit-equal to torch AdamW's ``ref_opt`` state."""
+    sd = opt.state_dict()["state"]
+    for i, (r, p) in enumerate(zip(list(ref_params), list(params), strict=True)):
+        assert torch.equal(r, p), f"param {i} differs by {(r - p).abs().max()}"
+    for i, r in enumerate(p for g in ref_opt.param_groups for p in g["params"]):
+        if r not in ref_opt.state:
+            assert i not in sd
+            continue
+        for k in kinds:
+            assert torch.equal(ref_opt.state[r][k], sd[i][k]), f"{k} of param {i} differs"
+        assert float(ref_opt.state[r]["step"]) == float(sd[i]["step"])
+
+
 def reseal_manifest(ckpt: str, edit) -> dict:
     """Apply ``edit(raw_dict)`` to ``ckpt``'s manifest and rewrite it with a *valid* self-checksum.
 

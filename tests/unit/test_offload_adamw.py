@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from state_helpers import assert_same_as_torch_adamw
+
 from outlast.offload import OffloadAdamW
 from outlast.offload.layout import ALIGN_ELEMS, StateLayout
 from outlast.offload.pool import BufferPool
@@ -43,18 +45,6 @@ def _set(ps, grads, dtype=None):
         p.grad = None if g is None else g.clone().to(dtype or p.dtype)
 
 
-def _assert_same(ref_params, ref_opt, params, opt, kinds=("exp_avg", "exp_avg_sq")):
-    sd = opt.state_dict()["state"]
-    for i, (r, p) in enumerate(zip(ref_params, params)):
-        assert torch.equal(r, p), f"param {i} differs by {(r - p).abs().max()}"
-        if r not in ref_opt.state:
-            assert i not in sd
-            continue
-        for k in kinds:
-            assert torch.equal(ref_opt.state[r][k], sd[i][k]), f"{k} of param {i} differs"
-        assert float(ref_opt.state[r]["step"]) == float(sd[i]["step"])
-
-
 @pytest.mark.parametrize("tier", ["disk", "host"])
 @pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, False), (False, True)])
 def test_equal_to_torch_adamw(tmp_path, tier, amsgrad, maximize):
@@ -75,7 +65,7 @@ def test_equal_to_torch_adamw(tmp_path, tier, amsgrad, maximize):
         b.step()
         sa.step()
         sb.step()
-        _assert_same(ref, a, mine, b, kinds)
+        assert_same_as_torch_adamw(ref, a, mine, b, kinds)
     assert [g["lr"] for g in a.param_groups] == [g["lr"] for g in b.param_groups]
     b.close()
 
@@ -123,7 +113,7 @@ def test_state_dict_round_trips_with_torch_adamw(tmp_path):
         _set(mid, _grads(mid, step))
         a.step()
         b.step()
-    _assert_same(ref, a, mid, b)
+    assert_same_as_torch_adamw(ref, a, mid, b)
     back = torch.optim.AdamW(_groups(mid), **kw)
     back.load_state_dict(b.state_dict())
     b.close()
@@ -150,7 +140,7 @@ def test_reopen_continues_from_files(tmp_path):
     for step in range(2, 4):
         _set(ref, _grads(ref, step)), _set(mine, _grads(mine, step))
         a.step(), b.step()
-    _assert_same(ref, a, mine, b)
+    assert_same_as_torch_adamw(ref, a, mine, b)
     b.close()
 
 

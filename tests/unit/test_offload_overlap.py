@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from outlast.errors import StorageError
+from state_helpers import assert_same_as_torch_adamw
+
 from outlast.offload import OffloadAdamW
 
 KW = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -62,20 +64,6 @@ def _loss(m, step):
     return torch.nn.functional.mse_loss(m(x), y)
 
 
-def _assert_same(ref, ref_opt, mine, opt, kinds=("exp_avg", "exp_avg_sq")):
-    sd = opt.state_dict()["state"]
-    for i, (r, p) in enumerate(zip(ref.parameters(), mine.parameters())):
-        assert torch.equal(r, p), f"param {i} differs by {(r - p).abs().max()}"
-    ref_params = [p for g in ref_opt.param_groups for p in g["params"]]
-    for i, r in enumerate(ref_params):
-        if r not in ref_opt.state:
-            assert i not in sd
-            continue
-        for k in kinds:
-            assert torch.equal(ref_opt.state[r][k], sd[i][k]), f"{k} of param {i} differs"
-        assert float(ref_opt.state[r]["step"]) == float(sd[i]["step"])
-
-
 @pytest.mark.parametrize("tier,master,amsgrad", [("disk", False, False), ("disk", True, True), ("host", False, False)])
 def test_overlapped_equal_to_torch_adamw(tmp_path, tier, master, amsgrad):
     ref, mine = _model(), _model()
@@ -96,7 +84,7 @@ def test_overlapped_equal_to_torch_adamw(tmp_path, tier, master, amsgrad):
             o.zero_grad(set_to_none=step % 2 == 0)  # in-place zeroing too: the hook sees the same tensor again
             s.step()
             m[0].weight.requires_grad_(True)
-        _assert_same(ref, a, mine, b, kinds)
+        assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b, kinds)
         st = b.last_step_stats
         assert st["chunks"] == len(b.layout.chunks)
         overlapped.append(st["overlapped_chunks"])
@@ -148,7 +136,7 @@ def test_gradient_accumulation_with_accumulating(tmp_path):
                     _loss(m, 10 * step + mb).backward()
             o.step()
             o.zero_grad()
-        _assert_same(ref, a, mine, b)
+        assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b)
     b.close()
 
 
