@@ -165,7 +165,9 @@ class Manifest:
         doc["sealed"] = True
         doc[MANIFEST_CHECKSUM] = _PLACEHOLDER
         # allow_nan: Python floats such as inf/nan in plain state must survive a round trip.
-        data = json.dumps(doc, indent=1, allow_nan=True).encode()
+        # Compact: the C encoder (indent= falls back to the pure-Python one, 5x slower: 8 ms per
+        # save of a 240 MiB model on the training box). `outlast inspect` is the readable view.
+        data = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
         at = data.rindex(_PLACEHOLDER.encode())
         digest = xxhash.xxh3_64_hexdigest(data).encode()
         return data[:at] + digest + data[at + 16:]

@@ -166,7 +166,7 @@ def test_flipped_byte_in_the_manifest_is_caught(saved):
     path, _ = saved
     mp = os.path.join(path, "manifest.json")
     raw = open(mp, "rb").read()
-    flipped = raw.replace(b'"shape": [\n    1000', b'"shape": [\n    1001', 1)
+    flipped = raw.replace(b'"shape":[1000', b'"shape":[1001', 1)
     assert flipped != raw
     open(mp, "wb").write(flipped)
     with pytest.raises(CorruptCheckpointError, match="manifest itself is damaged") as e:

@@ -198,7 +198,7 @@ def test_listing_validates_a_manifest_once_while_it_is_unchanged(tmp_path, monke
     assert repo.steps() == [1, 2] and seen[-1] == step_dir_name(2) and len(seen) == 3
     # ... and so a damaged one (its seal no longer matches) is no longer counted.
     os.remove(mpath)
-    mpath.write_text(text.replace('"step": 2', '"step": 3'))
+    mpath.write_text(text.replace('"step":2', '"step":3'))
     assert repo.scan() == ([1], [2]) and len(seen) == 4
 
 
