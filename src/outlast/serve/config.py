@@ -7,7 +7,15 @@ the CLI exposes. Both validate in ``__post_init__`` and name the bad field.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# RoPE scaling kinds the runtime implements (Hugging Face ``rope_type`` names). Others change
+# more than the frequencies (yarn and longrope scale the attention too, dynamic depends on the
+# sequence length) and are refused by name rather than served wrong.
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,10 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     eos_token_ids: tuple[int, ...] = ()
     name: str = "model"
+    rope_scaling: dict | None = field(default=None, hash=False)
+    """Hugging Face style: ``{"rope_type": "linear" | "llama3", "factor": ..., ...}``; None: plain RoPE."""
+    rope_freq_factors: tuple[float, ...] = ()
+    """Per-frequency divisors of the inverse frequencies (a GGUF file's ``rope_freqs`` tensor)."""
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_position"):
@@ -35,20 +47,69 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"ModelConfig.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        rs = self.rope_scaling
+        if rs is not None:
+            kind = rs.get("rope_type", rs.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling: RoPE scaling type {kind!r} is not supported (supported: "
+                    f"{', '.join(ROPE_TYPES)}); serving the model without it would give wrong outputs"
+                )
+            if kind != "default" and not float(rs.get("factor", 0)) > 0:
+                raise ValueError(f"ModelConfig.rope_scaling: {kind!r} needs a positive 'factor', got {rs.get('factor')!r}")
+        if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(
+                f"ModelConfig.rope_freq_factors has {len(self.rope_freq_factors)} values; head_dim "
+                f"{self.head_dim} needs {self.head_dim // 2}"
+            )
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def rope_inv_freq(self) -> torch.Tensor:
+        """The ``head_dim // 2`` inverse frequencies of RoPE, scaled as the config says (fp32).
+
+        ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low ones
+        (wavelength above ``original_max_position_embeddings / low_freq_factor``) by ``factor``,
+        keeps the high ones and interpolates between, as Llama 3.1+ and transformers do.
+        """
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        rs = self.rope_scaling or {}
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        if kind == "linear":
+            inv = inv / float(rs["factor"])
+        elif kind == "llama3":
+            factor = float(rs["factor"])
+            low, high = float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+            old = float(rs.get("original_max_position_embeddings", 8192))
+            low_wavelen, high_wavelen = old / low, old / high
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            inv = torch.where(medium, smoothed, scaled)
+        if self.rope_freq_factors:
+            inv = inv / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
+        return inv
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["rope_freq_factors"] = list(self.rope_freq_factors)
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]  # configs without scaling keep the JSON (and weights identity) they had
+        if not d["rope_freq_factors"]:
+            del d["rope_freq_factors"]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["rope_freq_factors"] = tuple(float(x) for x in d.get("rope_freq_factors", ()))
         return cls(**d)
 
     @classmethod
@@ -63,6 +124,12 @@ class ModelConfig:
         theta = cfg.get("rope_theta")
         if theta is None:
             theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        # transformers < 5 writes "rope_scaling"; 5 writes "rope_parameters" (with rope_theta inside).
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+                scaling = None
         return cls(
             vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
@@ -71,7 +138,7 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
             max_position=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            eos_token_ids=eos_ids, name=name,
+            eos_token_ids=eos_ids, name=name, rope_scaling=scaling,
         )
 
 

@@ -87,19 +87,10 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
     vocab = _field(reader, p + "vocab_size")
     if vocab is None:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    cfg = ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(_field(reader, p + "embedding_length")),
-        intermediate_size=int(_field(reader, p + "feed_forward_length")),
-        num_layers=int(_field(reader, p + "block_count")),
-        num_heads=heads, num_kv_heads=kv_heads,
-        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
-        max_position=int(_field(reader, p + "context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        eos_token_ids=(int(eos),) if eos is not None else (),
-        name=os.path.basename(path),
-    )
+    try:
+        cfg = _config(reader, p, path, heads, kv_heads, names, eos, vocab)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: F32 tensors are read-only mmap views
@@ -120,6 +111,46 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
         elif t.name == "output.weight":
             name = "lm_head.weight"
         else:
-            continue  # e.g. rope_freqs: recomputed from the config
+            continue  # rope_freqs: read into the config above
         sd[name] = torch.from_numpy(np.ascontiguousarray(arr))
     return cfg, sd
+
+
+def _rope_scaling(reader, p: str, path: str) -> dict | None:
+    """llama.cpp's ``rope.scaling.*`` keys as a Hugging Face ``rope_scaling`` dict (linear only)."""
+    kind = _field(reader, p + "rope.scaling.type", "none")
+    if kind in (None, "none"):
+        return None
+    if kind != "linear":
+        raise ModelLoadError(
+            f"{path}: RoPE scaling type {kind!r} is not supported (linear, and Llama 3's frequency "
+            "factors, are); serving the model without it would give wrong outputs"
+        )
+    factor = _field(reader, p + "rope.scaling.factor", 1.0)
+    return {"rope_type": "linear", "factor": float(factor)}
+
+
+def _rope_freq_factors(reader, path: str) -> tuple[float, ...]:
+    """The ``rope_freqs`` tensor (Llama 3.1+ GGUF files: the inverse frequencies' divisors)."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            return tuple(float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1))
+    return ()
+
+
+def _config(reader, p: str, path: str, heads: int, kv_heads: int, names: set, eos, vocab) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(_field(reader, p + "embedding_length")),
+        intermediate_size=int(_field(reader, p + "feed_forward_length")),
+        num_layers=int(_field(reader, p + "block_count")),
+        num_heads=heads, num_kv_heads=kv_heads,
+        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        max_position=int(_field(reader, p + "context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        name=os.path.basename(path),
+        rope_scaling=_rope_scaling(reader, p, path),
+        rope_freq_factors=_rope_freq_factors(reader, path),
+    )

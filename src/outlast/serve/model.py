@@ -97,8 +97,7 @@ class LlamaRuntime:
                 "wgu": np_t(torch.cat([gate, up], 0)),
                 "wdown": np_t(take(p + "mlp.down_proj.weight")),
             })
-        d = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        inv_freq = c.rope_inv_freq()
         freqs = torch.arange(c.max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], -1)
         self.cos, self.sin = emb.cos(), emb.sin()

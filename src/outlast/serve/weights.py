@@ -86,8 +86,7 @@ def load_weights(source: str, *, prefix: str = "model", config: str | None = Non
             cfg = ModelConfig.from_json(plain)
         elif config is not None:
             path = os.path.join(config, "config.json") if os.path.isdir(config) else config
-            with open(path) as f:
-                cfg = ModelConfig.from_hf(json.load(f), name=os.path.basename(source.rstrip("/")))
+            cfg = _config_from_hf_file(path, os.path.basename(source.rstrip("/")))
         else:
             raise ModelLoadError(f"{source} holds no serve_config; pass the model's config.json (--config)")
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
@@ -97,8 +96,7 @@ def load_weights(source: str, *, prefix: str = "model", config: str | None = Non
         raise ModelLoadError(f"{source} has no config.json and no outlast manifest")
     from safetensors.torch import load_file
 
-    with open(cfg_path) as f:
-        cfg = ModelConfig.from_hf(json.load(f), name=os.path.basename(source.rstrip("/")))
+    cfg = _config_from_hf_file(cfg_path, os.path.basename(source.rstrip("/")))
     files = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
     if not files:
         raise ModelLoadError(f"{source} has no .safetensors files")
@@ -106,3 +104,14 @@ def load_weights(source: str, *, prefix: str = "model", config: str | None = Non
     for f in files:
         sd.update(load_file(os.path.join(source, f)))
     return cfg, sd
+
+
+def _config_from_hf_file(path: str, name: str) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json; a bad or unsupported one is a ModelLoadError naming it."""
+    try:
+        with open(path) as f:
+            return ModelConfig.from_hf(json.load(f), name=name)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise ModelLoadError(f"{path}: the config lacks {e.args[0]!r}, which a Llama-family model needs") from None
