@@ -73,6 +73,12 @@ __all__ = [
 FULL = "full"
 
 
+def _uniq(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique hashes in numpy 2: ten times slower on int cuts)."""
+    a = np.sort(a, kind="stable")
+    return a[np.concatenate(([True], a[1:] != a[:-1]))] if a.size else a
+
+
 def chunk_cuts(n: int, k: int) -> np.ndarray:
     """Cut points of ``torch.chunk``-style sharding of ``n`` into ``k`` (DTensor ``Shard``).
 
@@ -105,13 +111,14 @@ class GridSpec:
         self.shard_dims = tuple(int(d) for d in shard_dims)
         if len(self.shard_dims) != len(self.mesh_shape) or self.ranks.size != math.prod(self.mesh_shape):
             raise ValueError(f"GridSpec: mesh {self.mesh_shape}, {self.ranks.size} ranks, shard dims {self.shard_dims} disagree")
-        if len(np.unique(self.ranks)) != self.ranks.size:
+        if _uniq(self.ranks).size != self.ranks.size:
             raise ValueError("GridSpec: a rank appears twice in the mesh")
         h = xxhash.xxh3_64()
         h.update(repr((self.mesh_shape, self.shard_dims)).encode())
         h.update(self.ranks.tobytes())
         self.digest = h.hexdigest()
         self._cells: dict[int, tuple] = {}
+        self._cuts: dict[tuple, list[np.ndarray]] = {}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GridSpec) and other.digest == self.digest
@@ -130,6 +137,7 @@ class GridSpec:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._cells = {}
+        self._cuts = {}
 
     @classmethod
     def full(cls, holders: Sequence[int]) -> "GridSpec":
@@ -144,8 +152,15 @@ class GridSpec:
         return all(sd < ndim for sd in self.shard_dims)
 
     def cuts(self, shape: Sequence[int]) -> list[np.ndarray]:
-        """Per tensor dim, the cut points (nondecreasing; equal neighbours are empty cells)."""
-        out = []
+        """Per tensor dim, the cut points (nondecreasing; equal neighbours are empty cells).
+        Cached per shape (a model repeats a few shapes many times); do not modify."""
+        shape = tuple(int(n) for n in shape)
+        hit = self._cuts.get(shape)
+        if hit is not None:
+            return hit
+        if len(self._cuts) > 4096:
+            self._cuts.clear()
+        out = self._cuts[shape] = []
         for d, n in enumerate(shape):
             starts = np.zeros(1, dtype=np.int64)
             sizes = np.full(1, int(n), dtype=np.int64)
@@ -188,16 +203,8 @@ class GridSpec:
         c = of_rank.get(int(rank))
         if c is None:
             return None
-        if not shape:
-            return Box((), ())
-        idx = np.unravel_index(c, tuple(counts.tolist()))
-        cuts = self.cuts(shape)
-        lo = tuple(int(cuts[d][i]) for d, i in enumerate(idx))
-        hi = tuple(int(cuts[d][i + 1]) for d, i in enumerate(idx))
-        sizes = tuple(h - l for l, h in zip(lo, hi))
-        if math.prod(sizes) == 0:
-            return None
-        return Box(lo, sizes)
+        box = _cell_box(self.cuts(shape), counts, c)
+        return None if box.numel == 0 else box
 
 
 def layout_digest(meta: RankMeta) -> str | None:
@@ -256,25 +263,37 @@ def _resolve(classes: Sequence[tuple[Sequence[int], RankMeta]], world_size: int)
     for ranks, desc in classes:
         for fqn, m in desc.tensors.items():
             decl.setdefault(fqn, []).append((ranks, m, desc.grids[fqn]))
+    # Work per tensor is O(classes declaring it), not O(ranks): the set of declaring
+    # ranks is built once per distinct set of classes, a mesh compared once per set.
+    declared: dict[tuple, np.ndarray] = {}
+    fulls: dict[tuple, GridSpec] = {}
+    fits: dict[tuple, bool] = {}
     out: dict[str, _Resolved] = {}
     for fqn in sorted(decl):
         ds = decl[fqn]
         m0, g0 = ds[0][1], ds[0][2]
-        if any((m.shape, m.dtype, m.itemsize) != (m0.shape, m0.dtype, m0.itemsize) for _, m, _ in ds):
-            return None
-        if any(g != g0 for _, _, g in ds):
-            return None
-        declared = sorted(r for rs, _, _ in ds for r in rs)
+        if len(ds) > 1:
+            if any((m.shape, m.dtype, m.itemsize) != (m0.shape, m0.dtype, m0.itemsize) for _, m, _ in ds):
+                return None
+            if any(g != g0 for _, _, g in ds):
+                return None
+        key = tuple(id(rs) for rs, _, _ in ds)
+        if key not in declared:
+            declared[key] = np.sort(np.concatenate([np.asarray(rs, dtype=np.int64) for rs, _, _ in ds]))
         if g0 == FULL:
-            out[fqn] = _Resolved(m0, GridSpec.full(declared), True)
+            if key not in fulls:
+                fulls[key] = GridSpec.full(declared[key].tolist())
+            out[fqn] = _Resolved(m0, fulls[key], True)
             continue
         if not g0.valid_for(len(m0.shape)):
             return None
         # Every rank of the mesh must declare this very grid (and only they may), or the
         # ranks disagree: the general planner names who holds what.
-        if len(declared) != g0.ranks.size or not np.array_equal(np.asarray(declared), np.sort(g0.ranks)):
-            return None
-        if declared and (declared[0] < 0 or declared[-1] >= world_size):
+        fk = (key, g0.digest)
+        if fk not in fits:
+            d = declared[key]
+            fits[fk] = d.size == g0.ranks.size and np.array_equal(d, np.sort(g0.ranks)) and (not d.size or (d[0] >= 0 and d[-1] < world_size))
+        if not fits[fk]:
             return None
         out[fqn] = _Resolved(m0, g0, False)
     return out
@@ -294,11 +313,18 @@ class _TensorSave:
     splits: list[tuple[Box, int]] = field(default_factory=list)  # (box, rank) of split cells
 
     def cell_box(self, c: int) -> Box:
-        if not self.cuts:
-            return Box((), ())
-        idx = np.unravel_index(c, tuple(self.counts.tolist()))
-        lo = tuple(int(self.cuts[d][i]) for d, i in enumerate(idx))
-        return Box(lo, tuple(int(self.cuts[d][i + 1]) - l for d, (i, l) in enumerate(zip(idx, lo))))
+        return _cell_box(self.cuts, self.counts, c)
+
+
+def _cell_box(cuts: list[np.ndarray], counts: np.ndarray, c: int) -> Box:
+    """The box of flat cell ``c`` (C order) of the grid ``cuts``."""
+    lo, sz = [], []
+    for d in range(len(cuts) - 1, -1, -1):
+        c, i = divmod(c, int(counts[d]))
+        a, b = int(cuts[d][i]), int(cuts[d][i + 1])
+        lo.append(a)
+        sz.append(b - a)
+    return Box(tuple(reversed(lo)), tuple(reversed(sz)))
 
 
 class GridSavePlan:
@@ -341,6 +367,12 @@ class GridSavePlan:
         """Every rank's items (O(regions): for tests and small worlds)."""
         ranks = sorted({int(r) for t in self.per.values() for r in t.writer[t.writer >= 0]} | {r for t in self.per.values() for _, r in t.splits})
         return [i for r in ranks for i in self.for_rank(r)]
+
+    def boxes_of(self, fqn: str) -> list[tuple[Box, int]]:
+        """(box, writing rank) of every chunk of ``fqn`` (O(its chunks))."""
+        t = self.per[fqn]
+        cells, ranks = self.chunk_arrays(fqn)
+        return [(t.cell_box(int(c)), int(r)) for c, r in zip(cells, ranks)] + list(t.splits)
 
     def chunk_arrays(self, fqn: str) -> tuple[np.ndarray, np.ndarray]:
         """(flat cell index, writing rank) of every unsplit cell of ``fqn`` that is written."""
@@ -527,7 +559,7 @@ def stored_grid(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray, bl
     ends = offsets + sizes
     cuts, idx = [], []
     for d, size in enumerate(shape):
-        c = np.unique(np.concatenate([offsets[:, d], ends[:, d]]))
+        c = _uniq(np.concatenate([offsets[:, d], ends[:, d]]))
         if c[0] != 0 or c[-1] != size:
             return None
         lo = np.searchsorted(c, offsets[:, d])
@@ -541,7 +573,7 @@ def stored_grid(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray, bl
     flat = np.ravel_multi_index(idx, counts)
     chunk = np.full(n, -1, dtype=np.int64)
     chunk[flat] = np.arange(n)
-    if (chunk < 0).any():
+    if (chunk < 0).any():  # two chunks on one cell leave another cell without one
         return None
     return StoredGrid(cuts, chunk, block_rows, itemsize)
 
@@ -735,7 +767,7 @@ def plan_load_layouts(
             per.append(_TensorLoad(fqn, shape, sg, rv.spec, wcuts, wcounts, holders, of_rank, one, one + 1, one, one, [blk]))
             continue
         s0, w0 = sg.cuts[0], wcuts[0]
-        m = np.union1d(s0, w0)
+        m = _uniq(np.concatenate([s0, w0]))
         seg_lo, seg_hi = m[:-1], m[1:]
         seg_s = np.searchsorted(s0, seg_lo, "right") - 1
         seg_w = np.searchsorted(w0, seg_lo, "right") - 1
@@ -750,31 +782,40 @@ def plan_load_layouts(
         scounts = sg.counts
         chunk_nd = sg.chunk.reshape(scounts)
         blocks = []
+        whole = (a == 0) & (b == rows)
+        all_whole = bool(whole.all())
+        wc = [int(x) for x in wcounts]
+        strides = [math.prod(wc[d + 1 :]) for d in range(len(wc))]
+        row0 = seg_w * strides[0]
         for col in itertools.product(*(range(c) for c in scounts[1:])):
             wants = list(itertools.product(*(overlaps[d - 1][i] for d, i in enumerate(col, start=1))))
             if not wants:
                 continue
-            chunk = chunk_nd[(seg_s,) + tuple(np.full(nseg, i) for i in col)] if col else chunk_nd[seg_s]
+            chunk = chunk_nd[(seg_s,) + col]
             row_bytes = sg.itemsize * math.prod(int(sg.cuts[d][i + 1] - sg.cuts[d][i]) for d, i in enumerate(col, start=1))
-            users = np.concatenate(
-                [holders[np.ravel_multi_index((seg_w,) + tuple(np.full(nseg, x) for x in j), tuple(wcounts.tolist()))] for j in wants],
-                axis=1,
-            )
-            rank_order = np.argsort(load[users], axis=1, kind="stable")
-            reader = users[np.arange(nseg), rank_order[np.arange(nseg), pos % users.shape[1]]]
-            lo, hi = a.copy(), b.copy()
-            if verify:
-                whole = (lo == 0) & (hi == rows)
+            users = holders[row0 + sum(x * strides[d] for d, x in enumerate(wants[0], start=1))]
+            if len(wants) > 1:
+                users = np.concatenate(
+                    [users] + [holders[row0 + sum(x * strides[d] for d, x in enumerate(jj, start=1))] for jj in wants[1:]], axis=1
+                )
+            if users.shape[1] == 1:
+                reader = users[:, 0]
+            else:  # round robin over the wanting ranks, least loaded first
+                rank_order = np.argsort(load[users], axis=1, kind="stable")
+                reader = users[np.arange(nseg), rank_order[np.arange(nseg), pos % users.shape[1]]]
+            if not verify:
+                lo, hi, vcode = a, b, np.zeros(nseg, dtype=np.int64)
+            elif all_whole:
+                lo, hi, vcode = a, b, np.ones(nseg, dtype=np.int64)
+            else:
                 br = sg.block_rows[chunk]
                 blk = ~whole & (br > 0)
                 brs = np.where(blk, br, 1)
-                lo = np.where(blk, lo // brs * brs, np.where(whole, lo, 0))
-                hi = np.where(blk, np.minimum(rows, -(-hi // brs) * brs), np.where(whole, hi, rows))
+                lo = np.where(blk, a // brs * brs, np.where(whole, a, 0))
+                hi = np.where(blk, np.minimum(rows, -(-b // brs) * brs), np.where(whole, b, rows))
                 vcode = np.where((lo == 0) & (hi == rows), 1, 2)
-            else:
-                vcode = np.zeros(nseg, dtype=np.int64)
-            np.add.at(load, reader, (hi - lo) * row_bytes)
-            blocks.append(_Block(tuple(col), [tuple(int(x) for x in j) for j in wants], chunk, lo, hi, vcode, reader))
+            load += np.bincount(reader, weights=(hi - lo) * row_bytes, minlength=world_size).astype(np.int64)
+            blocks.append(_Block(tuple(col), [tuple(int(x) for x in jj) for jj in wants], chunk, lo, hi, vcode, reader))
         per.append(_TensorLoad(fqn, shape, sg, rv.spec, wcuts, wcounts, holders, of_rank, seg_lo, seg_hi, seg_s, seg_w, blocks))
     per.sort(key=lambda t: t.fqn)
     return GridLoadPlan(world_size, per, load)
