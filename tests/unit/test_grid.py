@@ -76,7 +76,7 @@ def _world(data, world, allow_full=True):
     holders_of = {}
     for i in range(ntens):
         ndim = rng.randint(0, 3)
-        shape = tuple(rng.randint(1, 9) for _ in range(ndim))
+        shape = tuple(rng.randint(1 if rng.random() < 0.9 else 0, 9) for _ in range(ndim))  # empty tensors too
         itemsize = rng.choice([1, 2, 4])
         fqn = f"t{i}"
         tensors[fqn] = TensorMeta((fqn,), {1: "U8", 2: "BF16", 4: "F32"}[itemsize], shape, itemsize)
