@@ -442,7 +442,8 @@ def plan_save_layouts(
     # 2. Small replicated cells: least-loaded holder, largest first. A rank holds at most
     # one cell of a tensor, so the cells of one tensor have disjoint holders and one
     # vector step per tensor is the sequential greedy.
-    def splittable(fqn: str, t: _TensorSave) -> np.ndarray:
+    def splittable(t: _TensorSave) -> np.ndarray:
+        # As plan_save: at least 2 rows (dim 0) and twice min_split_bytes; never 0-d.
         rows = np.diff(t.cuts[0]) if t.cuts else np.zeros(1, dtype=np.int64)
         rows_per_cell = np.repeat(rows, t.cell_bytes.size // max(1, rows.size)) if t.cuts else rows
         return (rows_per_cell >= 2) & (t.cell_bytes >= 2 * min_split_bytes)
@@ -453,7 +454,7 @@ def plan_save_layouts(
         if t.holders.shape[1] == 1:
             continue
         live = (t.cell_bytes > 0) | (t.writer == -2)
-        big = splittable(fqn, t) & live
+        big = splittable(t) & live
         large += [(-int(t.cell_bytes[c]), fqn, int(c)) for c in np.nonzero(big)[0]]
         small = live & ~big
         if small.any():

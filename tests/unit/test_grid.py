@@ -308,6 +308,10 @@ def test_grid_load_plan_fills_every_want_like_the_general_planner(data):
     ref = plan_load_reads(chunks, wants, world_b, verify=verify)
     assert sum(plan.bytes_read()) == sum(ref.bytes_read())
     assert sum(sum(rd.nbytes for rd in v.reads_of(r)) for r, v in enumerate(views)) == sum(plan.bytes_read())
+    # the compact global plan, materialised, is the union of the ranks' own reads
+    every = plan.all_reads()
+    assert sorted((rd.chunk.fqn, rd.chunk.index, rd.row_lo, rd.reader) for rd in every) == sorted(
+        (rd.chunk.fqn, rd.chunk.index, rd.row_lo, rd.reader) for r, v in enumerate(views) for rd in v.reads_of(r))
 
 
 def test_replicated_wants_are_read_once_and_spread():
