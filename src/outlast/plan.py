@@ -135,7 +135,12 @@ class SavePlan:
     items: list[WriteItem]
 
     def for_rank(self, rank: int) -> list[WriteItem]:
-        return [i for i in self.items if i.rank == rank]
+        # Memoised (not a field, so plans still compare by content): a cached plan is
+        # asked for the same rank's items at every save, and the scan is O(all items).
+        mine = self.__dict__.setdefault("_for_rank", {})
+        if rank not in mine:
+            mine[rank] = [i for i in self.items if i.rank == rank]
+        return mine[rank]
 
     def bytes_per_rank(self) -> list[int]:
         out = [0] * self.world_size

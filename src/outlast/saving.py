@@ -373,7 +373,10 @@ def prepare_flat(
             # Ranks whose layout is all grids (DTensor Shard/Replicate, plain tensors) send
             # a digest; one rank per class of equal digests sends the descriptor, ranks
             # without grids send their boxes (outlast.grid).
-            meta = grid.checked(meta, rank, group_rank_map(group))
+            try:
+                meta = grid.checked(meta, rank, group_rank_map(group))
+            except Exception:  # noqa: BLE001 - never fail one rank here: describe it by boxes
+                meta = RankMeta(meta.tensors, meta.regions)
             what = "outlast.prepare_save (exchanging layouts)"
             info = group.all_gather((sig, grid.layout_digest(meta)), what)
             classes, rep = grid.exchange_classes([d for _, d in info])
