@@ -26,6 +26,7 @@ import torch
 
 from . import dtypes
 from .errors import SerializationError
+from .grid import FULL, GridSpec
 from .regions import Box, flat_range_to_boxes
 
 __all__ = ["FlatShard", "LocalRegion", "LocalTensor", "local_tensor", "staged"]
@@ -100,6 +101,9 @@ class LocalTensor:
     global_shape: tuple[int, ...]
     regions: list[LocalRegion]
     replicated: bool = True  # every rank holding it holds the same data (plain tensors)
+    # The whole layout of the tensor when it is a grid (outlast.grid): a GridSpec for a
+    # Shard/Replicate DTensor (global ranks), "full" for a plain tensor, None otherwise.
+    grid: object = None
 
 
 try:
@@ -133,7 +137,7 @@ def local_tensor(fqn: str, t) -> LocalTensor:
         return _dtensor(fqn, t)
     _check_plain(fqn, t)
     data = t.detach()
-    return LocalTensor(fqn, t.dtype, tuple(t.shape), [LocalRegion(Box.full(t.shape), data)])
+    return LocalTensor(fqn, t.dtype, tuple(t.shape), [LocalRegion(Box.full(t.shape), data)], grid=FULL)
 
 
 def _flat_shard(fqn: str, fs: FlatShard) -> LocalTensor:
@@ -186,7 +190,32 @@ def _dtensor(fqn: str, dt) -> LocalTensor:
             )
         regions.append(LocalRegion(Box(tuple(int(o) for o in offset), lshape), local.detach()))
     replicated = all(isinstance(p, Replicate) for p in dt.placements)
-    return LocalTensor(fqn, local.dtype, shape, regions, replicated=replicated)
+    return LocalTensor(fqn, local.dtype, shape, regions, replicated=replicated, grid=_grid_of(dt, len(shape)))
+
+
+# (id(mesh), placements) -> (mesh, GridSpec): every parameter on one mesh with the same
+# placements shares one spec (and its digest and cell tables), and building it reads the
+# mesh's rank tensor only once.
+_GRIDS: dict = {}
+
+
+def _grid_of(dt, ndim: int):
+    from torch.distributed.tensor import Shard
+
+    mesh = dt.device_mesh
+    dims = tuple((p.dim + ndim if p.dim < 0 else p.dim) if isinstance(p, Shard) else -1 for p in dt.placements)
+    key = (id(mesh), dims)
+    hit = _GRIDS.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    try:
+        spec = GridSpec(tuple(mesh.shape), mesh.mesh.reshape(-1).tolist(), dims)
+    except ValueError:
+        return None
+    if len(_GRIDS) > 256:
+        _GRIDS.clear()
+    _GRIDS[key] = (mesh, spec)
+    return spec
 
 
 def staged(data: torch.Tensor) -> torch.Tensor:

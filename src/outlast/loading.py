@@ -12,15 +12,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import xxhash
 
-from . import dtypes
+from . import dtypes, grid
 from .collective import Group, group_of, raise_gathered
 from .errors import DistributedError, IncompatibleStateError
 from .format import Manifest, TensorEntry, fqn_of
 from .layouts import local_tensor
-from .plan import StoredChunk, Want, plan_load_reads
+from .plan import RankMeta, RegionMeta, StoredChunk, TensorMeta, Want, plan_load_reads
 from .reader import CheckpointReader, ReadRequest, check_data_files, open_manifest
 from .regions import Box
 from .tree import FlatState, flatten, insert
@@ -71,8 +72,12 @@ def _match_types(template: Any, value: Any) -> Any:
     return value
 
 
-def plan_load(flat: FlatState, manifest: Manifest, ckpt: str, strict: bool) -> tuple[list[ReadRequest], LoadReport, list]:
+def plan_load(
+    flat: FlatState, manifest: Manifest, ckpt: str, strict: bool, layouts: dict | None = None
+) -> tuple[list[ReadRequest], LoadReport, list]:
     """Match live leaves with checkpoint entries; return read requests and a report.
+
+    ``layouts``, if given, receives every matched tensor's ``LocalTensor`` (in order).
 
     Raises IncompatibleStateError for shape/dtype conflicts, and in strict mode for
     missing or unexpected keys.
@@ -99,6 +104,8 @@ def plan_load(flat: FlatState, manifest: Manifest, ckpt: str, strict: bool) -> t
                 "Cast the model (e.g. model.to(dtype)) before loading, or convert the checkpoint."
             )
         requests += [ReadRequest(fqn, r.box, r.data) for r in lt.regions]
+        if layouts is not None:
+            layouts[fqn] = lt
     for fqn in flat.plain:
         if fqn not in manifest.plain:
             if fqn in manifest.tensors:
@@ -210,7 +217,7 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
     err: BaseException | None = None
     reader = None
     requests: list[ReadRequest] = []
-    wants = None
+    want_meta = None
     digest = None
     try:
         # Each rank checks its share of the data files (size, safetensors header) and the
@@ -218,13 +225,15 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         reader = CheckpointReader(path, check_files=False)
         check_data_files(path, reader.manifest, sorted(reader.manifest.files)[group.rank :: group.size])
         flat = flatten(state)
-        requests, report, extras = plan_load(flat, reader.manifest, path, strict)
-        wants = [(q.fqn, q.box) for q in requests]
+        lts: dict = {}
+        requests, report, extras = plan_load(flat, reader.manifest, path, strict, lts)
+        want_meta = _want_meta(reader.manifest, lts, requests, group)
         digest = xxhash.xxh3_64_hexdigest(reader.manifest.dumps())
     except Exception as e:  # noqa: BLE001 - sent to every rank, then re-raised
         err = e
     try:
-        gathered = group.all_gather((None if err is None else (type(err).__name__, str(err)), digest, wants), what)
+        ldig = None if want_meta is None else grid.layout_digest(want_meta)
+        gathered = group.all_gather((None if err is None else (type(err).__name__, str(err)), digest, ldig), what)
         raise_gathered(err, [g[0] for g in gathered], what)
         if len({g[1] for g in gathered}) != 1:
             raise DistributedError(
@@ -232,15 +241,27 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
                 "checkpoint: put it on a filesystem all ranks share (and do not load while saving to it)."
             )
         m = reader.manifest
-        all_wants = [Want(fqn, box, r, i) for r, g in enumerate(gathered) for i, (fqn, box) in enumerate(g[2])]
-        check_coverage(path, reader, all_wants)  # same data on every rank: same outcome
-        fqns = {w.fqn for w in all_wants}
-        chunks = [
-            StoredChunk(fqn, i, c.box, dtypes.itemsize(m.tensors[fqn].dtype), c.block_rows)
-            for fqn in sorted(fqns)
-            for i, c in enumerate(m.tensors[fqn].chunks)
-        ]
-        plan = plan_load_reads(chunks, all_wants, group.size, verify=verify)
+        # Wanted layouts: a digest from every rank, a descriptor per class of equal ones,
+        # boxes from ranks without grids (outlast.grid).
+        classes, rep = grid.exchange_classes([g[2] for g in gathered])
+        sent = group.all_gather(grid.payload(want_meta, group.rank, rep), what)
+        classes = [(ranks, sent[ranks[0]]) for ranks in classes]
+        plan = _grid_load_plan(m, classes, group, verify, requests)
+        if plan is None:
+            all_wants = [
+                Want(r.fqn, r.box, rank, i)
+                for ranks, desc in classes
+                for rank in ranks
+                for i, r in enumerate((desc if desc.grids is None else grid.expand(desc, rank)).regions)
+            ]
+            check_coverage(path, reader, all_wants)  # same data on every rank: same outcome
+            fqns = {w.fqn for w in all_wants}
+            chunks = [
+                StoredChunk(fqn, i, c.box, dtypes.itemsize(m.tensors[fqn].dtype), c.block_rows)
+                for fqn in sorted(fqns)
+                for i, c in enumerate(m.tensors[fqn].chunks)
+            ]
+            plan = plan_load_reads(chunks, all_wants, group.size, verify=verify)
         stats = TransferStats()
         err = None
         outgoing: dict = {}
@@ -266,6 +287,45 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         if reader is not None:
             reader.close()
     return report
+
+
+def _want_meta(m: Manifest, lts: dict, requests: list[ReadRequest], group: Group) -> RankMeta:
+    """This rank's wanted layout: its requests' boxes, and grids where every tensor has one."""
+    from .saving import group_rank_map
+
+    tensors = {
+        fqn: TensorMeta((fqn,), m.tensors[fqn].dtype, tuple(m.tensors[fqn].shape), dtypes.itemsize(m.tensors[fqn].dtype))
+        for fqn in lts
+    }
+    regions = [RegionMeta(q.fqn, q.box) for q in requests]
+    grids = {fqn: lt.grid for fqn, lt in lts.items()}
+    if any(g is None for g in grids.values()):
+        grids = None
+    return grid.checked(RankMeta(tensors, regions, grids), group.rank, group_rank_map(group))
+
+
+def stored_grids(m: Manifest, fqns) -> dict[str, "grid.StoredGrid | None"]:
+    """The product grid of each tensor's stored chunks (None where they are not one)."""
+    out = {}
+    for fqn in fqns:
+        e = m.tensors[fqn]
+        n, nd = len(e.chunks), len(e.shape)
+        offsets = np.fromiter((o for c in e.chunks for o in c.box.offsets), dtype=np.int64, count=n * nd)
+        sizes = np.fromiter((s for c in e.chunks for s in c.box.sizes), dtype=np.int64, count=n * nd)
+        block_rows = np.fromiter((c.block_rows for c in e.chunks), dtype=np.int64, count=n)
+        out[fqn] = grid.stored_grid(e.shape, offsets.reshape(n, nd), sizes.reshape(n, nd), block_rows, dtypes.itemsize(e.dtype))
+    return out
+
+
+def _grid_load_plan(m: Manifest, classes: list, group: Group, verify: bool, requests: list[ReadRequest]):
+    """This rank's view of a grid load plan, or None (then plan from explicit boxes)."""
+    if any(desc.grids is None for _, desc in classes):
+        return None
+    fqns = sorted({fqn for _, desc in classes for fqn in desc.tensors})
+    plan = grid.plan_load_layouts(stored_grids(m, fqns), classes, group.size, verify=verify)
+    if plan is None:
+        return None
+    return plan.view(group.rank, {q.fqn: i for i, q in enumerate(requests)})
 
 
 def _finish_load(flat: FlatState, manifest: Manifest, reader: CheckpointReader, extras: list, report: LoadReport, verify: bool) -> None:

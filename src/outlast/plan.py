@@ -97,10 +97,17 @@ class RegionMeta:
 
 @dataclass
 class RankMeta:
-    """Everything the save planner needs from one rank (metadata only, no data)."""
+    """Everything the save planner needs from one rank (metadata only, no data).
+
+    ``grids`` (when every tensor has one) maps each tensor to its layout descriptor, a
+    :class:`~outlast.grid.GridSpec` or ``"full"`` (a plain tensor): the same on every rank
+    of a mesh, so ranks can exchange it once per class instead of their boxes
+    (:mod:`outlast.grid`).
+    """
 
     tensors: dict[str, TensorMeta]
     regions: list[RegionMeta]  # index i is the rank's i-th local region
+    grids: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,12 @@ class SavePlan:
     items: list[WriteItem]
 
     def for_rank(self, rank: int) -> list[WriteItem]:
-        return [i for i in self.items if i.rank == rank]
+        # Memoised (not a field, so plans still compare by content): a cached plan is
+        # asked for the same rank's items at every save, and the scan is O(all items).
+        mine = self.__dict__.setdefault("_for_rank", {})
+        if rank not in mine:
+            mine[rank] = [i for i in self.items if i.rank == rank]
+        return mine[rank]
 
     def bytes_per_rank(self) -> list[int]:
         out = [0] * self.world_size
@@ -403,6 +415,26 @@ class LoadPlan:
     def messages(self, src: int, dst: int) -> list[tuple[ChunkRead, Piece]]:
         """The pieces ``src`` sends ``dst``, in the order both sides agree on."""
         return [(r, p) for r in self.reads if r.reader == src for p in r.pieces if p.rank == dst]
+
+    def outgoing(self, rank: int) -> dict[int, list[tuple[ChunkRead, Piece]]]:
+        """``messages(rank, dst)`` for every other ``dst`` that gets any, in one pass."""
+        out: dict[int, list] = {}
+        for r in self.reads:
+            if r.reader == rank:
+                for p in r.pieces:
+                    if p.rank != rank:
+                        out.setdefault(p.rank, []).append((r, p))
+        return out
+
+    def incoming(self, rank: int) -> dict[int, list[tuple[ChunkRead, Piece]]]:
+        """``messages(src, rank)`` for every other ``src`` that sends any, in one pass."""
+        out: dict[int, list] = {}
+        for r in self.reads:
+            if r.reader != rank:
+                for p in r.pieces:
+                    if p.rank == rank:
+                        out.setdefault(r.reader, []).append((r, p))
+        return out
 
     def bytes_read(self) -> list[int]:
         out = [0] * self.world_size

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import xxhash
 
-from . import __version__, dtypes
+from . import __version__, dtypes, grid
 from .collective import group_of, raise_gathered
 from .errors import CheckpointExistsError, DistributedError
 from .format import DATA_DIR, MANIFEST_NAME, Chunk, Manifest, PlainEntry, TensorEntry
@@ -168,7 +168,7 @@ class PreparedSave:
     writer_of: list[int]
     world_size: int = 1
     rank: int = 0
-    plan: SavePlan | None = None
+    plan: "SavePlan | grid.GridSavePlan | None" = None
     group: Any = None
     plan_cached: bool = False
     report: SaveReport | None = None
@@ -230,11 +230,33 @@ _plan_cache = _PlanCache()
 def _rank_meta(tensors: dict[str, LocalTensor], paths: dict[str, list]) -> RankMeta:
     metas = {}
     regions = []
+    grids: dict | None = {}
     for fqn, lt in tensors.items():
         st = dtypes.to_safetensors(lt.dtype)
         metas[fqn] = TensorMeta(_freeze(paths[fqn]), st, tuple(lt.global_shape), dtypes.itemsize(st))
         regions += [RegionMeta(fqn, r.box) for r in lt.regions]
-    return RankMeta(metas, regions)
+        if grids is not None and lt.grid is not None:
+            grids[fqn] = lt.grid
+        else:
+            grids = None
+    return RankMeta(metas, regions, grids)
+
+
+_GROUP_MAPS: dict = {}
+
+
+def group_rank_map(group) -> dict[int, int] | None:
+    """Global rank -> rank in ``group`` (None for the world group: the same numbers)."""
+    import torch.distributed as dist
+
+    if group.pg is None or group.pg is dist.group.WORLD:
+        return None
+    key = id(group.pg)
+    hit = _GROUP_MAPS.get(key)
+    if hit is None or hit[0] is not group.pg:
+        ranks = dist.get_process_group_ranks(group.pg)
+        hit = _GROUP_MAPS[key] = (group.pg, {int(g): i for i, g in enumerate(ranks)})
+    return hit[1]
 
 
 def _freeze(path: list) -> tuple:
@@ -348,16 +370,30 @@ def prepare_flat(
             plan = hit[1]
             cached = True
         else:
-            metas = group.all_gather(meta, "outlast.prepare_save (exchanging layouts)")
-            plan = plan_save(metas, writers_per_rank=num_writers, min_split_bytes=min_split_bytes)
-            sigs = group.all_gather(sig, "outlast.prepare_save (exchanging layouts)")
-            plan_id = xxhash.xxh3_64_hexdigest("|".join(sigs).encode())
+            # Ranks whose layout is all grids (DTensor Shard/Replicate, plain tensors) send
+            # a digest; one rank per class of equal digests sends the descriptor, ranks
+            # without grids send their boxes (outlast.grid).
+            try:
+                meta = grid.checked(meta, rank, group_rank_map(group))
+            except Exception:  # noqa: BLE001 - never fail one rank here: describe it by boxes
+                meta = RankMeta(meta.tensors, meta.regions)
+            what = "outlast.prepare_save (exchanging layouts)"
+            info = group.all_gather((sig, grid.layout_digest(meta)), what)
+            classes, rep = grid.exchange_classes([d for _, d in info])
+            sent = group.all_gather(grid.payload(meta, rank, rep), what)
+            plan = grid.plan_save_layouts(
+                [(ranks, sent[ranks[0]]) for ranks in classes], size,
+                writers_per_rank=num_writers, min_split_bytes=min_split_bytes,
+            )
+            plan_id = xxhash.xxh3_64_hexdigest("|".join(s for s, _ in info).encode())
             _plan_cache.put(key, plan_id, plan)
     regions = _local_regions(tensors)
+    by_fqn = {fqn: lt.regions[0] for fqn, lt in tensors.items() if lt.regions}
     items: list[SaveItem] = []
     writer_of: list[int] = []
     for w in plan.for_rank(rank):
-        reg = regions[w.region]
+        # A grid plan names the tensor only: a rank holds one region of a grid tensor.
+        reg = regions[w.region] if w.region >= 0 else by_fqn[w.fqn]
         tm = plan.tensors[w.fqn]
         data = reg.data[w.box.relative_to(reg.box)] if w.box != reg.box else reg.data
         whole = w.box.sizes == tuple(tm.shape) and not any(w.box.offsets)

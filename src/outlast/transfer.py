@@ -109,10 +109,8 @@ def read_mine(
     # receiver unpacks): each piece is copied once, straight from the read into its slot.
     outgoing: dict[int, torch.Tensor] = {}
     slot: dict[tuple[int, int], torch.Tensor] = {}
-    for dst in range(plan.world_size):
-        if dst == rank:
-            continue
-        msgs = plan.messages(rank, dst)
+    # One pass over the plan (not one per destination: O(world x reads) at scale).
+    for dst, msgs in sorted(plan.outgoing(rank).items()):
         offsets, total = _layout(msgs)
         if not total:
             continue
@@ -216,10 +214,8 @@ def exchange(
     """Send packed pieces to their ranks and copy received pieces into destinations."""
     me = group.rank
     recvs = []
-    for src in range(group.size):
-        if src == me:
-            continue
-        msgs = plan.messages(src, me)
+    sent = plan.outgoing(me)
+    for src, msgs in sorted(plan.incoming(me).items()):
         offsets, total = _layout(msgs)
         if not total:
             continue
@@ -230,7 +226,7 @@ def exchange(
     for dst in sorted(outgoing):
         buf = outgoing[dst]
         total = buf.numel()
-        stats.bytes_sent += sum(b - a for a, b in _layout(plan.messages(me, dst))[0])  # payload, not padding
+        stats.bytes_sent += sum(b - a for a, b in _layout(sent[dst])[0])  # payload, not padding
         sends += [group.isend(buf[a : a + _MESSAGE], dst, tag=k) for k, a in enumerate(range(0, total, _MESSAGE))]
     for msgs, offsets, buf, works in recvs:
         for w in works:
