@@ -125,7 +125,7 @@ def overhead(replica: str, router: str, n: int, router_pid: int) -> dict:
             "models_router_p50_ms": 1e3 * statistics.median(res["models_router"]),
             "models_overhead_p50_ms": 1e3 * statistics.median([b - a for a, b in zip(res["models_direct"],
                                                                                      res["models_router"])]),
-            "n": n}
+            "n": n, "loadavg_1m": os.getloadavg()[0]}
 
 
 def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns: int) -> dict:
@@ -173,7 +173,7 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
                   for a, b in zip(after, before))
     return {"hit_rate": hits / max(queries, 1), "ttft_p50_s": statistics.median(ttft) if ttft else None,
             "ttft_mean_s": statistics.mean(ttft) if ttft else None, "requests": len(ttft), "errors": len(errors),
-            "preemptions": preempt, "decisions": decisions}
+            "preemptions": preempt, "decisions": decisions, "loadavg_1m": os.getloadavg()[0]}
 
 
 class Loop:
@@ -227,7 +227,9 @@ def main() -> None:
                          "working set fits in the two pools together but not in one, the regime where routing "
                          "decides the hit rate (with pools far larger than the working set both policies hit)")
     args = ap.parse_args()
-    n_over, n_conv, turns = (20, 6, 3) if args.quick else (60, 6, 5)
+    # 8 conversations: their histories (~14 blocks each after 5 turns) overflow one replica's pool (65
+    # blocks) but not the two together, the regime a router is for; with 6 they nearly fit in one pool.
+    n_over, n_conv, turns = (20, 8, 3) if args.quick else (60, 8, 5)
 
     import outlast
     from outlast.serve.gguf import read_gguf
@@ -283,9 +285,11 @@ def main() -> None:
         reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None,
                   "failed_requests": len(loop.failed), "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
                   "failure_samples": loop.failed[:2] + loop.cut_streams[:2],
-                  "replica_prepare_s": [c.get("outlast_serve_weight_prepare_seconds_sum") for c in map(counters, replicas)],
+                  # each replica's own breakdown of its last reload (read + verify, build, identity, swap)
+                  "replica_timings": [httpx.get(u + "/admin/weights", headers={"authorization": f"Bearer {TOKEN}"},
+                                                timeout=10).json().get("timings") for u in replicas],
                   "replica_swap_call_s": [c.get("outlast_serve_weight_reload_seconds_sum") for c in map(counters, replicas)],
-                  "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"]}
+                  "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"], "loadavg_1m": os.getloadavg()[0]}
 
         # Replica kill under load.
         with Loop(ca, 60) as loop:
@@ -301,7 +305,7 @@ def main() -> None:
             time.sleep(4.0)
         kill = {"out_of_rotation_s": out_after, "failed_requests": len(loop.failed),
                 "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
-                "failure_samples": loop.failed[:2] + loop.cut_streams[:2]}
+                "failure_samples": loop.failed[:2] + loop.cut_streams[:2], "loadavg_1m": os.getloadavg()[0]}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -326,7 +330,7 @@ def main() -> None:
                            "zero_failed_during_reload": reload["failed_requests"] == 0 and reload["cut_streams"] == 0}}
     print(f"outlast fleet bench: 2 replicas of SmolLM2-135M on {os.cpu_count()} CPUs, load average {load[0]:.1f} "
           f"(a shared host: absolute times are noisy)")
-    print(f"{'measure':52} {'value':>12}")
+    print(f"{'measure':52} {'value':>12}  load avg (1 min)")
     rows = [("router overhead p50, 1-token completion (ms)", over["completion_overhead_p50_ms"]),
             ("router CPU per proxied request (ms)", over["router_cpu_ms_per_request"]),
             ("  direct p50 / via router p50 (ms)", f"{over['completion_direct_p50_ms']:.1f} / {over['completion_router_p50_ms']:.1f}"),
@@ -338,12 +342,18 @@ def main() -> None:
             ("TTFT p50 cache-aware (s)", conv_ca["ttft_p50_s"]),
             ("preemptions round-robin / cache-aware", f"{conv_rr['preemptions']:.0f} / {conv_ca['preemptions']:.0f}"),
             ("commit -> first response on the new step (s)", reload["commit_to_first_response_s"]),
-            ("  replicas' read+verify+build (s)", " / ".join(f"{x:.2f}" for x in reload["replica_prepare_s"] if x is not None)),
+            *[(f"  replica {i}: read+verify / build / identity / swap (s)",
+               " / ".join(f"{t.get(k, 0):.2f}" for k in ("read_verify_s", "build_s", "identity_s", "swap_s")))
+              for i, t in enumerate(reload["replica_timings"]) if t],
             ("failed requests during reload (of total)", f"{reload['failed_requests']} of {reload['requests'] + reload['failed_requests']}"),
             ("kill -9: out of rotation after (s)", kill["out_of_rotation_s"]),
             ("kill -9: failed requests / cut streams (of total)", f"{kill['failed_requests']} / {kill['cut_streams']} of {kill['requests'] + kill['failed_requests'] + kill['cut_streams']}")]
+    phase = {"router overhead": over, "router CPU": over, "prefix hit rate, round": conv_rr, "TTFT p50 round": conv_rr,
+             "prefix hit rate, cache": conv_ca, "TTFT p50 cache": conv_ca, "commit": reload, "failed requests during":
+             reload, "kill": kill}
     for name, v in rows:
-        print(f"{name:52} {v:>12.3f}" if isinstance(v, float) else f"{name:52} {str(v):>12}")
+        ld = next((f"{d['loadavg_1m']:.1f}" for k, d in phase.items() if name.startswith(k)), "")
+        print((f"{name:52} {v:>12.3f}" if isinstance(v, float) else f"{name:52} {str(v):>12}") + f"  {ld}")
     print(json.dumps(summary))
 
 
