@@ -222,14 +222,18 @@ class Loop:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kv-cache-gib", type=float, default=0.045,
-                    help="KV pool per replica. The default holds about 65 blocks of 16 tokens: the conversations' "
-                         "working set fits in the two pools together but not in one, the regime where routing "
-                         "decides the hit rate (with pools far larger than the working set both policies hit)")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.06,
+                    help="KV pool per replica. The default holds about 87 blocks of 16 tokens: the conversations' "
+                         "working set (8 conversations of up to ~15 blocks) fits in the two pools together but not "
+                         "in one, the regime where routing decides the hit rate (with pools far larger than the "
+                         "working set both policies hit; far smaller, both miss)")
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=None, help="turns per conversation (default 6, --quick 3)")
     args = ap.parse_args()
-    # 8 conversations: their histories (~14 blocks each after 5 turns) overflow one replica's pool (65
-    # blocks) but not the two together, the regime a router is for; with 6 they nearly fit in one pool.
-    n_over, n_conv, turns = (20, 8, 3) if args.quick else (60, 8, 5)
+    # 8 conversations of 6 turns: their histories (~15 blocks each by the last turn) overflow one replica's
+    # pool (87 blocks) from the fourth turn on but fit in the two together, the regime a router is for.
+    n_over, turns = (20, 3) if args.quick else (60, 6)
+    n_conv, turns = args.conversations, args.turns or turns
 
     import outlast
     from outlast.serve.gguf import read_gguf
@@ -319,7 +323,8 @@ def main() -> None:
 
     load = os.getloadavg()
     ratio = conv_ca["hit_rate"] / max(conv_rr["hit_rate"], 1e-9)
-    summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib, "cpus": os.cpu_count(), "startup_s": startup,
+    summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib,
+               "conversations": n_conv, "turns": turns, "cpus": os.cpu_count(), "startup_s": startup,
                "overhead": over, "round_robin": conv_rr, "cache_aware": conv_ca, "hit_rate_ratio": ratio,
                "reload": reload, "kill": kill,
                # Both differences must be within 1 ms: the completion one alone is mostly engine noise.
@@ -328,7 +333,8 @@ def main() -> None:
                            "hit_rate_ratio_ge_1.8": ratio >= 1.8,
                            "reload_visible_le_2s": (reload["commit_to_first_response_s"] or 1e9) <= 2.0,
                            "zero_failed_during_reload": reload["failed_requests"] == 0 and reload["cut_streams"] == 0}}
-    print(f"outlast fleet bench: 2 replicas of SmolLM2-135M on {os.cpu_count()} CPUs, load average {load[0]:.1f} "
+    print(f"outlast fleet bench: 2 replicas of SmolLM2-135M on {os.cpu_count()} CPUs, {n_conv} conversations x {turns} "
+          f"turns, KV pool {args.kv_cache_gib} GiB per replica, load average {load[0]:.1f} "
           f"(a shared host: absolute times are noisy)")
     print(f"{'measure':52} {'value':>12}  load avg (1 min)")
     rows = [("router overhead p50, 1-token completion (ms)", over["completion_overhead_p50_ms"]),

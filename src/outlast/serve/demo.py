@@ -3,7 +3,8 @@
 Three processes on loopback, all started here with timeouts:
 
 1. **train** (:mod:`outlast.serve.demo_train`): a small Llama trained on the bundled Shakespeare
-   text, committing a checkpoint with :class:`outlast.Checkpointer` every few seconds;
+   text, committing a checkpoint with :class:`outlast.Checkpointer` every few seconds (step 0 at
+   once; the training itself starts when the server answers, so every later commit is served);
 2. **serve**: ``outlast serve --watch RUN_DIR``, which hot-loads each newly committed, verified step
    between engine steps;
 3. **clients**: two threads of the official ``openai`` client sending greedy completions, bounded in
@@ -166,8 +167,9 @@ def run_serve_demo(out: str, *, train_seconds: float = 35.0, every: int = 40, cl
     tok_dir = build_tokenizer(os.path.join(out, "tokenizer"), shakespeare_text(1_000_000))
     echo(f"tokenizer: byte-level BPE, 512 tokens -> {tok_dir}")
     train_log, serve_log = os.path.join(logs, "train.log"), os.path.join(logs, "serve.log")
+    go = os.path.join(run_dir, "serving")  # the trainer trains once this exists: every later commit is served
     trainer = _spawn(["-m", "outlast.serve.demo_train", run_dir, "--tokenizer", tok_dir,
-                      "--seconds", str(train_seconds), "--every", str(every)], train_log)
+                      "--seconds", str(train_seconds), "--every", str(every), "--start-when", go], train_log)
     server = None
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -205,6 +207,7 @@ def run_serve_demo(out: str, *, train_seconds: float = 35.0, every: int = 40, cl
                                                         stop, records, lock, 5000, max_tokens), daemon=True)
             th.start()
             threads.append(th)
+        open(go, "w").close()
         shown = -1
         while True:
             with lock:

@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=int, default=40, help="commit every this many steps")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-when", default=None,
+                    help="after committing step 0, wait (up to 300 s) for this file before training: the demo "
+                         "creates it once the server answers, so every later commit is served")
     a = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # the server and the client share the host
@@ -87,9 +90,15 @@ def main(argv: list[str] | None = None) -> None:
         log.write(json.dumps({"step": step, "t": time.time(), "loss": loss}) + "\n")
         log.flush()
 
-    t_end = time.monotonic() + a.seconds
     with outlast.Checkpointer(a.run_dir, keep_last=4) as ck:
         commit(ck, 0, float("nan"))  # the random start: the server has something to serve at once
+        if a.start_when is not None:
+            deadline = time.monotonic() + 300
+            while not os.path.exists(a.start_when):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"demo_train: {a.start_when} did not appear within 300 s")
+                time.sleep(0.05)
+        t_end = time.monotonic() + a.seconds
         step, loss = 0, float("nan")
         while step < a.max_steps and time.monotonic() < t_end:
             starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)

@@ -19,7 +19,12 @@ __all__ = ["BackendError", "BackendPool", "BackendResponse"]
 
 
 class BackendError(Exception):
-    """The replica could not be reached, closed the connection, sent something malformed, or timed out."""
+    """The replica could not be reached, closed the connection, sent something malformed, or timed out
+    (then ``timed_out`` is True: a busy replica, not necessarily a dead one)."""
+
+    def __init__(self, message: str, timed_out: bool = False):
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class _Conn:
@@ -37,7 +42,8 @@ class BackendResponse:
 
     __slots__ = ("status", "headers", "_conn", "_pool", "_length", "_chunked", "_done", "_keep", "_timeout")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], conn: _Conn, pool: "BackendPool"):
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], conn: _Conn, pool: "BackendPool",
+                 timeout: float):
         self.status, self.headers, self._conn, self._pool = status, headers, conn, pool
         self._length: int | None = None
         self._chunked = False
@@ -52,7 +58,7 @@ class BackendResponse:
         if self._length is None and not self._chunked:
             self._keep = False  # the body runs to the end of the connection
         self._done = self._length == 0 and not self._chunked
-        self._timeout = pool.read_timeout
+        self._timeout = timeout
 
     def header(self, name: bytes) -> bytes:
         for k, v in self.headers:
@@ -95,7 +101,7 @@ class BackendResponse:
                     yield data
             self._done = True
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as e:
-            raise BackendError(f"{type(e).__name__}: {e}") from e
+            raise BackendError(f"{type(e).__name__}: {e}", isinstance(e, TimeoutError)) from e
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.aiter()])
@@ -135,7 +141,8 @@ class BackendPool:
             async with asyncio.timeout(self.connect_timeout):
                 reader, writer = await asyncio.open_connection(*key, limit=1 << 20)
         except (OSError, TimeoutError) as e:
-            raise BackendError(f"cannot connect to {key[0]}:{key[1]}: {type(e).__name__}: {e}") from e
+            raise BackendError(f"cannot connect to {key[0]}:{key[1]}: {type(e).__name__}: {e}",
+                               isinstance(e, TimeoutError)) from e
         sock = writer.get_extra_info("socket")
         if sock is not None:  # the request is one write; never hold it back for an ACK
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -149,11 +156,12 @@ class BackendPool:
             conn.close()
 
     async def request(self, host: str, port: int, method: bytes, path: bytes, body: bytes = b"",
-                      headers: bytes = b"") -> BackendResponse:
+                      headers: bytes = b"", timeout: float | None = None) -> BackendResponse:
         """Send one request and read the response head; the body is read from the returned response.
 
         Args:
             headers: extra header lines, each ending with ``\\r\\n``.
+            timeout: seconds for the head and between body reads (default ``read_timeout``).
 
         Raises:
             BackendError: the replica could not be reached or answered malformed or too late.
@@ -163,19 +171,20 @@ class BackendPool:
                 % (method, path, host.encode(), port, headers, len(body)))
         payload = head + body
         idle = self._idle.get(key)
+        timeout = self.read_timeout if timeout is None else timeout
         for attempt in (0, 1):
             reused = bool(idle) and attempt == 0
             conn = idle.pop() if reused else await self._connect(key)
             try:
                 conn.writer.write(payload)
-                async with asyncio.timeout(self.read_timeout):
+                async with asyncio.timeout(timeout):
                     raw = await conn.reader.readuntil(b"\r\n\r\n")
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as e:
                 conn.close()
                 if reused and isinstance(e, (ConnectionError, asyncio.IncompleteReadError)) and not (
                         isinstance(e, asyncio.IncompleteReadError) and e.partial):
                     continue  # an idle connection the replica had closed: nothing reached it; once more, fresh
-                raise BackendError(f"{type(e).__name__}: {e}") from e
+                raise BackendError(f"{type(e).__name__}: {e}", isinstance(e, TimeoutError)) from e
             try:
                 lines = raw[:-4].split(b"\r\n")
                 status = int(lines[0].split(b" ", 2)[1])
@@ -186,7 +195,7 @@ class BackendPool:
             except (IndexError, ValueError) as e:
                 conn.close()
                 raise BackendError(f"malformed response head from {host}:{port}: {raw[:200]!r}") from e
-            return BackendResponse(status, hdrs, conn, self)
+            return BackendResponse(status, hdrs, conn, self, timeout)
         raise BackendError(f"{host}:{port} closed two connections in a row")  # pragma: no cover - loop returns
 
     async def aclose(self) -> None:
