@@ -19,8 +19,8 @@ def test_demo_serve_step_advances_and_plots(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
     env.pop("OUTLAST_ADMIN_TOKEN", None)
-    r = subprocess.run([sys.executable, "-m", "outlast.cli", "demo", "serve", "--out", str(out), "--train-seconds", "14",
-                        "--every", "25", "--timeout", "100", "--json"], capture_output=True, text=True, env=env, timeout=150)
+    r = subprocess.run([sys.executable, "-m", "outlast.cli", "demo", "serve", "--out", str(out), "--train-seconds", "8",
+                        "--every", "15", "--timeout", "100", "--json"], capture_output=True, text=True, env=env, timeout=150)
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.loads(r.stdout)
     assert s["failed"] == 0 and s["requests"] > 0
