@@ -125,7 +125,7 @@ def overhead(replica: str, router: str, n: int, router_pid: int) -> dict:
             "models_router_p50_ms": 1e3 * statistics.median(res["models_router"]),
             "models_overhead_p50_ms": 1e3 * statistics.median([b - a for a, b in zip(res["models_direct"],
                                                                                      res["models_router"])]),
-            "n": n}
+            "n": n, "loadavg_1m": os.getloadavg()[0]}
 
 
 def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns: int) -> dict:
@@ -173,7 +173,7 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
                   for a, b in zip(after, before))
     return {"hit_rate": hits / max(queries, 1), "ttft_p50_s": statistics.median(ttft) if ttft else None,
             "ttft_mean_s": statistics.mean(ttft) if ttft else None, "requests": len(ttft), "errors": len(errors),
-            "preemptions": preempt, "decisions": decisions}
+            "preemptions": preempt, "decisions": decisions, "loadavg_1m": os.getloadavg()[0]}
 
 
 class Loop:
@@ -222,12 +222,18 @@ class Loop:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kv-cache-gib", type=float, default=0.045,
-                    help="KV pool per replica. The default holds about 65 blocks of 16 tokens: the conversations' "
-                         "working set fits in the two pools together but not in one, the regime where routing "
-                         "decides the hit rate (with pools far larger than the working set both policies hit)")
+    ap.add_argument("--kv-cache-gib", type=float, default=0.06,
+                    help="KV pool per replica. The default holds about 87 blocks of 16 tokens: the conversations' "
+                         "working set (8 conversations of up to ~15 blocks) fits in the two pools together but not "
+                         "in one, the regime where routing decides the hit rate (with pools far larger than the "
+                         "working set both policies hit; far smaller, both miss)")
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=None, help="turns per conversation (default 6, --quick 3)")
     args = ap.parse_args()
-    n_over, n_conv, turns = (20, 6, 3) if args.quick else (60, 6, 5)
+    # 8 conversations of 6 turns: their histories (~15 blocks each by the last turn) overflow one replica's
+    # pool (87 blocks) from the fourth turn on but fit in the two together, the regime a router is for.
+    n_over, turns = (20, 3) if args.quick else (60, 6)
+    n_conv, turns = args.conversations, args.turns or turns
 
     import outlast
     from outlast.serve.gguf import read_gguf
@@ -283,9 +289,11 @@ def main() -> None:
         reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None,
                   "failed_requests": len(loop.failed), "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
                   "failure_samples": loop.failed[:2] + loop.cut_streams[:2],
-                  "replica_prepare_s": [c.get("outlast_serve_weight_prepare_seconds_sum") for c in map(counters, replicas)],
+                  # each replica's own breakdown of its last reload (read + verify, build, identity, swap)
+                  "replica_timings": [httpx.get(u + "/admin/weights", headers={"authorization": f"Bearer {TOKEN}"},
+                                                timeout=10).json().get("timings") for u in replicas],
                   "replica_swap_call_s": [c.get("outlast_serve_weight_reload_seconds_sum") for c in map(counters, replicas)],
-                  "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"]}
+                  "fleet_step": httpx.get(ca + "/fleet", timeout=10).json()["step"], "loadavg_1m": os.getloadavg()[0]}
 
         # Replica kill under load.
         with Loop(ca, 60) as loop:
@@ -301,7 +309,7 @@ def main() -> None:
             time.sleep(4.0)
         kill = {"out_of_rotation_s": out_after, "failed_requests": len(loop.failed),
                 "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
-                "failure_samples": loop.failed[:2] + loop.cut_streams[:2]}
+                "failure_samples": loop.failed[:2] + loop.cut_streams[:2], "loadavg_1m": os.getloadavg()[0]}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -315,7 +323,8 @@ def main() -> None:
 
     load = os.getloadavg()
     ratio = conv_ca["hit_rate"] / max(conv_rr["hit_rate"], 1e-9)
-    summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib, "cpus": os.cpu_count(), "startup_s": startup,
+    summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib,
+               "conversations": n_conv, "turns": turns, "cpus": os.cpu_count(), "startup_s": startup,
                "overhead": over, "round_robin": conv_rr, "cache_aware": conv_ca, "hit_rate_ratio": ratio,
                "reload": reload, "kill": kill,
                # Both differences must be within 1 ms: the completion one alone is mostly engine noise.
@@ -324,9 +333,10 @@ def main() -> None:
                            "hit_rate_ratio_ge_1.8": ratio >= 1.8,
                            "reload_visible_le_2s": (reload["commit_to_first_response_s"] or 1e9) <= 2.0,
                            "zero_failed_during_reload": reload["failed_requests"] == 0 and reload["cut_streams"] == 0}}
-    print(f"outlast fleet bench: 2 replicas of SmolLM2-135M on {os.cpu_count()} CPUs, load average {load[0]:.1f} "
+    print(f"outlast fleet bench: 2 replicas of SmolLM2-135M on {os.cpu_count()} CPUs, {n_conv} conversations x {turns} "
+          f"turns, KV pool {args.kv_cache_gib} GiB per replica, load average {load[0]:.1f} "
           f"(a shared host: absolute times are noisy)")
-    print(f"{'measure':52} {'value':>12}")
+    print(f"{'measure':52} {'value':>12}  load avg (1 min)")
     rows = [("router overhead p50, 1-token completion (ms)", over["completion_overhead_p50_ms"]),
             ("router CPU per proxied request (ms)", over["router_cpu_ms_per_request"]),
             ("  direct p50 / via router p50 (ms)", f"{over['completion_direct_p50_ms']:.1f} / {over['completion_router_p50_ms']:.1f}"),
@@ -338,12 +348,18 @@ def main() -> None:
             ("TTFT p50 cache-aware (s)", conv_ca["ttft_p50_s"]),
             ("preemptions round-robin / cache-aware", f"{conv_rr['preemptions']:.0f} / {conv_ca['preemptions']:.0f}"),
             ("commit -> first response on the new step (s)", reload["commit_to_first_response_s"]),
-            ("  replicas' read+verify+build (s)", " / ".join(f"{x:.2f}" for x in reload["replica_prepare_s"] if x is not None)),
+            *[(f"  replica {i}: read+verify / build / identity / swap (s)",
+               " / ".join(f"{t.get(k, 0):.2f}" for k in ("read_verify_s", "build_s", "identity_s", "swap_s")))
+              for i, t in enumerate(reload["replica_timings"]) if t],
             ("failed requests during reload (of total)", f"{reload['failed_requests']} of {reload['requests'] + reload['failed_requests']}"),
             ("kill -9: out of rotation after (s)", kill["out_of_rotation_s"]),
             ("kill -9: failed requests / cut streams (of total)", f"{kill['failed_requests']} / {kill['cut_streams']} of {kill['requests'] + kill['failed_requests'] + kill['cut_streams']}")]
+    phase = {"router overhead": over, "router CPU": over, "prefix hit rate, round": conv_rr, "TTFT p50 round": conv_rr,
+             "prefix hit rate, cache": conv_ca, "TTFT p50 cache": conv_ca, "commit": reload, "failed requests during":
+             reload, "kill": kill}
     for name, v in rows:
-        print(f"{name:52} {v:>12.3f}" if isinstance(v, float) else f"{name:52} {str(v):>12}")
+        ld = next((f"{d['loadavg_1m']:.1f}" for k, d in phase.items() if name.startswith(k)), "")
+        print((f"{name:52} {v:>12.3f}" if isinstance(v, float) else f"{name:52} {str(v):>12}") + f"  {ld}")
     print(json.dumps(summary))
 
 

@@ -489,20 +489,25 @@ def train(config_path: str) -> None:
         os._exit(0)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--out", type=click.Path(file_okay=False), default="outlast-demo", show_default=True,
               help="Folder for everything the demo writes (config, run, logs, loss.png, summary.json).")
 @click.option("--quick", is_flag=True, help="A smaller model and fewer steps (under a minute; for CI).")
 @click.option("--timeout", "timeout_s", type=float, default=900.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def demo(out: str, quick: bool, timeout_s: float, as_json: bool) -> None:
+@click.pass_context
+def demo(ctx: click.Context, out: str, quick: bool, timeout_s: float, as_json: bool) -> None:
     """Train on 2 ranks, SIGKILL one mid-run, resume on 1 rank from the latest checkpoint.
 
     Ends with what the crash cost (steps lost, time to resume, stall per save, bytes
     written) and a plot of the loss curve, OUT/loss.png. Needs matplotlib
     (pip install 'outlast[demo]').
+
+    `outlast demo serve` is the serving demo: a model served while it trains.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         import matplotlib  # noqa: F401  - fail before training, not after
     except ImportError:
@@ -516,6 +521,39 @@ def demo(out: str, quick: bool, timeout_s: float, as_json: bool) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD)
     click.echo(json.dumps(summary) if as_json else format_summary(summary))
+
+
+@demo.command(name="serve")
+@click.option("--out", type=click.Path(file_okay=False), default="outlast-demo-serve", show_default=True,
+              help="Folder for everything the demo writes (tokenizer, run, logs, serve.png, summary.json).")
+@click.option("--train-seconds", type=click.FloatRange(min=1), default=35.0, show_default=True,
+              help="How long the model trains (the demo takes ~20 s more).")
+@click.option("--every", type=click.IntRange(1), default=40, show_default=True,
+              help="Commit a checkpoint every this many training steps.")
+@click.option("--timeout", "timeout_s", type=float, default=180.0, show_default=True,
+              help="Give up after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def demo_serve(out: str, train_seconds: float, every: int, timeout_s: float, as_json: bool) -> None:
+    """Train a small Llama in the background and serve it with --watch while it trains.
+
+    Two clients keep sending completions; each response names the checkpoint step that computed
+    it, and the summary shows the served step advancing as checkpoints commit, with the time from
+    each commit to its first response. Writes OUT/serve.png (throughput and served step over
+    time). Needs matplotlib and the serve extra (pip install 'outlast[demo,serve]').
+    """
+    try:
+        import matplotlib  # noqa: F401  - fail before training, not after
+    except ImportError:
+        raise click.UsageError("outlast demo serve draws its plot with matplotlib: pip install 'outlast[demo]'") from None
+    from .serve.demo import ServeDemoError, format_serve_summary, run_serve_demo
+
+    try:
+        summary = run_serve_demo(out, train_seconds=train_seconds, every=every, timeout_s=timeout_s,
+                                 echo=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+    except ServeDemoError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD)
+    click.echo(json.dumps(summary) if as_json else format_serve_summary(summary))
 
 
 if __name__ == "__main__":

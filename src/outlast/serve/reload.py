@@ -94,6 +94,7 @@ class WeightsManager:
         self.highest_tried = step if step is not None else -1
         self._lock = threading.Lock()
         self._prepared: tuple | None = None  # (step, runtime, identity) read ahead of its swap
+        self.timings: dict = {}  # where the last reload's time went (read + verify, build, identity, swap)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="outlast-reload", daemon=True)
         m = loop.engine.metrics
@@ -115,7 +116,7 @@ class WeightsManager:
         """What serves now, the steps served before, the refused ones with why, and the committed ones."""
         return {"step": self.step, "version": self.loop.engine.weights_version, "follow": self.follow,
                 "history": list(self.history), "refused": {str(k): v for k, v in sorted(self.refused.items())},
-                "committed": sorted(committed_steps(self.run_dir))}
+                "committed": sorted(committed_steps(self.run_dir)), "timings": dict(self.timings)}
 
     # -- changes ---------------------------------------------------------------------------
     def prepare(self, step: int) -> dict:
@@ -140,8 +141,15 @@ class WeightsManager:
         return path
 
     def _build(self, path: str) -> tuple:
-        cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)
-        return LlamaRuntime(cfg, sd), weights_identity(cfg, sd)
+        t0 = time.monotonic()
+        cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)  # every checksum checked
+        t1 = time.monotonic()
+        runtime = LlamaRuntime(cfg, sd)  # the serving layout: fused, transposed
+        t2 = time.monotonic()
+        identity = weights_identity(cfg, sd)
+        self.timings = {"step": step_of(path), "read_verify_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3),
+                        "identity_s": round(time.monotonic() - t2, 3)}
+        return runtime, identity
 
     def reload(self, step: int, *, pin: bool = False) -> dict:
         """Load ``step`` and serve it (blocking until it serves).
@@ -166,7 +174,9 @@ class WeightsManager:
             prepared, self._prepared = self._prepared, None
             try:
                 runtime, identity = prepared[1:] if prepared and prepared[0] == step else self._build(path)
+                t_swap = time.monotonic()
                 self.loop.swap_weights(runtime, identity, version_of(step))
+                self.timings["swap_s"] = round(time.monotonic() - t_swap, 3)
             except ServeError as e:
                 if isinstance(e, ModelLoadError):
                     raise self._refuse(step, path, e) from e
@@ -181,7 +191,8 @@ class WeightsManager:
             m.reloads.labels("ok").inc()
             m.weights_step.set(step)
             m.reload_seconds.observe(time.monotonic() - t0)
-            log.warning("outlast serve: now serving step %d (%s) after %.2f s", step, path, time.monotonic() - t0)
+            log.warning("outlast serve: now serving step %d (%s) after %.2f s (%s)", step, path, time.monotonic() - t0,
+                        ", ".join(f"{k} {v}" for k, v in self.timings.items() if k != "step"))
             return self.status()
 
     def _refuse(self, step: int, path: str, e: BaseException) -> ModelLoadError:

@@ -1,8 +1,8 @@
 """The HTTP face of ``outlast route``: a plain ASGI function for the two proxied POST routes in front
 of a FastAPI app for the rest (``/v1/models``, ``/health``, ``/fleet``, ``/metrics``, ``/admin/*``).
 
-The proxied routes skip FastAPI because its routing and request models cost more CPU per request than
-the rest of the router together; they read the body, watch for the client leaving (so a stream whose
+The proxied routes (and ``GET /v1/models``) skip FastAPI because its routing and request models cost
+more CPU per request than the rest of the router together; they read the body, watch for the client leaving (so a stream whose
 client is gone stops and the replica aborts the request), and hand over to :meth:`Router.proxy`.
 """
 
@@ -51,10 +51,6 @@ def create_router_app(router: Router):
     @app.exception_handler(ReloadFailed)
     async def _on_reload(_, e: ReloadFailed):
         return _error(e.status if e.status in (404, 422) else 502, str(e), "invalid_request_error", "reload_failed", "step")
-
-    @app.get("/v1/models")
-    async def models():
-        return await router.get_any("/v1/models")
 
     @app.get("/health")
     async def health():
@@ -111,6 +107,8 @@ def create_router_app(router: Router):
         return router.status()
 
     async def asgi(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/v1/models":
+            return await router.get_any("/v1/models", send)
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in _PROXIED:
             return await app(scope, receive, send)
         chunks, more = [], True
