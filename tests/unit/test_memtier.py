@@ -205,3 +205,24 @@ def test_single_process_snapshot_and_restore(tmp_path):
     assert torch.equal(fresh["w"], torch.arange(10.0) + 1) and fresh["pos"]["i"] == 5
     again.close()
     assert not os.path.exists(store.job_dir(shm, "one"))  # freed at a clean end
+
+
+def test_cli_ls_shows_memory_snapshots_and_shm_clean_removes_dead_jobs(tmp_path):
+    from click.testing import CliRunner
+
+    from outlast.cli import main
+
+    shm = str(tmp_path / "shm")
+    disk = str(tmp_path / "disk")
+    state = {"w": torch.arange(10.0)}
+    ckpt = outlast.Checkpointer(disk, memory_every=1, memory_job_id="cli", shm_dir=shm)
+    ckpt.maybe_snapshot(state, 3)
+    ckpt.wait()
+    out = CliRunner().invoke(main, ["ls", disk, "--shm-dir", shm])
+    assert out.exit_code == 0 and "memory snapshots of job cli" in out.output and "step        3" in out.output
+    out = CliRunner().invoke(main, ["shm", "clean", "--shm-dir", shm])
+    assert "removed 0 dead job(s)" in out.output  # this process is alive
+    ckpt._saver.close()  # the "process" dies without close(): leftovers
+    os.unlink(ckpt._memory._alive)
+    out = CliRunner().invoke(main, ["shm", "clean", "--shm-dir", shm])
+    assert "removed 1 dead job(s)" in out.output and not os.path.exists(store.job_dir(shm, "cli"))
