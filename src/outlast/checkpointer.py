@@ -579,17 +579,23 @@ class Checkpointer:
     def _restore_memory(self, state: dict) -> int | None:
         """The newest memory snapshot, loaded in place, if it is at least as new as the
         newest disk checkpoint; else None after a warning saying why disk is used."""
-        latest, err = None, None
-        if self.rank == 0:
-            try:
-                latest = self._repo.latest_step()
-            except Exception as e:  # noqa: BLE001 - to every rank
-                err = e
-        if self._fg is not None:
-            self._together(err, f"listing checkpoints under {self.directory}")
-            latest = self._fg.broadcast(latest, f"listing checkpoints under {self.directory}")
-        elif err is not None:
-            raise err
+        def newest(valid: bool) -> int | None:
+            # Folder names first: a memory step at least as new needs no manifest read
+            # from storage (recovery from memory reads nothing there).
+            out, err = None, None
+            if self.rank == 0:
+                try:
+                    out = self._repo.latest_step() if valid else max(self._repo.present(), default=None)
+                except Exception as e:  # noqa: BLE001 - to every rank
+                    err = e
+            if self._fg is not None:
+                self._together(err, f"listing checkpoints under {self.directory}")
+                return self._fg.broadcast(out, f"listing checkpoints under {self.directory}")
+            if err is not None:
+                raise err
+            return out
+
+        latest = newest(valid=False)
         plan, folder, why = self._memory.prepare_restore()
         if plan is not None:
             for line in plan.bad_copies:
@@ -597,13 +603,20 @@ class Checkpointer:
                 warnings.warn(msg, stacklevel=3)
                 log.warning(msg)
         if plan is not None and latest is not None and latest > plan.step:
+            latest = newest(valid=True)
+        if plan is not None and latest is not None and latest > plan.step:
             why = why + [f"disk checkpoint step {latest} is newer than memory snapshot step {plan.step}"]
             self._memory.finish_restore(plan, folder, loaded=False)
             plan = None
         if plan is not None:
             err = None
             try:
-                load(state, folder, strict=True, verify=self.verify, **self._pg_kw())
+                # Every node holds the whole step: each rank reads its own regions from its
+                # node's copy (no exchange). Every file was checked against the manifest's
+                # checksums as it was found, received or rebuilt, so none is hashed twice.
+                from .memtier.tier import load_local
+
+                load_local(state, folder)
             except Exception as e:  # noqa: BLE001 - settled on every rank
                 err = e
             skip = self._settle(err, f"restoring memory snapshot step {plan.step} of job {self._memory.job_id}")

@@ -235,11 +235,12 @@ def file_fault(piece: str, manifest: Manifest, rel: str) -> str | None:
     return None
 
 
-def inventory(node: str) -> tuple[dict, dict[int, bytes]]:
+def inventory(node: str, share: tuple[int, int] = (0, 1)) -> dict:
     """What one node directory holds, every copy verified (see :func:`topology.plan_recovery`
-    for the shape). Also returns one intact manifest's bytes per step."""
+    for the shape). ``share=(k, n)``: only every n-th piece from the k-th, so the n ranks of
+    a node verify its pieces in parallel (:func:`merge` joins their answers)."""
     inv: dict[int, dict] = {}
-    manifests: dict[int, bytes] = {}
+    index = -1
     for s in _dirs(node, "step-"):
         step = step_of(s)
         if step is None:
@@ -248,6 +249,9 @@ def inventory(node: str) -> tuple[dict, dict[int, bytes]]:
         entry: dict = {"pieces": {}, "parity": {}, "manifests": {}}
         for name in _dirs(sd, ""):
             if name.startswith("."):
+                continue
+            index += 1
+            if index % share[1] != share[0]:
                 continue
             piece = os.path.join(sd, name)
             try:
@@ -275,10 +279,20 @@ def inventory(node: str) -> tuple[dict, dict[int, bytes]]:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             entry["manifests"][digest] = (manifest.files, manifest.world_size)
-            manifests.setdefault(step, {})[digest] = piece
         if entry["pieces"] or entry["parity"]:
             inv[step] = entry
-    return inv, manifests
+    return inv
+
+
+def merge(parts: list[dict]) -> dict:
+    """One node's inventory from the shares its ranks verified."""
+    out: dict[int, dict] = {}
+    for part in parts:
+        for step, entry in part.items():
+            e = out.setdefault(step, {"pieces": {}, "parity": {}, "manifests": {}})
+            for k in e:
+                e[k].update(entry[k])
+    return out
 
 
 def piece_path(node: str, step: int, name: str) -> str:

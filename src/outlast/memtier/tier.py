@@ -18,13 +18,14 @@ import logging
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
 import xxhash
 
 from ..collective import Group, raise_gathered
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 from ..format import MANIFEST_NAME, Chunk, Manifest
 from ..regions import Box
 from ..saving import _same_plain, build_manifest
@@ -123,6 +124,7 @@ class MemoryTier:
             self.groups = parity_groups(world_size, self.ranks_per_node, n)
         self._g = Group(pg, rank, world_size) if pg is not None else None
         self.complete: list[int] = []  # steps complete on every rank, oldest first
+        self.timings: dict = {}  # of the last prepare_restore
         os.makedirs(self.node_path, exist_ok=True)
         self._alive = store.register_alive(config.shm_dir, job, {
             "job_id": job, "directory": directory, "redundancy": self.redundancy,
@@ -303,22 +305,29 @@ class MemoryTier:
         """Find the newest recoverable step and assemble it on every live node. Collective.
 
         Returns ``(plan, folder, reasons)``: the folder (in this node's shared memory)
-        holds the whole step as a checkpoint, ready for :func:`outlast.load`; or
+        holds the whole step as a checkpoint, ready for :func:`outlast.load`, every byte
+        of it already checked against the manifest's checksums (local copies before the
+        plan, received and rebuilt files once written); or
         ``(None, None, reasons)`` when memory cannot supply any step, saying why.
         """
         what = f"finding a memory snapshot of job {self.job_id}"
+        t0 = time.perf_counter()
         inv, err = None, None
-        if self.is_leader:
-            try:
+        R = self.ranks_per_node
+        try:
+            if self.is_leader:
                 store.remove_temp(self.node_path)
-                inv, _ = store.inventory(self.node_path)
-            except Exception as e:  # noqa: BLE001
-                err = e
+            # The node's ranks verify its pieces in parallel, each every R-th one.
+            inv = store.inventory(self.node_path, share=(self.rank % R, R))
+        except Exception as e:  # noqa: BLE001
+            err = e
         got = self._gather((_fault(err), inv), what)
         raise_gathered(err, [g[0] for g in got], what)
-        nodes = leaders(self.world_size, self.ranks_per_node)
-        inventories = {n: got[r][1] or {} for n, r in nodes.items()}
+        nodes = leaders(self.world_size, R)
+        inventories = {n: store.merge([got[q][1] for q in range(self.world_size) if node_of(q, R) == n])
+                       for n in nodes}
         plan = plan_recovery(inventories)
+        t1 = time.perf_counter()
         if not isinstance(plan, RecoveryPlan):
             return None, None, plan or ["no memory snapshot of this job exists"]
         folder = os.path.join(self.node_path, f"restore-{plan.step:08d}")
@@ -335,6 +344,9 @@ class MemoryTier:
         if bad:
             r, (name, msg) = bad[0]
             return None, None, plan.skipped + [f"step {plan.step}: rebuilding it failed on rank {r}: {name}: {msg}"]
+        self.timings = {"inventory_s": t1 - t0, "assemble_s": time.perf_counter() - t1}
+        log.info("outlast: memory snapshot step %d found and verified in %.3f s, assembled in %.3f s",
+                 plan.step, t1 - t0, self.timings["assemble_s"])
         return plan, folder, plan.skipped
 
     def _assemble(self, plan: RecoveryPlan, folder: str, nodes: dict[int, int]) -> None:
@@ -370,9 +382,15 @@ class MemoryTier:
                 if src == n and m != n:
                     sends += self._send(self._block(step, j), nodes[m], len(names) + j)
         self._wait(recvs)
+        m = Manifest.loads(manifest, os.path.join(folder, MANIFEST_NAME))
         for rel, t in inbox.items():
             with open(os.path.join(folder, rel), "wb") as f:
                 f.write(memoryview(t.numpy()))
+            # Verified where it lies now, like every local copy was before the plan.
+            why = store.file_fault(folder, m, rel)
+            if why:
+                raise CorruptCheckpointError(f"{os.path.join(folder, rel)}: received from node {plan.fetch[n][rel]} "
+                                             f"but does not verify ({why})", [f"{rel}: {why}"])
         self._wait(sends)
         for k, g in sorted(plan.rebuild.items()):
             self._rebuild(k, g, blocks, folder, manifest)
@@ -484,6 +502,22 @@ class MemoryTier:
             jd = store.job_dir(self.config.shm_dir, self.job_id)
             if not store.job_alive(jd):
                 shutil.rmtree(jd, ignore_errors=True)
+
+
+def load_local(state: dict, folder: str) -> None:
+    """Load the assembled step into this rank's ``state`` from this node's copy, with no
+    exchange between ranks: every node holds the whole step, so each rank reads exactly
+    its own regions (resharding included) from shared memory. Strict; checksums were
+    checked when the folder was assembled (:meth:`MemoryTier.prepare_restore`)."""
+    from ..loading import _finish_load, plan_load
+    from ..reader import CheckpointReader
+    from ..tree import flatten
+
+    flat = flatten(state)
+    with CheckpointReader(folder) as reader:
+        requests, report, extras = plan_load(flat, reader.manifest, folder, True)
+        reader.read_regions(requests, verify=False)
+        _finish_load(flat, reader.manifest, reader, extras, report, False)
 
 
 def _chunk(c: dict) -> Chunk:
