@@ -708,6 +708,8 @@ class Checkpointer:
                     log.info("outlast: restored step %d from %s", step, where)
                     self.last_restore = {**(self.last_restore or {}), "source": source if source == "remote" else "disk",
                                          "step": step}
+                    if self._memory is not None:
+                        self._memory.discard_after(step)
                     return step
             msg = f"outlast: skipping checkpoint {where}: {skip}; falling back to an older one"
             warnings.warn(msg, stacklevel=2)
@@ -717,4 +719,6 @@ class Checkpointer:
                 f"no checkpoint under {self.directory} could be loaded (tried {', '.join(touched)}); "
                 "a failed attempt may have partly overwritten the live state: rebuild it before training"
             )
+        if self._memory is not None:
+            self._memory.discard_after(None)
         return None

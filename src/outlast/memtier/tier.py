@@ -483,6 +483,17 @@ class MemoryTier:
         if loaded:
             self.complete = [plan.step]
 
+    def discard_after(self, step: int | None) -> None:
+        """After a restore from disk: drop every snapshot newer than ``step`` (all of them
+        for None). They belong to a timeline training is about to redo, and their pieces
+        must not mix with the new ones. Collective (a barrier after the removal)."""
+        if self.is_leader:
+            newest = -1 if step is None else step
+            store.remove_steps(self.node_path, [s for s in store.steps_present(self.node_path) if s > newest])
+        self.complete = [s for s in self.complete if step is not None and s <= step]
+        if self._g is not None:
+            self._g.raise_together(None, "dropping memory snapshots newer than the restored step")
+
     # ------------------------------------------------------------------ lifecycle
     def close(self, free: bool = True) -> None:
         """End of the job: free this job's shared memory (collective)."""
@@ -502,6 +513,8 @@ class MemoryTier:
             jd = store.job_dir(self.config.shm_dir, self.job_id)
             if not store.job_alive(jd):
                 shutil.rmtree(jd, ignore_errors=True)
+        if self._g is not None:  # every rank returns once the memory is freed
+            self._g.raise_together(None, "closing the memory tier")
 
 
 def load_local(state: dict, folder: str) -> None:
