@@ -356,6 +356,7 @@ class Checkpointer:
             >>> ckpt = outlast.Checkpointer("runs/x", memory_every=5, memory_job_id="demo")
             >>> ckpt.maybe_snapshot(state, step=10)
             True
+            >>> ckpt.close()  # a clean end frees the job's shared memory
         """
         if self._memory is None:
             raise CheckpointError("this Checkpointer has no memory tier; pass memory_every=K to create it")
