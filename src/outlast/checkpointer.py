@@ -131,6 +131,14 @@ class Checkpointer:
             a ``CheckpointError`` saying what it waited for.
         upload_retries: extra tries of a failed upload to the remote tier.
         upload_backoff_s: seconds before the first retry; each further one waits twice as long.
+        memory_every: keep snapshots in shared memory every this many steps
+            (:meth:`maybe_snapshot`; every :meth:`save` also leaves one), with a copy or
+            parity on other nodes; :meth:`restore` prefers them (docs/memory.md).
+        redundancy: ``"mirror"`` or ``"parity"`` (see :class:`outlast.memtier.MemoryConfig`).
+        ranks_per_node: ranks per failure domain (default torchrun's ``LOCAL_WORLD_SIZE``).
+        parity_group: ranks per parity group (default: one per node, at most 8).
+        memory_job_id: names the job's shared-memory folder (default ``TORCHELASTIC_RUN_ID``).
+        shm_dir: the tmpfs holding memory snapshots.
     """
 
     def __init__(
@@ -149,7 +157,18 @@ class Checkpointer:
         timeout: float = 1800.0,
         upload_retries: int = 3,
         upload_backoff_s: float = 1.0,
+        memory_every: int | None = None,
+        redundancy: str = "mirror",
+        ranks_per_node: int | None = None,
+        parity_group: int | None = None,
+        memory_job_id: str | None = None,
+        shm_dir: str = "/dev/shm",
     ) -> None:
+        memory_config = None
+        if memory_every is not None:
+            from .memtier import MemoryConfig  # validates every field
+
+            memory_config = MemoryConfig(memory_every, redundancy, ranks_per_node, parity_group, memory_job_id, shm_dir)
         retention = Retention(keep_last=keep_last, keep_every=keep_every)  # validates both
         if not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise ValueError(f"max_in_flight must be an integer >= 1, got {max_in_flight!r}")
@@ -194,6 +213,17 @@ class Checkpointer:
             self._ctl = dist.new_group(backend="gloo", timeout=t)
             self._bg = Group(self._pg, self.rank, self.world_size)
             self._fg = Group(self._ctl, self.rank, self.world_size)
+        self._memory = None
+        if memory_config is not None:
+            from .memtier import MemoryTier
+
+            # The memory tier's exchanges run on a group of their own (gloo: host buffers).
+            mem_pg = dist.new_group(backend="gloo", timeout=group_timeout()) if self._pg is not None else None
+            self._memory = MemoryTier(memory_config, rank=self.rank, world_size=self.world_size,
+                                      directory=self.directory, pg=mem_pg)
+        self._last_started: int | None = None
+        # Where the last restore came from: {"source": "memory" | "disk", "step", ...}.
+        self.last_restore: dict | None = None
         self.remote = RemoteTier(remote, **(remote_options or {})) if remote else None
 
         self._repo = StepDirectory(self.directory)
@@ -320,13 +350,42 @@ class Checkpointer:
 
             warn("Checkpointer.save(step, state)", "Checkpointer.save(state, step)")
             state, step = step, state
+        persist = self._persist_job if self._memory is None else self._persist_with_memory
+        return self._submit(state, step, persist, self.path_of(step))
+
+    def maybe_snapshot(self, state: dict, step: int) -> bool:
+        """Snapshot ``state`` into shared memory if ``step`` is a multiple of
+        ``memory_every`` (and was not just saved with :meth:`save`, which leaves a memory
+        snapshot too); returns at once, True if a snapshot was started. Call it every step.
+
+        The snapshot goes through the same staging buffers as :meth:`save` (one copy of
+        the state), then to this rank's piece in ``/dev/shm`` and its mirror or parity on
+        other nodes. Collective under torch.distributed.
+
+        Example:
+            >>> ckpt = outlast.Checkpointer("runs/x", memory_every=5, memory_job_id="demo")
+            >>> ckpt.maybe_snapshot(state, step=10)
+            True
+            >>> ckpt.close()  # a clean end frees the job's shared memory
+        """
+        if self._memory is None:
+            raise CheckpointError("this Checkpointer has no memory tier; pass memory_every=K to create it")
+        if step % self._memory.config.every or step == self._last_started:
+            return False
+        return self._submit(state, step, self._memory.persist, self._memory.path_of(step))
+
+    def _persist_with_memory(self, job: Job) -> None:
+        self._memory.persist(job)  # first: it is the quick tier, and it reports a failed copy to every rank
+        self._persist_job(job)
+
+    def _submit(self, state: dict, step: int, persist, path: str) -> bool:
         if self._closed:
             raise CheckpointError("this Checkpointer is closed; create a new one to save")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         t0 = time.perf_counter()
-        m = SaveMetrics(step, self.path_of(step))
-        what = f"saving step {step} to {self.path_of(step)}"
+        m = SaveMetrics(step, path)
+        what = f"saving step {step} to {path}"
         if self._fg is None:
             self._raise_pending()
         bufs = self._saver.acquire(wait=self.if_busy == "wait", what=what, metrics=m)
@@ -357,13 +416,14 @@ class Checkpointer:
         # again if it fails to start.
         self.metrics.append(m)
         try:
-            self._saver.start(step, state, m, bufs, self._persist_job, num_writers=self.num_writers,
+            self._saver.start(step, state, m, bufs, persist, num_writers=self.num_writers,
                               prepare_kw=None if self._pg is None else self._pg_kw())
         except BaseException:
             self.metrics.remove(m)
             self._saver.release(bufs)
             raise
         m.save_call_s = time.perf_counter() - t0
+        self._last_started = step
         return True
 
     def _persist_job(self, job: Job) -> None:
@@ -461,6 +521,8 @@ class Checkpointer:
             self._saver.remove_hooks()
         self._together(err, "closing the Checkpointer")
         self._raise_pending()
+        if self._memory is not None:
+            self._memory.close(free=True)  # a clean end: the job's shared memory is freed
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -525,6 +587,66 @@ class Checkpointer:
         r, (name, msg) = failed[0]
         return f"on rank {r}: {name}: {msg}"
 
+    def _restore_memory(self, state: dict) -> int | None:
+        """The newest memory snapshot, loaded in place, if it is at least as new as the
+        newest disk checkpoint; else None after a warning saying why disk is used."""
+        def newest(valid: bool) -> int | None:
+            # Folder names first: a memory step at least as new needs no manifest read
+            # from storage (recovery from memory reads nothing there).
+            out, err = None, None
+            if self.rank == 0:
+                try:
+                    out = self._repo.latest_step() if valid else max(self._repo.present(), default=None)
+                except Exception as e:  # noqa: BLE001 - to every rank
+                    err = e
+            if self._fg is not None:
+                self._together(err, f"listing checkpoints under {self.directory}")
+                return self._fg.broadcast(out, f"listing checkpoints under {self.directory}")
+            if err is not None:
+                raise err
+            return out
+
+        latest = newest(valid=False)
+        plan, folder, why = self._memory.prepare_restore()
+        if plan is not None:
+            for line in plan.bad_copies:
+                msg = f"outlast: memory snapshot: {line}"
+                warnings.warn(msg, stacklevel=3)
+                log.warning(msg)
+        if plan is not None and latest is not None and latest > plan.step:
+            latest = newest(valid=True)
+        if plan is not None and latest is not None and latest > plan.step:
+            why = why + [f"disk checkpoint step {latest} is newer than memory snapshot step {plan.step}"]
+            self._memory.finish_restore(plan, folder, loaded=False)
+            plan = None
+        if plan is not None:
+            err = None
+            try:
+                # Every node holds the whole step: each rank reads its own regions from its
+                # node's copy (no exchange). Every file was checked against the manifest's
+                # checksums as it was found, received or rebuilt, so none is hashed twice.
+                from .memtier.tier import load_local
+
+                load_local(state, folder)
+            except Exception as e:  # noqa: BLE001 - settled on every rank
+                err = e
+            skip = self._settle(err, f"restoring memory snapshot step {plan.step} of job {self._memory.job_id}")
+            self._memory.finish_restore(plan, folder, loaded=skip is None)
+            if skip is None:
+                self.last_restore = {"source": "memory", "step": plan.step, "skipped": why,
+                                     "bad_copies": plan.bad_copies, "rebuilt": sorted(plan.rebuild)}
+                log.info("outlast: restored step %d from memory (job %s)%s", plan.step, self._memory.job_id,
+                         f"; rebuilt rank(s) {sorted(plan.rebuild)} from parity" if plan.rebuild else "")
+                return plan.step
+            why = why + [f"step {plan.step}: loading it failed: {skip}"]
+        self.last_restore = {"source": "disk", "why": why}
+        if latest is None and plan is None and why == ["no memory snapshot of this job exists"]:
+            return None  # a fresh start: nothing anywhere, nothing to warn about
+        msg = "outlast: memory snapshots cannot be used, restoring from disk: " + "; ".join(why)
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+        return None
+
     def restore(self, state: dict) -> int | None:
         """Load the newest valid checkpoint into ``state`` in place; return its step.
 
@@ -547,6 +669,10 @@ class Checkpointer:
         if self._closed:
             raise CheckpointError("this Checkpointer is closed; create a new one to restore")
         self.wait()
+        if self._memory is not None:
+            got = self._restore_memory(state)
+            if got is not None:
+                return got
         candidates: list = []
         err = None
         if self.rank == 0:
@@ -591,6 +717,10 @@ class Checkpointer:
                 skip = self._settle(err, f"restoring {where}")
                 if skip is None:
                     log.info("outlast: restored step %d from %s", step, where)
+                    self.last_restore = {**(self.last_restore or {}), "source": source if source == "remote" else "disk",
+                                         "step": step}
+                    if self._memory is not None:
+                        self._memory.discard_after(step)
                     return step
             msg = f"outlast: skipping checkpoint {where}: {skip}; falling back to an older one"
             warnings.warn(msg, stacklevel=2)
@@ -600,4 +730,6 @@ class Checkpointer:
                 f"no checkpoint under {self.directory} could be loaded (tried {', '.join(touched)}); "
                 "a failed attempt may have partly overwritten the live state: rebuild it before training"
             )
+        if self._memory is not None:
+            self._memory.discard_after(None)
         return None

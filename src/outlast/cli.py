@@ -126,8 +126,11 @@ def verify(path: str, as_json: bool, quiet: bool) -> None:
 @main.command(name="ls")
 @click.argument("directory", type=click.Path(), default=".")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def ls_cmd(directory: str, as_json: bool) -> None:
-    """List the checkpoints under DIRECTORY with step, size and status."""
+@click.option("--shm-dir", default="/dev/shm", show_default=True,
+              help="Where the memory tier keeps snapshots (listed with the checkpoints of their run).")
+def ls_cmd(directory: str, as_json: bool, shm_dir: str) -> None:
+    """List the checkpoints under DIRECTORY with step, size and status, and the memory
+    snapshots (in shared memory) of the run that saves there."""
 
     from .reader import list_checkpoints
 
@@ -135,17 +138,78 @@ def ls_cmd(directory: str, as_json: bool) -> None:
         fail(CheckpointNotFoundError(f"{directory} is not a directory"), as_json)
         return
     rows = list_checkpoints(directory)
+    memory = _memory_jobs(shm_dir, directory)
     if as_json:
-        click.echo(json.dumps({"ok": True, "directory": directory, "checkpoints": rows}))
+        click.echo(json.dumps({"ok": True, "directory": directory, "checkpoints": rows, "memory": memory}))
         return
-    if not rows:
+    if not rows and not memory:
         click.echo(f"no checkpoints under {directory}")
         return
-    width = max(len(r["name"]) for r in rows)
-    click.echo(f"{'name'.ljust(width)}  {'step':>8}  {'size':>10}  status")
-    for r in rows:
-        step = "-" if r["step"] is None else str(r["step"])
-        click.echo(f"{r['name'].ljust(width)}  {step:>8}  {human_bytes(r['nbytes']):>10}  {r['status']}")
+    if rows:
+        width = max(len(r["name"]) for r in rows)
+        click.echo(f"{'name'.ljust(width)}  {'step':>8}  {'size':>10}  status")
+        for r in rows:
+            step = "-" if r["step"] is None else str(r["step"])
+            click.echo(f"{r['name'].ljust(width)}  {step:>8}  {human_bytes(r['nbytes']):>10}  {r['status']}")
+    for job in memory:
+        _echo_memory_job(job)
+
+
+def _memory_jobs(shm_dir: str, directory: str | None) -> list[dict]:
+    from .memtier import list_jobs
+
+    jobs = list_jobs(shm_dir)
+    if directory is not None:
+        want = os.path.abspath(directory)
+        jobs = [j for j in jobs if j["info"].get("directory") == want]
+    return [{**j, "steps": {str(k): v for k, v in j["steps"].items()}} for j in jobs]
+
+
+def _echo_memory_job(job: dict) -> None:
+    info = job["info"]
+    click.echo(f"memory snapshots of job {job['job_id']} ({job['path']}, {human_bytes(job['bytes'])}, "
+               f"{'running' if job['alive'] else 'no live rank'}, {info.get('redundancy', '?')}, "
+               f"{info.get('world_size', '?')} ranks / {info.get('ranks_per_node', '?')} per node):")
+    if not job["steps"]:
+        click.echo("  (none)")
+    for step, pieces in job["steps"].items():
+        click.echo(f"  step {step:>8}  {len(pieces)} piece(s): {', '.join(pieces)}")
+
+
+@main.group(name="shm")
+def shm_group() -> None:
+    """The memory tier's snapshots in shared memory."""
+
+
+@shm_group.command(name="ls")
+@click.option("--shm-dir", default="/dev/shm", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def shm_ls(shm_dir: str, as_json: bool) -> None:
+    """List every job's memory snapshots."""
+    jobs = _memory_jobs(shm_dir, None)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "jobs": jobs}))
+        return
+    if not jobs:
+        click.echo(f"no outlast memory snapshots under {shm_dir}")
+    for job in jobs:
+        _echo_memory_job(job)
+
+
+@shm_group.command(name="clean")
+@click.option("--shm-dir", default="/dev/shm", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def shm_clean(shm_dir: str, dry_run: bool, as_json: bool) -> None:
+    """Remove the snapshots of jobs none of whose ranks is still running (on this machine)."""
+    from .memtier import clean_dead
+
+    gone = clean_dead(shm_dir, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "removed": gone, "dry_run": dry_run}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(gone)} dead job(s)" + "".join(f"\n  {p}" for p in gone))
 
 
 # ---------------------------------------------------------------- convert / merge
