@@ -175,7 +175,8 @@ class ChunkStream:
                     break
                 if not self._ready:
                     break  # every chunk read and updated
-                c, s = self._ready.popitem()
+                c = next(iter(self._ready))  # the oldest read first: writes follow the read order
+                s = self._ready.pop(c)
             self._update(c, s, update)
         self.close()
 
