@@ -413,6 +413,14 @@ class _Validator:
         self.check(isinstance(chunks_raw, list), f"{at}.chunks", "must be a list")
         chunks = []
         for i, c in enumerate(chunks_raw):
+            # Most chunks are well formed: check them without building any message (a manifest
+            # of 1.9 million chunks took ~27 us each through the path below). Anything the fast
+            # check does not accept goes through the full one, which either accepts it too or
+            # raises the error naming the field.
+            ch = _chunk_if_valid(c, shape, item, files)
+            if ch is not None:
+                chunks.append(ch)
+                continue
             cat = f"{at}.chunks[{i}]"
             self.check(isinstance(c, dict), cat, "must be an object")
             offs = self.ints(f"{cat}.offsets", c.get("offsets"))
@@ -448,6 +456,49 @@ class _Validator:
         fault = tiling_fault(shape, [c.box for c in chunks])
         self.check(fault is None, at, f"chunks do not tile shape {list(shape)}: {fault}")
         return TensorEntry(self.path(at, t.get("path"), fqn), dt, shape, chunks)
+
+
+def _hex16(x: Any) -> bool:
+    return type(x) is str and len(x) == 16 and not x.strip("0123456789abcdef")
+
+
+def _chunk_if_valid(c: Any, shape: tuple, item: int, files: dict) -> "Chunk | None":
+    """The chunk ``c`` describes if it passes every check of ``_Validator.tensor``'s chunk loop;
+    None for anything else (the caller then runs that loop, which names the fault). Stricter
+    than or equal to that loop on every field, never looser."""
+    if type(c) is not dict:
+        return None
+    offs, sizes = c.get("offsets"), c.get("sizes")
+    if type(offs) is not list or type(sizes) is not list or len(offs) != len(shape) or len(sizes) != len(shape):
+        return None
+    numel = 1
+    for o, n, d in zip(offs, sizes, shape):
+        if type(o) is not int or type(n) is not int or o < 0 or n < 0 or o + n > d:
+            return None  # shape's dims are <= MAX_DIM already, so these are too
+        numel *= n
+    f, key, off, nb, cs = c.get("file"), c.get("key"), c.get("offset"), c.get("nbytes"), c.get("checksum")
+    if type(f) is not str or f not in files or type(key) is not str or not key:
+        return None
+    if type(off) is not int or off < 0 or type(nb) is not int or nb != numel * item or off + nb > files[f]:
+        return None
+    if not _hex16(cs):
+        return None
+    br = c.get("block_rows", 0)
+    bcs: tuple = ()
+    if br or "block_checksums" in c:
+        raw = c.get("block_checksums", [])
+        rows = sizes[0] if sizes else 0
+        if type(br) is not int or br < 1 or rows < 1 or type(raw) is not list or len(raw) != -(-rows // br):
+            return None
+        if not all(_hex16(x) for x in raw):
+            return None
+        bcs = tuple(raw)
+    else:
+        br = 0
+    box = object.__new__(Box)  # offsets and sizes are checked above
+    object.__setattr__(box, "offsets", tuple(offs))
+    object.__setattr__(box, "sizes", tuple(sizes))
+    return Chunk(box, f, key, off, nb, cs, br, bcs)
 
 
 def fqn_of(path: list) -> str:
