@@ -363,8 +363,12 @@ def main() -> None:
         if a.vllm:
             import tempfile
 
-            vproc, vurl = start_vllm(a.vllm, write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-")))
-            asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+            try:
+                vproc, vurl = start_vllm(a.vllm, write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-")))
+                asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+            except SystemExit as e:  # a peer that does not start is reported, not fatal
+                print(f"vllm did not start: {e}", file=sys.stderr, flush=True)
+                results["vllm_error"] = str(e)
         asyncio.run(run_load(url, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
         for rnd in range(a.rounds):
             for c in conc:
@@ -437,6 +441,8 @@ def main() -> None:
     print(hdr)
     print("-" * len(hdr))
     for system, runs in results.items():
+        if not isinstance(runs, dict):
+            continue
         for load, rows in runs.items():
             s = {k: med(rows, k) for k in ("output_tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                                            "itl_p99", "latency_p50")}
