@@ -2,7 +2,7 @@
 
 The storage is two tensors ``[num_layers, kv_heads, num_blocks, block_size, head_dim]`` (heads
 before blocks, so a gather of a sequence's blocks gives each head's context contiguously: see
-``LlamaRuntime.kv_shape``).
+``LlamaRuntime.forward``).
 The bookkeeping follows vLLM v1's block pool: each block has a reference count and, once
 full, a chained hash ``H(parent, tokens)`` rooted in a salt that names the weights, so a
 prefix hit is a dictionary walk. Unreferenced blocks wait in a free list that is also the

@@ -104,17 +104,6 @@ class LlamaRuntime:
         self.cos, self.sin = emb.cos(), emb.sin()
         self.nbytes = sum(int(t.numel()) * 4 for t in sd.values())
 
-    @staticmethod
-    def kv_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """Shape of the K (and V) pool this runtime reads: ``[layers, kv_heads, blocks, block_size, head_dim]``.
-
-        Heads come before blocks so that gathering a sequence's blocks (one ``index_select`` on
-        dim 1 of a layer's slice) yields each head's context as one contiguous ``[ctx, head_dim]``
-        matrix: attention then runs as batched GEMMs straight on the gathered buffer, without the
-        per-head transpose copies (and GQA expansion) the token-major layout needed.
-        """
-        return (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         var = x.pow(2).mean(-1, keepdim=True)
         return w * (x * torch.rsqrt(var + self.config.rms_norm_eps))
@@ -130,7 +119,11 @@ class LlamaRuntime:
 
         Args:
             step: the packed batch.
-            k_cache, v_cache: pools of shape :meth:`kv_shape`.
+            k_cache, v_cache: ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``. Heads
+                come before blocks so that gathering a sequence's blocks (one ``index_select`` on
+                dim 1 of a layer's slice) yields each head's context as one contiguous
+                ``[ctx, head_dim]`` matrix: decode attention then runs as batched GEMMs on the
+                gathered buffer, without per-head transpose copies or GQA expansion.
 
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
