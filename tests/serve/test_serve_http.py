@@ -116,6 +116,7 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "top_p": 1.1}, "top_p", "top_p > 1"),
     ({"model": MODEL, "prompt": "hi", "top_k": -7}, "top_k", "top_k < -1"),
     ({"model": MODEL, "prompt": "hi", "n": 3}, "n", "n > 1"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs", "logprobs asked for"),
     ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream", "stream not a boolean"),
     ({"model": MODEL, "prompt": 42}, "prompt", "prompt of the wrong type"),
     ({"model": MODEL, "prompt": [1, 10**7]}, "prompt", "token id past the vocabulary"),
@@ -140,6 +141,8 @@ def test_bad_completion_requests_get_400_with_an_openai_error(server, body, para
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 9000}]}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "top_logprobs"),
 ])
 def test_bad_chat_requests_get_400_and_the_server_carries_on(server, client, body, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)

@@ -1,6 +1,8 @@
 """Paged KV cache: one preallocated K and V tensor, plus plain-Python block bookkeeping.
 
-The storage is two tensors ``[num_layers, num_blocks, block_size, kv_heads, head_dim]``.
+The storage is two tensors ``[num_layers, kv_heads, num_blocks, block_size, head_dim]`` (heads
+before blocks, so a gather of a sequence's blocks gives each head's context contiguously: see
+``LlamaRuntime.forward``).
 The bookkeeping follows vLLM v1's block pool: each block has a reference count and, once
 full, a chained hash ``H(parent, tokens)`` rooted in a salt that names the weights, so a
 prefix hit is a dictionary walk. Unreferenced blocks wait in a free list that is also the
@@ -112,7 +114,7 @@ class KVCacheManager:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, num_blocks: int, block_size: int,
                  salt: bytes, enable_prefix_caching: bool = True, disk: DiskKVTier | None = None):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, num_blocks, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=torch.float32)
         self.v = torch.zeros(shape, dtype=torch.float32)
         self.block_size = block_size
@@ -164,8 +166,9 @@ class KVCacheManager:
                 if got is None:
                     break
                 b = self.pool.allocate()
-                self.k[:, b.block_id] = got[0]
-                self.v[:, b.block_id] = got[1]
+                # The disk tier keeps the token-major block layout [layers, block_size, kv_heads, head_dim].
+                self.k[:, :, b.block_id] = got[0].transpose(1, 2)
+                self.v[:, :, b.block_id] = got[1].transpose(1, 2)
                 self.pool.cache(b, h)
                 hits.append(b)
                 self.disk_hits += 1
@@ -173,7 +176,7 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def _spill(self, h: bytes, block_id: int) -> None:
-        self.disk.put(h, self.k[:, block_id], self.v[:, block_id])
+        self.disk.put(h, self.k[:, :, block_id].transpose(1, 2), self.v[:, :, block_id].transpose(1, 2))
 
     # -- allocation ----------------------------------------------------------------------
     def allocate_slots(self, req: "Request", num_new_tokens: int, prefix: list[Block] | None = None) -> bool:

@@ -129,15 +129,20 @@ class LlamaRuntime:
 
         Args:
             step: the packed batch.
-            k_cache, v_cache: ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``.
+            k_cache, v_cache: ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``. Heads
+                come before blocks so that gathering a sequence's blocks (one ``index_select`` on
+                dim 1 of a layer's slice) yields each head's context as one contiguous
+                ``[ctx, head_dim]`` matrix: decode attention then runs as batched GEMMs on the
+                gathered buffer, without per-head transpose copies or GQA expansion.
 
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
         c = self.config
         H, KVH, D = c.num_heads, c.num_kv_heads, c.head_dim
+        G = H // KVH
         T = int(step.token_ids.shape[0])
-        bs = k_cache.shape[2]
+        num_blocks, bs = k_cache.shape[2], k_cache.shape[3]
         x = self.embed[step.token_ids]
         cos = self.cos[step.positions][:, None, :]
         sin = self.sin[step.positions][:, None, :]
@@ -145,16 +150,23 @@ class LlamaRuntime:
         prefills = [s for s in step.seqs if s.q_len > 1]
         dec = None
         if decodes:
-            # One batched attention for all single-token sequences: pad block tables to the longest.
+            # All single-token rows attend in one batch of GEMMs over a gathered, padded context:
+            # the padded block index and the additive mask are built once per step, the gather
+            # buffers once per step and reused by every layer.
+            B = len(decodes)
             nb = max(len(s.block_table) for s in decodes)
-            bt = torch.zeros(len(decodes), nb, dtype=torch.int64)
+            flat = torch.zeros(B, nb, dtype=torch.int64)
             for i, s in enumerate(decodes):
-                bt[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
+                flat[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
             ctx = torch.tensor([s.ctx_len for s in decodes])
-            mask = (torch.arange(nb * bs)[None, :] < ctx[:, None])[:, None, None, :]
+            bias = torch.zeros(B, nb * bs)
+            bias.masked_fill_(torch.arange(nb * bs)[None, :] >= ctx[:, None], float("-inf"))
+            bias = bias[None, :, None, :].expand(KVH, B, G, nb * bs).reshape(KVH * B, G, nb * bs)
             starts = [s.q_start for s in decodes]
-            rows = slice(0, len(decodes)) if starts == list(range(len(decodes))) else torch.tensor(starts)
-            dec = (bt, mask, rows, nb)
+            rows = slice(0, B) if starts == list(range(B)) else torch.tensor(starts)
+            kbuf = torch.empty(KVH, B * nb, bs, D)
+            vbuf = torch.empty(KVH, B * nb, bs, D)
+            dec = (B, flat.view(-1), bias, rows, nb, kbuf, vbuf)
         pre = []
         for s in prefills:
             nb = -(-s.ctx_len // bs)
@@ -163,36 +175,35 @@ class LlamaRuntime:
             mask = torch.arange(s.ctx_len)[None, :] <= qpos[:, None]
             pre.append((s, bt, mask))
         slots = step.slot_mapping
+        scale = D ** -0.5
+        inter = c.intermediate_size
         for li, L in enumerate(self.layers):
             h = self._rms(x, L["attn_norm"])
             qkv = _linear(h, L["wqkv"])
-            q = qkv[:, : H * D].view(T, H, D)
-            k = qkv[:, H * D : (H + KVH) * D].view(T, KVH, D)
+            qk = self._rope(qkv[:, : (H + KVH) * D].view(T, H + KVH, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
-            kc, vc = k_cache[li], v_cache[li]
-            kc.view(-1, KVH, D)[slots] = k
-            vc.view(-1, KVH, D)[slots] = v
+            kc, vc = k_cache[li], v_cache[li]  # [KVH, blocks, bs, D]
+            kc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, k.transpose(0, 1))
+            vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
             out = torch.empty(T, H, D)
             if dec is not None:
-                bt, mask, rows, nb = dec
-                B = bt.shape[0]
-                kk = kc[bt].view(B, nb * bs, KVH, D).transpose(1, 2)
-                vv = vc[bt].view(B, nb * bs, KVH, D).transpose(1, 2)
-                qq = q[rows][:, :, None, :]  # [B, H, 1, D]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
-                out[rows] = o[:, :, 0, :]
+                B, flat, bias, rows, nb, kbuf, vbuf = dec
+                torch.index_select(kc, 1, flat, out=kbuf)
+                torch.index_select(vc, 1, flat, out=vbuf)
+                qq = q[rows].view(B, KVH, G, D).transpose(0, 1).reshape(KVH * B, G, D)
+                scores = torch.baddbmm(bias, qq, kbuf.view(KVH * B, nb * bs, D).transpose(1, 2), alpha=scale)
+                o = torch.bmm(torch.softmax(scores, -1), vbuf.view(KVH * B, nb * bs, D))
+                out[rows] = o.view(KVH, B, G, D).transpose(0, 1).reshape(B, H, D)
             for s, bt, mask in pre:
-                kk = kc[bt].view(-1, KVH, D)[: s.ctx_len].transpose(0, 1)[None]
-                vv = vc[bt].view(-1, KVH, D)[: s.ctx_len].transpose(0, 1)[None]
+                kk = kc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len]
+                vv = vc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len]
                 qq = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
                 out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
             x = x + _linear(out.view(T, H * D), L["wo"])
             h = self._rms(x, L["mlp_norm"])
             gu = _linear(h, L["wgu"])
-            inter = c.intermediate_size
             x = x + _linear(F.silu(gu[:, :inter]) * gu[:, inter:], L["wdown"])
         h = self._rms(x[step.logits_rows], self.final_norm)
         return _linear(h.contiguous(), self.lm_head)

@@ -65,7 +65,10 @@ def _sampling(body: dict, default_max: int, max_key: tuple[str, ...] = ("max_tok
                 raise _bad(f"{k} must be an integer >= 1, got {max_tokens!r}", k)
     n = body.get("n", 1)
     if n != 1:
-        raise _bad(f"only n=1 is supported, got {n!r}", "n")
+        raise _bad(f"only n=1 is supported, got {n!r}: send n requests instead", "n")
+    for k in ("logprobs", "top_logprobs"):  # chat: logprobs true / top_logprobs N; completions: logprobs N
+        if body.get(k) not in (None, False, 0):
+            raise _bad(f"{k} is not supported by this server; leave it out (or null)", k)
     stop = body.get("stop")
     if stop is None:
         stop = []
