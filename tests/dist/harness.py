@@ -71,6 +71,12 @@ def _entry(rank: int, world: int, init: str, out: str, fn, args) -> None:
     # (pytorch/pytorch#190489; seen here in 2 of ~10 clean-clone CI runs). The results
     # are on disk and every collective is done, so nothing is lost by skipping teardown;
     # a failure inside fn still exits through torch's own error path.
+    leave()
+
+
+def leave() -> None:
+    """End a rank whose results are on disk: free cycles, a last barrier, destroy the group,
+    then exit without finalizing the interpreter (see ``_entry`` for why)."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -15,7 +15,6 @@ Usage: torchrun ... memtier_job.py OUT DISK JOB_ID REDUNDANCY RANKS_PER_NODE SCE
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import shutil
@@ -27,6 +26,9 @@ import torch.distributed as dist
 
 import outlast
 from outlast.memtier import store
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import leave  # noqa: E402
 
 SHAPE = (40, 25)
 STEPS = 12
@@ -132,12 +134,7 @@ def main() -> None:
     outlast.save(state, os.path.join(out, "final"), overwrite=True)
     with open(os.path.join(out, f"attempt{attempt}-rank{rank}.json"), "w") as f:
         json.dump(info, f)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # harness.leave: dodges the gloo teardown abort (pytorch#190489)
 
 
 def fault(scenario: str, rank: int, world: int, rpn: int, shm: str) -> None:

@@ -103,3 +103,17 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
             raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                                  + (":\n" + open(log_path).read()[-4000:] if log_path else ""))
         time.sleep(0.1)
+
+
+def assert_each_response_equals_its_step(run_dir, out, tokenizer, steps, prompts, max_tokens) -> None:
+    """Every response in ``out`` ((prompt, text, fingerprint, ...) tuples) equals greedy decoding by
+    a fresh engine started on the step its fingerprint names, and each step served some."""
+    from outlast.serve import EngineConfig, LLMEngine, SamplingParams
+    from outlast.serve.weights import load_weights
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for step in steps:
+        eng = LLMEngine(*load_weights(os.path.join(str(run_dir), f"step-{step:08d}")), tokenizer, EngineConfig(num_blocks=64))
+        want = {p: eng.tokenizer.decode(eng.generate([eng.tokenizer.encode(p)], params)[0]) for p in prompts}
+        got = [(x[0], x[1]) for x in out if x[2] == f"step-{step}"]
+        assert got and all(text == want[p] for p, text in got), (step, [x for x in got if x[1] != want[x[0]]][:3])

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from fleet_helpers import TOKEN, commit_step, corrupt, start, stop, wait_for
+from fleet_helpers import TOKEN, assert_each_response_equals_its_step, commit_step, corrupt, start, stop, wait_for
 from outlast.serve.supervisor import free_port
 
 PROMPTS = ["The river runs", "Seven small boats", "A market at dawn", "Why do birds sing"]
@@ -119,13 +119,5 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
     assert {x[2] for x in out} == {"step-1", "step-2", "step-4"}
 
     # Each response equals a fresh engine started on the step it names.
-    from outlast.serve import EngineConfig, LLMEngine, SamplingParams
-    from outlast.serve.weights import load_weights
-
-    params = SamplingParams(temperature=0, max_tokens=MAX, ignore_eos=True)
-    for step in (1, 2, 4):
-        eng = LLMEngine(*load_weights(str(run / f"step-{step:08d}")), tokenizer, EngineConfig(num_blocks=64))
-        want = {p: eng.tokenizer.decode(eng.generate([eng.tokenizer.encode(p)], params)[0]) for p in PROMPTS}
-        got = [(p, text) for p, text, fp, _ in out if fp == f"step-{step}"]
-        assert got and all(text == want[p] for p, text in got), (step, [x for x in got if x[1] != want[x[0]]][:3])
+    assert_each_response_equals_its_step(run, out, tokenizer, (1, 2, 4), PROMPTS, MAX)
     shutil.rmtree(run, ignore_errors=True)
