@@ -47,3 +47,18 @@ def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
 
 def emit_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True))
+
+
+def stop_all(procs, timeout: float = 20) -> None:
+    """SIGTERM every process group of ``procs`` still running, then SIGKILL those not gone in ``timeout``."""
+    import signal
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -44,6 +44,8 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _common import stop_all  # noqa: E402
 TOKEN = "bench-token"
 
 
@@ -311,14 +313,7 @@ def main() -> None:
                 "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
                 "failure_samples": loop.failed[:2] + loop.cut_streams[:2], "loadavg_1m": os.getloadavg()[0]}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)  # two 540 MB checkpoints
 
     load = os.getloadavg()

@@ -20,7 +20,6 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
 sys.path.insert(0, SRC)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _common import stop_all  # noqa: E402
 
 PIPE = r'''
 import asyncio, socket, sys
@@ -144,14 +145,7 @@ def main() -> None:
                         res[(route, via)].append(once(route, base))
             cpu_ms = 1e3 * (cpu_s(procs[1].pid) - cpu0) / (2 * args.n)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(procs)
     load = (load0 + os.getloadavg()[0]) / 2
     fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
     out = {"bench": "router_overhead", "n": args.n, "loadavg_1m": round(load, 2), "httptools_uvloop": fast,

@@ -106,13 +106,18 @@ def run_outlast(model, opt, batches, every, root):
     return loop, [m.stall_s for m in ckpt.metrics], ckpt.metrics
 
 
+def state_bytes(model, opt) -> int:
+    """Bytes of the model's state dict plus the optimizer's state tensors (what a save writes)."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return n + sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
 def run_rawio(model, opt, batches, every, root):
     import threading
 
     from outlast.storage.local import aligned_buffer, write_file_image
 
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    nbytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    nbytes = state_bytes(model, opt)
     img = aligned_buffer(nbytes)
     img.fill_(1)  # faulted in before the loop: the floor pays no allocation
     worker = None
@@ -211,8 +216,7 @@ def child(args) -> dict:
     batches = [torch.randint(0, 2048, (args.batch, args.seq), generator=gen) for _ in range(args.steps)]
     for x in batches[:3]:  # warm up: allocate optimizer state, fault in memory
         train_step(model, opt, x)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    nbytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    nbytes = state_bytes(model, opt)
     runners = {"none": run_none, "outlast": run_outlast, "dcp": run_dcp, "rawio": run_rawio}
     root = tempfile.mkdtemp(prefix="outlast-bench-", dir=args.dir)
     try:
