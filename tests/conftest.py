@@ -19,7 +19,8 @@ if "OUTLAST_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["OUTLAST_CACHE_DIR"], True)
 
 # Fail the run on any skip or xfail nobody allowed (tests/skip_guard.py).
-pytest_plugins = ["skip_guard"]
+# Remove each passed test's tmp_path at once (tests/disk_guard.py).
+pytest_plugins = ["skip_guard", "disk_guard"]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ def run_job(module: str, case: str, world: int, *args: str, timeout: int = JOB_T
     for r in range(world):
         with open(os.path.join(out, f"rank{r}.json")) as f:
             results.append(json.load(f))
+    shutil.rmtree(out, ignore_errors=True)  # kept above when the job failed, for inspection
     return results
 
 
@@ -87,5 +89,8 @@ def leave() -> None:
 
 def spawn(fn, world: int, out: str, *args) -> None:
     """Inside a job: run ``fn(rank, world, *args)`` on ``world`` ranks; each returns a JSON dict."""
-    init = "file://" + os.path.join(tempfile.mkdtemp(prefix="outlast-rdzv-"), "store")
-    mp.spawn(_entry, args=(world, init, out, fn, args), nprocs=world, join=True)
+    rdzv = tempfile.mkdtemp(prefix="outlast-rdzv-")
+    try:
+        mp.spawn(_entry, args=(world, "file://" + os.path.join(rdzv, "store"), out, fn, args), nprocs=world, join=True)
+    finally:
+        shutil.rmtree(rdzv, ignore_errors=True)

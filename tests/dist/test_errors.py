@@ -1,6 +1,5 @@
 """Bad input in a distributed save or load fails on every rank with a clear error."""
 
-import tempfile
 
 import pytest
 
@@ -10,8 +9,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_job("jobs_errors", "errors", 2, tempfile.mkdtemp(prefix="outlast-errors-"))
+def results(tmp_path_factory):
+    return run_job("jobs_errors", "errors", 2, str(tmp_path_factory.mktemp("errors")))
 
 
 def test_shape_conflict_names_tensor_and_both_shapes(results):

@@ -2,7 +2,6 @@
 empty shards) and pipeline-stage tensors saved at one world size and loaded at another,
 bit-exactly, with the per-dimension save and load plans actually taken."""
 
-import tempfile
 
 import pytest
 
@@ -14,8 +13,8 @@ SAVE = [1, 2, 4]
 
 
 @pytest.fixture(scope="module")
-def saved():
-    root = tempfile.mkdtemp(prefix="outlast-grid-")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("grid"))
     return root, {a: run_job("jobs_grid", "save", a, root) for a in SAVE}
 
 

@@ -17,8 +17,8 @@ from tests.dist.harness import run_job
 pytestmark = pytest.mark.slow
 
 
-def test_offloaded_state_reshards_both_ways():
-    root = tempfile.mkdtemp(prefix="outlast-offload-reshard-")
+def test_offloaded_state_reshards_both_ways(tmp_path):
+    root = str(tmp_path)
     ref = {kind: run_job("jobs_offload", "reference", 2, root, kind)[0]["losses"] for kind in ("fsdp", "offload")}
     one = run_job("jobs_offload", "resume", 1, root, "offload:fsdp,fsdp:offload")[0]
     assert one["offload:fsdp"] == pytest.approx(ref["offload"], abs=1e-4)

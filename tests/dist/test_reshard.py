@@ -8,7 +8,6 @@ bit-exactly with the global tensor, and outlast.read in one process must rebuild
 tensor whatever world size saved it.
 """
 
-import tempfile
 
 import pytest
 
@@ -20,8 +19,8 @@ WORLDS = [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
-def saved():
-    root = tempfile.mkdtemp(prefix="outlast-reshard-")
+def saved(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("reshard"))
     out = {}
     for a in WORLDS:
         out[a] = run_job("jobs_matrix", "save", a, root)

@@ -8,7 +8,6 @@ or DDP buckets instead of FSDP2 on 2): float32 rounding differs in the last bits
 AdamW carries that forward for a few steps.
 """
 
-import tempfile
 
 import pytest
 
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ref():
-    root = tempfile.mkdtemp(prefix="outlast-train-")
+def ref(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train"))
     return root, run_job("jobs_train", "reference", 2, root)[0]["losses"]
 
 
