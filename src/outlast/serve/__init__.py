@@ -41,13 +41,10 @@ def load_engine(source: str, engine_config: EngineConfig | None = None, *, prefi
         >>> eng = load_engine("ckpt/step-00001000", tokenizer="model.gguf")
     """
     from .tokenizer import load_tokenizer
-    from .weights import checkpoint_identity, load_weights
+    from .weights import load_weights
 
     cfg, sd = load_weights(source, prefix=prefix, config=config)
-    identity = None
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, "manifest.json")):
-        identity = checkpoint_identity(source, cfg, prefix)  # the same salt a hot reload of this step gets
     tok_src = tokenizer or source
     if os.path.isdir(tok_src) and os.path.exists(os.path.join(tok_src, "manifest.json")):
         raise ModelLoadError(f"{source} is an outlast checkpoint: pass tokenizer= (a GGUF file or HF directory)")
-    return LLMEngine(cfg, sd, load_tokenizer(tok_src), engine_config, identity=identity)
+    return LLMEngine(cfg, sd, load_tokenizer(tok_src), engine_config)

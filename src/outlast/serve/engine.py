@@ -54,7 +54,6 @@ class LLMEngine:
         tokenizer: its tokenizer.
         engine_config: limits and cache sizes.
         metrics: where to record metrics (a fresh :class:`ServeMetrics` by default).
-        identity: the prefix-cache salt (default: a hash of the config and every weight byte).
 
     Example:
         >>> eng = LLMEngine(cfg, sd, tok, EngineConfig())
@@ -63,8 +62,7 @@ class LLMEngine:
     """
 
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer,
-                 engine_config: EngineConfig | None = None, metrics: ServeMetrics | None = None,
-                 identity: bytes | None = None):
+                 engine_config: EngineConfig | None = None, metrics: ServeMetrics | None = None):
         self.model_config = config
         self.config = ec = engine_config or EngineConfig()
         if ec.torch_threads:
@@ -74,8 +72,7 @@ class LLMEngine:
 
             threadpool_limits(limits=ec.blas_threads, user_api="blas")  # stays in force (not used as a context)
         self.tokenizer = tokenizer
-        # an outlast checkpoint's identity comes from its manifest (as on a hot reload of the same step)
-        self.identity = identity if identity is not None else weights_identity(config, state_dict)
+        self.identity = weights_identity(config, state_dict)
         self.weights_version = "weights-" + self.identity.hex()[:12]
         self.runtime = LlamaRuntime(config, state_dict)
         self.metrics = metrics or ServeMetrics()

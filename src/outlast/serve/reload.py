@@ -71,7 +71,8 @@ class WeightsManager:
         prefix: the model's sub-tree in the checkpoints.
         config: a config.json for checkpoints without ``serve_config``.
         follow: load each new committed step automatically (False: only the admin endpoint reloads).
-        poll_s: how often the directory is listed.
+        poll_s: how often the directory is listed (one listdir and a stat per step folder: about
+            0.1 ms of CPU with 20 steps, so 0.1 s costs ~0.1% of a core and adds 0.05 s on average).
         step: the step served at start (None if the engine's weights came from elsewhere).
 
     Example:
@@ -82,7 +83,7 @@ class WeightsManager:
     """
 
     def __init__(self, loop: EngineLoop, run_dir: str, *, prefix: str = "model", config: str | None = None,
-                 follow: bool = True, poll_s: float = 0.2, step: int | None = None):
+                 follow: bool = True, poll_s: float = 0.1, step: int | None = None):
         self.loop = loop
         self.run_dir = run_dir
         self.prefix = prefix

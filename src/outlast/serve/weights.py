@@ -1,14 +1,15 @@
 """Load the served model from a GGUF file, a Hugging Face directory or an outlast checkpoint.
 
 All three end as one :class:`~outlast.serve.config.ModelConfig`, a state dict under Hugging
-Face names and an identity that salts the prefix cache: for GGUF/HF a hash of the config and
-every weight byte; for an outlast checkpoint a hash of the config and the manifest's per-chunk
-checksums (:func:`checkpoint_identity`, which every read verifies, so it changes whenever a
-weight byte does, without a second pass over 540 MB). An outlast checkpoint is read with the
-public :func:`outlast.read` (or, on a hot reload, :func:`outlast.load` layer by layer, see
+Face names and an identity that salts the prefix cache. At start (:func:`weights_identity`) it is a
+hash of the config and every weight byte, so the same weights from any source share cache keys and
+``weights-<hash>`` fingerprint. A hot reload of a checkpoint step instead hashes the config and the
+manifest's per-chunk checksums (:func:`checkpoint_identity`): the read verifies every chunk against
+them, so it changes whenever a weight byte does, without a second pass over 540 MB. An outlast
+checkpoint is read with the public :func:`outlast.read` (on a hot reload, layer by layer, see
 :meth:`~outlast.serve.model.LlamaRuntime.from_checkpoint`); its config comes from the
-``serve_config`` value that ``outlast convert --from gguf`` writes, or from a ``config.json``
-given with ``config=``.
+``serve_config`` value that ``outlast convert --from gguf`` writes, or from a ``config.json`` given
+with ``config=``.
 """
 
 from __future__ import annotations
