@@ -10,6 +10,7 @@ was tuned on (``bench/serve.py --gemm`` measures it); every other op is torch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,8 +55,6 @@ def _linear(x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-_LAYER_MATRICES = [f"self_attn.{n}_proj.weight" for n in "qkvo"] + [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-_LAYER_NORMS = ["input_layernorm.weight", "post_attention_layernorm.weight"]
 
 
 def _fuse_t(*parts: torch.Tensor) -> np.ndarray:
@@ -103,96 +102,52 @@ class LlamaRuntime:
                 raise ModelLoadError(f"weights lack {name!r} (have e.g. {sorted(state_dict)[:3]})")
             return state_dict[name].detach()
 
-        self._assemble(config, take, lambda i: take)
+        t0 = time.monotonic()
+        self._assemble(config, take)
+        self.build_seconds = time.monotonic() - t0  # fuse + transpose, for the reload's timings
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, path: str, prefix: str = "model") -> "LlamaRuntime":
-        """Read an outlast checkpoint straight into the serving layout, one decoder layer at a time.
+        """Read an outlast checkpoint (every chunk's checksum checked) and build the serving layout.
 
-        Each layer's matrices are read (every chunk's checksum checked, as :func:`outlast.read` does)
-        into one set of scratch tensors reused by every layer (about 14 MB for a 135M model, so it
-        stays in the last-level cache), then fused and transposed from there into their final
-        arrays. Against :func:`~outlast.serve.weights.load_weights` followed by the constructor,
-        the whole state dict is never materialised: 540 MB fewer page faults and one pass fewer
-        over memory. On the result, ``load_seconds`` is the time spent reading and verifying and
-        ``manifest`` the manifest the reads were checked against.
+        One read of every tensor the model needs through one reader, as :func:`outlast.read` does,
+        then the constructor's fuse-and-transpose. On the result, ``load_seconds`` is the time
+        spent reading and verifying and ``manifest`` the manifest the reads were checked against
+        (so an identity taken from it names exactly the bytes served).
+
+        Reading layer by layer into a cache-sized scratch instead was measured and dropped: 61
+        smaller reads (each planned and dispatched to the reader's threads) made ``outlast serve
+        --watch`` 1.2-3x slower to reload next to a busy engine (bench/reload.py, docs/fleet.md).
 
         Raises:
             ModelLoadError: a tensor the model needs is missing, or has an unsupported dtype.
-            outlast.errors.CheckpointError: a checksum fails, or a shape does not match the config.
+            outlast.errors.CheckpointError: a checksum fails, or the files are damaged.
 
         Example:
             >>> rt = LlamaRuntime.from_checkpoint(cfg, "runs/exp1/step-00000200")
         """
-        import time
-
         from ..reader import CheckpointReader, ReadRequest
         from ..regions import Box
 
-        # One reader (manifest parsed and files checked once) for the whole build: outlast.load per
-        # layer re-opened the checkpoint each time, which cost more than the reads.
-        reader = CheckpointReader(path)
-        entries = {".".join(map(str, e.path[1:])): (fqn, e) for fqn, e in reader.manifest.tensors.items()
-                   if len(e.path) > 1 and e.path[0] == prefix}
-        rt = cls.__new__(cls)
-        rt.nbytes = sum(e.numel * 4 for _, e in entries.values())
-        rt.load_seconds = 0.0
-        rt.manifest = reader.manifest  # what was read and verified: the identity is taken from it
-        scratch: dict[str, torch.Tensor] = {}
-
-        def dest(name: str, reuse: bool) -> torch.Tensor:
-            if name not in entries:
-                raise ModelLoadError(f"checkpoint {path} lacks {prefix}.{name} (have e.g. {sorted(entries)[:3]})")
-            e = entries[name][1]
-            dtype = _DTYPES.get(e.dtype)
-            if dtype is None:
-                raise ModelLoadError(f"{prefix}.{name} in {path} has dtype {e.dtype}; serving reads "
-                                     f"{sorted(_DTYPES)}")
-            key = name.rsplit(".", 2)[-2] if reuse else name  # one scratch per kind of matrix, shared by layers
-            t = scratch.get(key) if reuse else None
-            if t is None or tuple(t.shape) != tuple(e.shape) or t.dtype != dtype:
-                t = torch.empty(tuple(e.shape), dtype=dtype)
-                if reuse:
-                    scratch[key] = t
-            return t
-
-        def load(names: list[str], reuse: bool) -> dict[str, torch.Tensor]:
-            want = {n: dest(n, reuse) for n in names}
-            t0 = time.monotonic()
-            reader.read_regions([ReadRequest(entries[n][0], Box.full(tuple(t.shape)), t) for n, t in want.items()])
-            rt.load_seconds += time.monotonic() - t0
-            return want
-
-        c = config
-        top = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not c.tie_word_embeddings and "lm_head.weight" in entries:
-            top.append("lm_head.weight")
-        got = load(top, reuse=False)
-
-        def take(name: str) -> torch.Tensor:
-            if name not in got:
-                raise ModelLoadError(f"checkpoint {path} lacks {prefix}.{name}")
-            return got[name]
-
-        def layer(i: int):
-            p = f"model.layers.{i}."
-            names = [p + n for n in _LAYER_MATRICES] + [p + n for n in _LAYER_NORMS]
-            for n in names:
-                if n not in entries:
-                    raise ModelLoadError(f"checkpoint {path} lacks {prefix}.{n}")
-            mats = load(names[:len(_LAYER_MATRICES)], reuse=True)
-            norms = load(names[len(_LAYER_MATRICES):], reuse=False)
-            return (mats | norms).__getitem__
-
-        try:
-            rt._assemble(c, take, layer)
-        finally:
-            reader.close()
+        t0 = time.monotonic()
+        with CheckpointReader(path) as reader:
+            entries = {".".join(map(str, e.path[1:])): (fqn, e) for fqn, e in reader.manifest.tensors.items()
+                       if len(e.path) > 1 and e.path[0] == prefix}
+            sd = {}
+            for name, (fqn, e) in entries.items():
+                dtype = _DTYPES.get(e.dtype)
+                if dtype is None:
+                    raise ModelLoadError(f"{prefix}.{name} in {path} has dtype {e.dtype}; serving reads "
+                                         f"{sorted(_DTYPES)}")
+                sd[name] = torch.empty(tuple(e.shape), dtype=dtype)
+            reader.read_regions([ReadRequest(entries[n][0], Box.full(tuple(t.shape)), t) for n, t in sd.items()])
+            rt = cls(config, sd)
+            rt.manifest = reader.manifest
+        rt.load_seconds = time.monotonic() - t0 - rt.build_seconds
         return rt
 
-    def _assemble(self, config: ModelConfig, take, layer) -> None:
-        """Build the serving layout from ``take(name)`` (top-level tensors) and ``layer(i)(name)``
-        (layer ``i``'s tensors, valid until ``layer`` is called again)."""
+    def _assemble(self, config: ModelConfig, take) -> None:
+        """Build the serving layout from ``take(name)`` -> the tensor of that Hugging Face name."""
         self.config = c = config
         self.embed = take("model.embed_tokens.weight").to(torch.float32).contiguous()
         if tuple(self.embed.shape) != (c.vocab_size, c.hidden_size):
@@ -209,15 +164,14 @@ class LlamaRuntime:
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            w = layer(i)
-            q, k, v = (w(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
             self.layers.append({
-                "attn_norm": w(p + "input_layernorm.weight").to(torch.float32).contiguous(),
-                "mlp_norm": w(p + "post_attention_layernorm.weight").to(torch.float32).contiguous(),
+                "attn_norm": take(p + "input_layernorm.weight").to(torch.float32).contiguous(),
+                "mlp_norm": take(p + "post_attention_layernorm.weight").to(torch.float32).contiguous(),
                 "wqkv": _fuse_t(q, k, v),
-                "wo": _fuse_t(w(p + "self_attn.o_proj.weight")),
-                "wgu": _fuse_t(w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")),
-                "wdown": _fuse_t(w(p + "mlp.down_proj.weight")),
+                "wo": _fuse_t(take(p + "self_attn.o_proj.weight")),
+                "wgu": _fuse_t(take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")),
+                "wdown": _fuse_t(take(p + "mlp.down_proj.weight")),
             })
         inv_freq = c.rope_inv_freq()
         freqs = torch.arange(c.max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]

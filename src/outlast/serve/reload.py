@@ -3,8 +3,8 @@
 A training run's :class:`outlast.Checkpointer` commits ``RUN_DIR/step-NNNNNNNN`` by renaming a
 finished folder whose ``manifest.json`` was written last, so a ``step-*`` folder with a manifest is
 a commit. :class:`WeightsManager` polls for a step newer than any it has tried, reads it with
-outlast's checkpoint reader (every chunk's checksum checked, whatever layout trained it) layer by
-layer straight into the serving layout on a worker thread (:meth:`LlamaRuntime.from_checkpoint`),
+outlast's checkpoint reader (every chunk's checksum checked, whatever layout trained it) into the
+serving layout on a worker thread (:meth:`LlamaRuntime.from_checkpoint`),
 salts it with an identity taken from the manifest's verified checksums, and hands it to the engine
 loop, which swaps it in between steps once the requests running on the old weights finish. A
 checkpoint that is incomplete, corrupt or of another architecture is refused, recorded with its reason, and the old weights keep serving. The same
@@ -145,7 +145,7 @@ class WeightsManager:
     def _build(self, path: str) -> tuple:
         t0 = time.monotonic()
         cfg = load_config(path, config=self.config)
-        # read layer by layer straight into the serving layout (fused, transposed), every checksum checked
+        # one verified read, then the serving layout (fused, transposed)
         runtime = LlamaRuntime.from_checkpoint(cfg, path, self.prefix)
         t1 = time.monotonic()
         # the manifest's checksums, which the read verified every chunk against
