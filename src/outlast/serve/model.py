@@ -103,7 +103,30 @@ class LlamaRuntime:
             return state_dict[name].detach()
 
         t0 = time.monotonic()
-        self._assemble(config, take)
+        self.config = c = config
+        self.embed = take("model.embed_tokens.weight").to(torch.float32).contiguous()
+        if tuple(self.embed.shape) != (c.vocab_size, c.hidden_size):
+            raise ModelLoadError(f"model.embed_tokens.weight has shape {tuple(self.embed.shape)}, "
+                                 f"config says {(c.vocab_size, c.hidden_size)}")
+        head = state_dict.get("lm_head.weight") if not c.tie_word_embeddings else None
+        self.lm_head = _fuse_t(head if head is not None else self.embed)
+        self.final_norm = take("model.norm.weight").to(torch.float32).contiguous()
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            self.layers.append({
+                "attn_norm": take(p + "input_layernorm.weight").to(torch.float32).contiguous(),
+                "mlp_norm": take(p + "post_attention_layernorm.weight").to(torch.float32).contiguous(),
+                "wqkv": _fuse_t(q, k, v),
+                "wo": _fuse_t(take(p + "self_attn.o_proj.weight")),
+                "wgu": _fuse_t(take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")),
+                "wdown": _fuse_t(take(p + "mlp.down_proj.weight")),
+            })
+        inv_freq = c.rope_inv_freq()
+        freqs = torch.arange(c.max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], -1)
+        self.cos, self.sin = emb.cos(), emb.sin()
         self.build_seconds = time.monotonic() - t0  # fuse + transpose, for the reload's timings
 
     @classmethod
@@ -116,8 +139,8 @@ class LlamaRuntime:
         (so an identity taken from it names exactly the bytes served).
 
         Reading layer by layer into a cache-sized scratch instead was measured and dropped: 61
-        smaller reads (each planned and dispatched to the reader's threads) made ``outlast serve
-        --watch`` 1.2-3x slower to reload next to a busy engine (bench/reload.py, docs/fleet.md).
+        smaller reads (each planned and dispatched to the reader's threads) were slower than one,
+        in process and in ``outlast serve --watch`` (docs/fleet.md, "Reload, measured on its own").
 
         Raises:
             ModelLoadError: a tensor the model needs is missing, or has an unsupported dtype.
@@ -145,38 +168,6 @@ class LlamaRuntime:
             rt.manifest = reader.manifest
         rt.load_seconds = time.monotonic() - t0 - rt.build_seconds
         return rt
-
-    def _assemble(self, config: ModelConfig, take) -> None:
-        """Build the serving layout from ``take(name)`` -> the tensor of that Hugging Face name."""
-        self.config = c = config
-        self.embed = take("model.embed_tokens.weight").to(torch.float32).contiguous()
-        if tuple(self.embed.shape) != (c.vocab_size, c.hidden_size):
-            raise ModelLoadError(f"model.embed_tokens.weight has shape {tuple(self.embed.shape)}, "
-                                 f"config says {(c.vocab_size, c.hidden_size)}")
-        head = None
-        if not c.tie_word_embeddings:
-            try:
-                head = take("lm_head.weight")
-            except ModelLoadError:
-                head = None
-        self.lm_head = _fuse_t(head if head is not None else self.embed)
-        self.final_norm = take("model.norm.weight").to(torch.float32).contiguous()
-        self.layers = []
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            q, k, v = (take(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-            self.layers.append({
-                "attn_norm": take(p + "input_layernorm.weight").to(torch.float32).contiguous(),
-                "mlp_norm": take(p + "post_attention_layernorm.weight").to(torch.float32).contiguous(),
-                "wqkv": _fuse_t(q, k, v),
-                "wo": _fuse_t(take(p + "self_attn.o_proj.weight")),
-                "wgu": _fuse_t(take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")),
-                "wdown": _fuse_t(take(p + "mlp.down_proj.weight")),
-            })
-        inv_freq = c.rope_inv_freq()
-        freqs = torch.arange(c.max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], -1)
-        self.cos, self.sin = emb.cos(), emb.sin()
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         var = x.pow(2).mean(-1, keepdim=True)
