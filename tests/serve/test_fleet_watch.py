@@ -101,3 +101,41 @@ def test_watch_follows_refuses_corrupt_and_admin(tmp_path, tokenizer):
     finally:
         wm.close()
         loop.close()
+
+
+def test_checkpoint_identity_follows_every_weight_byte(tmp_path):
+    """The reload's prefix-cache salt comes from the manifest's checksums, not a pass over the bytes: it
+    must still change when one weight byte does, and stay equal for two checkpoints of equal bytes."""
+    import outlast
+    import torch
+    from outlast.serve.model import LlamaRuntime
+    from outlast.serve.weights import checkpoint_identity, load_config, load_weights, weights_identity
+
+    from fleet_helpers import tiny_config, tiny_state
+
+    cfg = tiny_config()
+
+    def save(name: str, state: dict) -> str:
+        with outlast.Checkpointer(str(tmp_path / name)) as ck:
+            ck.save({"model": state, "serve_config": cfg.to_json()}, 1)
+        return ck.path_of(1)
+
+    base = tiny_state(1)
+    a, b = save("a", base), save("b", {k: v.clone() for k, v in base.items()})
+    flipped = {k: v.clone() for k, v in base.items()}
+    w = flipped["model.layers.0.mlp.down_proj.weight"]
+    w.view(torch.uint8).view(-1)[7] ^= 1  # one bit of one byte
+    c = save("c", flipped)
+    ida, idb, idc = (checkpoint_identity(p, cfg) for p in (a, b, c))
+    assert ida == idb and ida != idc
+    assert checkpoint_identity(a, cfg, "model", outlast.manifest_of(a)) == ida
+    # what a reload builds: the verified read, the same arrays as the state-dict path, the manifest it checked
+    rt = LlamaRuntime.from_checkpoint(load_config(c), c)
+    ref = LlamaRuntime(*load_weights(c))
+    assert torch.equal(rt.embed, ref.embed) and (rt.lm_head == ref.lm_head).all()
+    for x, y in zip(rt.layers, ref.layers):
+        for k in x:
+            assert (x[k] == y[k]).all(), k
+    assert checkpoint_identity(c, cfg, "model", rt.manifest) == idc
+    # GGUF/HF sources have no manifest: their identity still hashes every byte, and stays apart
+    assert weights_identity(cfg, base) != weights_identity(cfg, flipped) and weights_identity(cfg, base) != ida

@@ -3,10 +3,11 @@
 A training run's :class:`outlast.Checkpointer` commits ``RUN_DIR/step-NNNNNNNN`` by renaming a
 finished folder whose ``manifest.json`` was written last, so a ``step-*`` folder with a manifest is
 a commit. :class:`WeightsManager` polls for a step newer than any it has tried, reads it with
-:func:`outlast.read` (every chunk's checksum checked, whatever layout trained it) into the serving
-layout on a worker thread, and hands it to the engine loop, which swaps it in between steps once the
-requests running on the old weights finish. A checkpoint that is incomplete, corrupt or of another
-architecture is refused, recorded with its reason, and the old weights keep serving. The same
+outlast's checkpoint reader (every chunk's checksum checked, whatever layout trained it) into the
+serving layout on a worker thread (:meth:`LlamaRuntime.from_checkpoint`),
+salts it with an identity taken from the manifest's verified checksums, and hands it to the engine
+loop, which swaps it in between steps once the requests running on the old weights finish. A
+checkpoint that is incomplete, corrupt or of another architecture is refused, recorded with its reason, and the old weights keep serving. The same
 manager serves the authenticated admin endpoint: reload a given step, roll back, or resume following.
 """
 
@@ -22,7 +23,7 @@ from ..errors import CheckpointError
 from .errors import ModelLoadError, ServeError, StepNotFoundError
 from .loop import EngineLoop
 from .model import LlamaRuntime
-from .weights import load_weights, weights_identity
+from .weights import checkpoint_identity, load_config
 
 __all__ = ["WeightsManager", "committed_steps", "step_of", "version_of"]
 
@@ -70,7 +71,8 @@ class WeightsManager:
         prefix: the model's sub-tree in the checkpoints.
         config: a config.json for checkpoints without ``serve_config``.
         follow: load each new committed step automatically (False: only the admin endpoint reloads).
-        poll_s: how often the directory is listed.
+        poll_s: how often the directory is listed (one listdir and a stat per step folder: about
+            0.1 ms of CPU with 20 steps, so 0.1 s costs ~0.1% of a core and adds 0.05 s on average).
         step: the step served at start (None if the engine's weights came from elsewhere).
 
     Example:
@@ -81,7 +83,7 @@ class WeightsManager:
     """
 
     def __init__(self, loop: EngineLoop, run_dir: str, *, prefix: str = "model", config: str | None = None,
-                 follow: bool = True, poll_s: float = 0.2, step: int | None = None):
+                 follow: bool = True, poll_s: float = 0.1, step: int | None = None):
         self.loop = loop
         self.run_dir = run_dir
         self.prefix = prefix
@@ -142,13 +144,15 @@ class WeightsManager:
 
     def _build(self, path: str) -> tuple:
         t0 = time.monotonic()
-        cfg, sd = load_weights(path, prefix=self.prefix, config=self.config)  # every checksum checked
+        cfg = load_config(path, config=self.config)
+        # one verified read, then the serving layout (fused, transposed)
+        runtime = LlamaRuntime.from_checkpoint(cfg, path, self.prefix)
         t1 = time.monotonic()
-        runtime = LlamaRuntime(cfg, sd)  # the serving layout: fused, transposed
-        t2 = time.monotonic()
-        identity = weights_identity(cfg, sd)
-        self.timings = {"step": step_of(path), "read_verify_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3),
-                        "identity_s": round(time.monotonic() - t2, 3)}
+        # the manifest's checksums, which the read verified every chunk against
+        identity = checkpoint_identity(path, cfg, self.prefix, runtime.manifest)
+        self.timings = {"step": step_of(path), "read_verify_s": round(runtime.load_seconds, 3),
+                        "build_s": round(t1 - t0 - runtime.load_seconds, 3),
+                        "identity_s": round(time.monotonic() - t1, 3)}
         return runtime, identity
 
     def reload(self, step: int, *, pin: bool = False) -> dict:
