@@ -24,11 +24,13 @@ The machine is shared: the 1-minute load average is printed with the numbers.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import gc
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -187,17 +189,35 @@ def spawn(task: dict) -> list[dict]:
     init = f"file://{out}/rdzv"
     ctx = mp.spawn(worker, args=(init, task, out), nprocs=WORLD, join=False)
     deadline = time.time() + 600
-    while not ctx.join(timeout=5):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise RuntimeError(f"bench task {task['kind']} timed out")
+    try:
+        while not ctx.join(timeout=5):
+            if time.time() > deadline:
+                raise RuntimeError(f"bench task {task['kind']} timed out")
+    except BaseException:  # a timeout, Ctrl-C or SIGTERM: no rank outlives the bench
+        for p in ctx.processes:
+            p.kill()
+        raise
     res = []
     for r in range(WORLD):
         with open(os.path.join(out, f"rank{r}.json")) as f:
             res.append(json.load(f))
     shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+_CLEANUP: list[str] = []  # the jobs' /dev/shm folders and the bench's own temp folder
+
+
+def _cleanup() -> None:
+    for path in _CLEANUP:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def new_job() -> str:
+    """A fresh job id whose shared memory is removed when the bench ends, however it ends."""
+    job = f"bench{uuid.uuid4().hex[:8]}"
+    _CLEANUP.append(store.job_dir("/dev/shm", job))
+    return job
 
 
 def drop_cache(path: str) -> int:
@@ -222,7 +242,12 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--dir", default=None, help="disk checkpoint folder (default: a temp dir under ./bench-out)")
     a = ap.parse_args()
+    # A killed run used to leave its snapshots (GBs at larger --width) in /dev/shm, i.e. in RAM.
+    atexit.register(_cleanup)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = a.dir or tempfile.mkdtemp(prefix="memory-ckpt-", dir=os.environ.get("TMPDIR", "/tmp"))
+    if a.dir is None:
+        _CLEANUP.append(base)
     common = {"width": a.width, "depth": a.depth}
     load0 = os.getloadavg()[0]
 
@@ -231,7 +256,7 @@ def main() -> None:
     loops: dict[int, list[float]] = {m: [] for m in modes}
     for r in range(a.rounds):
         for m in modes[r % len(modes):] + modes[: r % len(modes)]:
-            job = f"bench{uuid.uuid4().hex[:8]}"
+            job = new_job()
             res = spawn({"kind": "loop", "every": m, "steps": a.steps, "job": job,
                          "disk": os.path.join(base, f"loop-{job}"), **common})
             loops[m].append(max(x["loop_s"] for x in res))
@@ -239,7 +264,7 @@ def main() -> None:
     none = statistics.median(loops[0])
 
     # 2. recovery: memory vs cold disk
-    job = f"bench{uuid.uuid4().hex[:8]}"
+    job = new_job()
     disk = os.path.join(base, "recover")
     prep = spawn({"kind": "prepare", "steps": 6, "job": job, "disk": disk, **common})
     mem = spawn({"kind": "recover", "memory": True, "job": job, "disk": disk, **common})
@@ -250,7 +275,7 @@ def main() -> None:
     # 3. redundancy memory: 4 nodes of 1 rank, mirror vs parity (one group of 4)
     red = {}
     for how in ("mirror", "parity"):
-        job = f"bench{uuid.uuid4().hex[:8]}"
+        job = new_job()
         res = spawn({"kind": "redundancy", "redundancy": how, "rpn": 1, "job": job,
                      "disk": os.path.join(base, f"red-{how}"), **common})
         red[how] = {"own": sum(x["own"] for x in res) / WORLD, "held": sum(x["held"] for x in res) / WORLD}
@@ -294,8 +319,6 @@ def main() -> None:
         print(f"{k:<22}{v:>16,.0f}")
     print(f"parity / mirror memory: {result['parity_over_mirror']:.3f} (1/(n-1) = {1 / 3:.3f} for n = 4)")
     print(json.dumps(result))
-    if a.dir is None:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
