@@ -6,8 +6,8 @@ hash of the config and every weight byte, so the same weights from any source sh
 ``weights-<hash>`` fingerprint. A hot reload of a checkpoint step instead hashes the config and the
 manifest's per-chunk checksums (:func:`checkpoint_identity`): the read verifies every chunk against
 them, so it changes whenever a weight byte does, without a second pass over 540 MB. An outlast
-checkpoint is read with the public :func:`outlast.read` (on a hot reload, layer by layer, see
-:meth:`~outlast.serve.model.LlamaRuntime.from_checkpoint`); its config comes from the
+checkpoint is read with the public :func:`outlast.read` (on a hot reload, with one verified read
+straight into the serving layout, :meth:`~outlast.serve.model.LlamaRuntime.from_checkpoint`); its config comes from the
 ``serve_config`` value that ``outlast convert --from gguf`` writes, or from a ``config.json`` given
 with ``config=``.
 """
