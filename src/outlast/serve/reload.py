@@ -25,7 +25,7 @@ from .loop import EngineLoop
 from .model import LlamaRuntime
 from .weights import checkpoint_identity, load_config
 
-__all__ = ["WeightsManager", "committed_steps", "step_of", "version_of"]
+__all__ = ["WeightsManager", "committed_steps", "prefetch", "step_of", "version_of"]
 
 log = logging.getLogger("outlast.serve")
 _STEP = re.compile(r"^step-(\d+)$")
@@ -55,6 +55,56 @@ def step_of(path: str) -> int | None:
     """The step a ``step-NNNNNNNN`` folder holds, or None for any other source."""
     m = _STEP.match(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None
+
+
+def prefetch(path: str | None, max_fraction: float = 0.5) -> threading.Thread | None:
+    """Start reading a newly committed step's files into the page cache, in the background.
+
+    The Checkpointer writes with O_DIRECT, so a step that just committed is not in the page cache,
+    and the read of a reload would wait on the disk (the first replica of ``bench/fleet.py`` read
+    540 MB in 1.06-1.42 s cold against 0.34-0.42 s warm). A daemon thread reads the files in
+    8 MiB pieces into one small buffer while the reload is polled, drained and planned; the
+    reload's own read then finds them cached. (``posix_fadvise(WILLNEED)`` was tried first: on
+    this kernel it queued only ~2% of the files.) Skipped when the step's files exceed
+    ``max_fraction`` of the memory available now (prefetching more would only evict what it read).
+    Returns the thread, or None when skipped. Errors are ignored: this is only a hint.
+
+    Example:
+        >>> prefetch("runs/exp1/step-00000200").join()
+    """
+    if path is None:
+        return None
+    try:
+        files = [os.path.join(dp, f) for dp, _, fs in os.walk(path) for f in fs]
+        if sum(os.path.getsize(f) for f in files) > max_fraction * _mem_available():
+            return None
+    except OSError:
+        return None
+
+    def run() -> None:
+        buf = bytearray(8 << 20)
+        for f in files:
+            try:
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.readinto(buf):
+                        pass
+            except OSError:
+                pass
+
+    t = threading.Thread(target=run, name="outlast-prefetch", daemon=True)
+    t.start()
+    return t
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def version_of(step: int) -> str:
@@ -230,11 +280,17 @@ class WeightsManager:
         return max(steps) if steps else None
 
     def _watch(self) -> None:
+        prefetched = -1
         while not self._stop.wait(self.poll_s):
-            if not self.follow or not self.loop.alive:
+            if not self.loop.alive:
                 continue
             step = self.newest_untried()
             if step is None:
+                continue
+            if step > prefetched:  # also when a router drives the reloads (--no-follow)
+                prefetched = step
+                prefetch(committed_steps(self.run_dir).get(step))
+            if not self.follow:
                 continue
             try:
                 self.reload(step)
