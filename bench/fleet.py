@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -140,10 +141,16 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
     client = openai.OpenAI(base_url=router + "/v1", api_key="unused", timeout=120, max_retries=0)
 
     def conv(i: int) -> None:
+        # Users think between turns: a seeded random pause before each turn keeps the conversations
+        # out of lockstep. (In lockstep, round-robin over an even number of them sends every turn
+        # of a conversation to the same replica, i.e. it routes by affinity by accident: its hit
+        # rate then swung from 0.27 to 0.46 between runs of the same tree.)
+        think = random.Random(f"{tag}-{i}")
         msgs = [{"role": "system", "content": f"You are guide number {i} of run {tag}. You answer in two sentences "
                                               f"and you know every river, bridge and market of your country."},
                 {"role": "user", "content": f"Tell me about the city number {i} and its main river."}]
         for t in range(turns):
+            time.sleep(think.uniform(0.0, 1.0))
             try:
                 t0 = time.perf_counter()
                 first, text = None, []
@@ -224,18 +231,19 @@ class Loop:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--kv-cache-gib", type=float, default=0.09,
-                    help="KV pool per replica. The default holds 131 blocks of 16 tokens: the conversations' "
-                         "working set (16 conversations of up to ~14 blocks) fits in the two pools together (half "
+    ap.add_argument("--kv-cache-gib", type=float, default=0.18,
+                    help="KV pool per replica. The default holds 262 blocks of 16 tokens: the conversations' "
+                         "working set (32 conversations of up to ~14 blocks) fits in the two pools together (half "
                          "the conversations each, when each conversation stays on one replica) but not in one, the "
                          "regime where routing decides the hit rate (with pools far larger than the working set "
                          "both policies hit; far smaller, both miss)")
-    ap.add_argument("--conversations", type=int, default=16)
+    ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=None, help="turns per conversation (default 6, --quick 3)")
     args = ap.parse_args()
-    # 16 conversations of 6 turns: their histories (~14 blocks each by the last turn, ~220 in all) overflow one
-    # replica's pool (131 blocks) from the third turn on but fit in the two together, the regime a router is
-    # for. (8 conversations over 87-block pools never filled them: round-robin kept 0.38-0.53 hit rates.)
+    # 32 conversations of 6 turns, each pausing 0-1 s before a turn: their histories (~14 blocks each by the
+    # last turn, ~450 in all) overflow one replica's pool (262 blocks) but fit in the two together, the regime
+    # a router is for. (8 conversations over 87-block pools never filled them: round-robin kept 0.38-0.53; 16
+    # over 131 blocks left cache-aware too little headroom once the conversations were out of lockstep.)
     n_over, turns = (20, 3) if args.quick else (60, 6)
     n_conv, turns = args.conversations, args.turns or turns
 
