@@ -449,7 +449,7 @@ class Router:
 
     async def _watch_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)  # as often as the replicas poll; a listing costs ~0.13 ms of CPU
             if not self.follow:
                 continue
             newer = [s for s in committed_steps(self.run_dir) if s > self.highest_tried]
