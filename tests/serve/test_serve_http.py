@@ -161,12 +161,15 @@ def test_disconnect_mid_stream_frees_the_kv_blocks(server):
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 400, "temperature": 0,
                             "ignore_eos": True, "stream": True}) as resp:
+        # Keep the line iterator referenced until the check: a ``for`` loop left with ``break`` drops
+        # it, and closing that generator can close the response (a disconnect) before the check runs;
+        # the server then frees the blocks first and the check fails (seen once in CI).
+        lines = resp.iter_lines()
         got = 0
-        for ln in resp.iter_lines():
-            got += ln.startswith("data: ")
-            if got >= 3:
-                break
+        while got < 3:
+            got += next(lines).startswith("data: ")
         assert server.loop.call(lambda e: e.kv.pool.num_free) < eng.kv.num_blocks  # it holds blocks now
+        lines.close()
     # The client has gone: its request is aborted and every block is free again.
     assert wait_until(lambda: server.loop.call(lambda e: (e.kv.pool.num_free, len(e.requests)))
                       == (eng.kv.num_blocks, 0))
