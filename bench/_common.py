@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import threading
 import time
 
 
@@ -62,3 +63,24 @@ def stop_all(procs, timeout: float = 20) -> None:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+class ClientThreads:
+    """``n`` threads running ``self._run(k)`` from ``with`` until the block ends (``self.stop`` is set)."""
+
+    def __init__(self, n: int):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(n)]
+
+    def _run(self, k: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)

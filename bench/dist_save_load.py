@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from _common import evict  # bench/ is on sys.path when run as a script
 
 HIDDEN = 4096
 
@@ -52,17 +53,6 @@ def sharded(gib: float, world: int) -> nn.Module:
         for p in model.parameters():
             p.to_local().normal_(generator=g)
     return model
-
-
-def drop_cache(path: str) -> None:
-    for d, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def timed(fn) -> float:
@@ -117,7 +107,7 @@ def load_both(rank: int, model: nn.Module, root: str, tag: str) -> dict:
         for v in sd.values():
             v.to_local().zero_()
     if rank == 0:
-        drop_cache(os.path.join(root, "outlast"))
+        evict(os.path.join(root, "outlast"))
     reports = {}
     res[f"outlast_load_{tag}_s"] = timed(lambda: reports.setdefault("r", outlast.load({"model": sd}, os.path.join(root, "outlast"))))
     res[f"outlast_read_{tag}_bytes"] = reports["r"].bytes_read
@@ -127,7 +117,7 @@ def load_both(rank: int, model: nn.Module, root: str, tag: str) -> dict:
         for v in sd.values():
             v.to_local().zero_()
     if rank == 0:
-        drop_cache(os.path.join(root, "dcp"))
+        evict(os.path.join(root, "dcp"))
     res[f"dcp_load_{tag}_s"] = timed(lambda: dcp.load({"model": sd}, storage_reader=dcp.FileSystemReader(os.path.join(root, "dcp"))))
     res[f"agree_{tag}"] = abs(checksum_state(sd) - ol) <= 1e-9 * max(1.0, abs(ol))
     return res

@@ -46,7 +46,7 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from _common import stop_all  # noqa: E402
+from _common import ClientThreads, stop_all  # noqa: E402
 TOKEN = "bench-token"
 
 
@@ -185,16 +185,15 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
             "preemptions": preempt, "decisions": decisions, "loadavg_1m": os.getloadavg()[0]}
 
 
-class Loop:
+class Loop(ClientThreads):
     """Clients sending short greedy requests through a router (two plain, one streaming) until stopped."""
 
     def __init__(self, router: str, seconds: float):
+        super().__init__(3)
         self.router, self.seconds = router, seconds
         self.ok: list[tuple[float, str]] = []  # (wall time received, system_fingerprint)
         self.failed: list[str] = []
         self.cut_streams: list[str] = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(3)]
 
     def _run(self, k: int) -> None:
         import openai
@@ -216,16 +215,6 @@ class Loop:
                 (self.cut_streams if k == 2 and "failed while streaming" in str(e) else self.failed).append(repr(e))
             except Exception as e:  # noqa: BLE001
                 self.failed.append(repr(e))
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
 
 
 def main() -> None:

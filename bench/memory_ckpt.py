@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import outlast
+from _common import evict  # bench/ is on sys.path when run as a script
 from outlast.memtier import store
 
 WORLD = 4
@@ -220,20 +221,6 @@ def new_job() -> str:
     return job
 
 
-def drop_cache(path: str) -> int:
-    n = 0
-    for dp, _, fs in os.walk(path):
-        for f in fs:
-            fd = os.open(os.path.join(dp, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                n += 1
-            finally:
-                os.close(fd)
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
@@ -268,7 +255,8 @@ def main() -> None:
     disk = os.path.join(base, "recover")
     prep = spawn({"kind": "prepare", "steps": 6, "job": job, "disk": disk, **common})
     mem = spawn({"kind": "recover", "memory": True, "job": job, "disk": disk, **common})
-    dropped = drop_cache(disk)
+    evict(disk)
+    dropped = sum(len(fs) for _, _, fs in os.walk(disk))
     cold = spawn({"kind": "recover", "memory": False, "job": job, "disk": disk, **common})
     shutil.rmtree(store.job_dir("/dev/shm", job), ignore_errors=True)
 

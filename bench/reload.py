@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import httpx
@@ -45,7 +44,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from _common import emit_json, evict, median, print_table, stop_all  # noqa: E402
+from _common import ClientThreads, emit_json, evict, median, print_table, stop_all  # noqa: E402
 
 TOKEN = "bench-token"
 
@@ -78,13 +77,12 @@ def first_response(url: str, proc: subprocess.Popen, timeout: float = 300) -> fl
     raise SystemExit(f"{url} did not answer in {timeout} s")
 
 
-class Busy:
+class Busy(ClientThreads):
     """``n`` clients sending ``tokens``-token greedy requests back to back until stopped."""
 
     def __init__(self, url: str, n: int, tokens: int):
+        super().__init__(n)
         self.url, self.tokens, self.done, self.failed = url, tokens, 0, []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,)) for k in range(n)]
 
     def _run(self, k: int) -> None:
         with httpx.Client(timeout=120) as c:
@@ -96,16 +94,6 @@ class Busy:
                 except httpx.HTTPError as e:
                     self.failed.append(repr(e))
                 i += 1
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
 
 
 def reload_once(url: str, run: str, ck, state: dict, step: int, timeout: float = 120) -> dict:
