@@ -256,7 +256,7 @@ def main() -> None:
             logs.append(os.path.join(tmp, f"replica-{p}.log"))
             procs.append(start(["serve", os.path.join(run, "step-00000001"), "--watch", run, "--no-follow",
                                 "--tokenizer", gguf, "--port", str(p), "--kv-cache-gib", str(args.kv_cache_gib),
-                                "--served-model-name", "m"], logs[-1]))
+                                "--served-model-name", "m", "--compute-threads", "1"], logs[-1]))
         rr_port, ca_port = free_port(), free_port()
         rr, ca = f"http://127.0.0.1:{rr_port}", f"http://127.0.0.1:{ca_port}"
         backends = [x for u in replicas for x in ("--backend", u)]

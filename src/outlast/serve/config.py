@@ -172,7 +172,21 @@ class EngineConfig:
     """numpy's BLAS threads (process-wide, via threadpoolctl; None leaves it). On a shared 2-core
     host two OpenBLAS threads made steps 3-10x slower than one (bench/serve.py --gemm measures)."""
 
+    compute_threads: int | None = None
+    """Threads a step runs on: 1, or 2 (the engine thread and one worker that takes half of every
+    GEMM's columns, half of the decode attention and half of a long prefill's queries). None: 2
+    when the process may use 2 or more CPUs. The worker sleeps rather than spins, so a busy second
+    core slows a step toward one thread's speed instead of collapsing it."""
+    decode_kv_gib: float = 2.0
+    """Memory for the decode copy of running sequences' K/V (contiguous per sequence, so decode
+    attention reads it in place instead of gathering blocks every step); 0 turns it off. A step
+    whose decodes do not fit falls back to gathering."""
+
     def __post_init__(self) -> None:
+        if self.compute_threads is not None and self.compute_threads not in (1, 2):
+            raise ValueError(f"EngineConfig.compute_threads must be 1, 2 or None, got {self.compute_threads!r}")
+        if self.decode_kv_gib < 0:
+            raise ValueError(f"EngineConfig.decode_kv_gib must be >= 0, got {self.decode_kv_gib}")
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):
             if int(getattr(self, f)) <= 0:
                 raise ValueError(f"EngineConfig.{f} must be positive, got {getattr(self, f)!r}")

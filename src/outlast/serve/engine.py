@@ -8,6 +8,7 @@ string prefixes held back until they resolve.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -18,13 +19,16 @@ from .errors import BadRequestError, ModelLoadError
 from .kv_cache import KVCacheManager
 from .kv_disk import DiskKVTier
 from .metrics import ServeMetrics
-from .model import LlamaRuntime, SeqSlice, StepInput
+from .model import LlamaRuntime, SeqSlice, StepInput, _usable_cpus
 from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Request, Scheduler
 from .tokenizer import Tokenizer
 from .weights import weights_identity
 
 __all__ = ["LLMEngine", "StepOutput"]
+
+_SERIALS = itertools.count()
+"""Request serials, unique in the process: engines may share one runtime (and its decode copy)."""
 
 
 @dataclass
@@ -74,7 +78,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.identity = weights_identity(config, state_dict)
         self.weights_version = "weights-" + self.identity.hex()[:12]
-        self.runtime = LlamaRuntime(config, state_dict)
+        self.runtime = self._configure(LlamaRuntime(config, state_dict))
         self.metrics = metrics or ServeMetrics()
         block_bytes = 2 * config.num_layers * ec.block_size * config.num_kv_heads * config.head_dim * 4
         num_blocks = ec.num_blocks or max(2, int(ec.kv_cache_gib * (1 << 30)) // block_bytes)
@@ -95,6 +99,11 @@ class LLMEngine:
         self._prev_queries = self._prev_hits = self._prev_disk = self._prev_preempt = 0
 
     # -- weights -------------------------------------------------------------------------
+    def _configure(self, runtime: LlamaRuntime) -> LlamaRuntime:
+        ec = self.config
+        threads = ec.compute_threads or min(2, _usable_cpus())
+        return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)))
+
     def swap_ready(self) -> bool:
         """True when no request is computing on the current weights (a swap may happen now)."""
         return not self.scheduler.running and not any(r.output_token_ids or r.num_preemptions
@@ -115,7 +124,7 @@ class LLMEngine:
             raise ModelLoadError(f"the new weights' shape (layers {new.num_layers}, kv heads {new.num_kv_heads}, "
                                  f"head dim {new.head_dim}, vocab {new.vocab_size}) differs from the served model's; "
                                  f"a hot reload keeps the architecture: restart the server for another model")
-        self.runtime = runtime
+        self.runtime = self._configure(runtime)
         self.identity = identity
         self.kv.salt = identity
         self.weights_version = version
@@ -143,7 +152,8 @@ class LLMEngine:
         self.validate(prompt_token_ids, params)
         if request_id in self.requests:
             raise BadRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        req = Request(request_id, list(prompt_token_ids), params, arrival=arrival or time.monotonic())
+        req = Request(request_id, list(prompt_token_ids), params, arrival=arrival or time.monotonic(),
+                      serial=next(_SERIALS))
         if not params.greedy:
             req.generator = make_generator(params)
         self.requests[request_id] = req
@@ -200,7 +210,7 @@ class LLMEngine:
             pos = range(start, start + n)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            seqs.append(SeqSlice(q_start, n, start + n, table))
+            seqs.append(SeqSlice(q_start, n, start + n, table, (req.serial, req.num_preemptions)))
             if start + n == req.num_tokens:
                 rows.append(q_start + n - 1)
                 samplers.append(req)

@@ -10,7 +10,9 @@ was tuned on (``bench/serve.py --gemm`` measures it); every other op is torch.
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,13 +33,16 @@ class SeqSlice:
 
     ``ctx_len`` counts the tokens in the KV cache once this step's are written (so the new
     tokens sit at positions ``ctx_len - q_len .. ctx_len - 1``); ``block_table`` lists the
-    KV blocks holding positions ``0 .. ctx_len - 1`` in order.
+    KV blocks holding positions ``0 .. ctx_len - 1`` in order. ``key`` names the sequence across
+    steps for the decode copy of its K/V; it must change whenever the sequence's cached K/V could
+    (None: no decode copy, its decodes gather from the pool).
     """
 
     q_start: int
     q_len: int
     ctx_len: int
     block_table: list[int]
+    key: object = None
 
 
 @dataclass
@@ -51,37 +56,163 @@ class StepInput:
     logits_rows: torch.Tensor  # [S] int64 rows of the packed batch to run the LM head on
 
 
-def _linear(x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-    """``x @ w`` through numpy's BLAS; ``w`` is ``[in, out]`` C-contiguous fp32."""
-    return torch.from_numpy(np.matmul(x.numpy(), w))
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+PAR_MIN_ROWS = 2
+"""Fewest packed rows for which a GEMM's two column halves run on two threads; below it both
+halves run on the calling thread (one row is a GEMV: the hand-off costs more than it saves)."""
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _worker() -> ThreadPoolExecutor:
+    """The process's one compute worker: the second core's share of every split op.
+
+    A plain thread that sleeps on a queue (no spinning), so a busy second core slows a step to
+    about one thread's speed instead of collapsing it, as OpenBLAS' or OpenMP's spinning
+    workers did on a shared 2-core host. Shared by every runtime in the process: it never
+    waits on anything, so callers cannot deadlock on it.
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(1, thread_name_prefix="outlast-compute")
+        return _POOL
+
+
+def _linear(x: torch.Tensor, w: tuple[np.ndarray, ...], parallel: bool = True) -> torch.Tensor:
+    """``x @ w`` through numpy's BLAS; ``w`` is ``[in, out]`` fp32 as C-contiguous column blocks.
+
+    With ``parallel``, two blocks and at least :data:`PAR_MIN_ROWS` rows, the second block runs on the
+    compute worker while the caller runs the first (numpy releases the GIL in GEMMs): each
+    thread reads half the weights, which is what bounds a decode step.
+    """
+    xn = x.numpy()
+    if len(w) == 1:
+        return torch.from_numpy(np.matmul(xn, w[0]))
+    if parallel and xn.shape[0] >= PAR_MIN_ROWS:
+        fut = _worker().submit(np.matmul, xn, w[1])
+        first = np.matmul(xn, w[0])
+        return torch.from_numpy(np.concatenate((first, fut.result()), 1))
+    return torch.from_numpy(np.concatenate([np.matmul(xn, b) for b in w], 1))
+
+
+def _both(f, a, b):
+    """``(f(*a), f(*b))`` with ``b`` on the compute worker (torch ops release the GIL)."""
+    fut = _worker().submit(f, *b)
+    return f(*a), fut.result()
 
 
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def _fuse_t(*parts: torch.Tensor) -> np.ndarray:
-    """``[out_i, in]`` parts (any float dtype) -> one C-contiguous fp32 ``[in, sum(out_i)]``: fuses,
-    converts and transposes in one pass.
+def _fuse_t(*parts: torch.Tensor, blocks: int = 1) -> tuple[np.ndarray, ...]:
+    """``[out_i, in]`` parts (any float dtype) -> ``[in, sum(out_i)]`` fp32 as ``blocks`` C-contiguous
+    column blocks: fuses, converts, transposes and splits in one pass.
 
     The kernel per shape is the fastest of those measured on the 2-core AMD EPYC this was tuned on
     (single-threaded, GB/s of source): numpy's strided copy in bands of 128 rows for matrices with
     576 columns (7.3-7.9, against 4.6-5.0 with 512-row bands), 512-row bands for the 113 MB LM head
     (3.6 against 3.1), torch's transposing copy for rows of 1536 (5.4 against 1.7 for numpy).
     """
-    out = np.empty((parts[0].shape[1], sum(t.shape[0] for t in parts)), np.float32)
+    n_in, n_out = parts[0].shape[1], sum(t.shape[0] for t in parts)
+    edges = [n_out * j // blocks for j in range(blocks + 1)]
+    outs = tuple(np.empty((n_in, hi - lo), np.float32) for lo, hi in zip(edges, edges[1:]))
     col = 0
     for t in parts:
         rows, cols = t.shape
-        if t.dtype != torch.float32 or cols > 1024 or not t.is_contiguous():
-            torch.from_numpy(out)[:, col:col + rows].copy_(t.t())
-        else:
-            a = t.numpy()
-            band = 512 if rows > 8192 else 128
-            for r in range(0, rows, band):
-                b = a[r:r + band]
-                out[:, col + r:col + r + b.shape[0]] = b.T
+        for out, lo, hi in zip(outs, edges, edges[1:]):
+            r0, r1 = max(lo, col) - col, min(hi, col + rows) - col  # this part's rows landing in this block
+            if r0 >= r1:
+                continue
+            c0 = col + r0 - lo
+            if t.dtype != torch.float32 or cols > 1024 or not t.is_contiguous():
+                torch.from_numpy(out)[:, c0:c0 + r1 - r0].copy_(t[r0:r1].t())
+            else:
+                a = t.numpy()
+                band = 512 if rows > 8192 else 128
+                for r in range(r0, r1, band):
+                    b = a[r:min(r + band, r1)]
+                    out[:, c0 + r - r0:c0 + r - r0 + b.shape[0]] = b.T
         col += rows
-    return out
+    return outs
+
+
+class _DecodeKV:
+    """Each decoding sequence's K/V kept contiguous, so decode attention reads it in place.
+
+    The paged pool stays the truth (prefix sharing, spill, preemption); this is a copy of the
+    running decodes' contexts, ``[layers, slots, kv_heads, capacity, head_dim]``, appended one
+    token per step. Without it every decode step gathered every sequence's blocks out of the
+    pool in every layer: at batch 32 and ~300 tokens of context that copy was 55 of 285 ms.
+
+    A sequence gets a slot the first step it decodes (one gather of its context, all layers at
+    once) and loses it the first step it is not decoding (finished, preempted, aborted, or not
+    scheduled). Its key must change whenever its cached K/V could (the engine passes its request
+    serial and preemption count).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_bytes: int):
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.max_bytes = max_bytes
+        self.k = self.v = torch.empty(num_layers, 0, num_kv_heads, 0, head_dim)
+        self.slot_of: dict[object, int] = {}
+        self.lens: list[int] = []  # tokens held per slot (0 = free)
+        self.fallbacks = 0  # steps whose decodes did not fit and gathered instead
+
+    def _grow(self, slots: int, cap: int) -> bool:
+        old_s, old_c = self.k.shape[1], self.k.shape[3]
+        if slots <= old_s and cap <= old_c:
+            return True
+        slots = max(slots, old_s, 8)
+        slots = 1 << (slots - 1).bit_length()
+        cap = max(cap, old_c, 256)
+        cap = 1 << (cap - 1).bit_length()
+        L, KVH, D = self.shape
+        if 2 * L * slots * KVH * cap * D * 4 > self.max_bytes:
+            return False
+        for name in ("k", "v"):
+            new = torch.zeros(L, slots, KVH, cap, D)
+            new[:, :old_s, :, :old_c] = getattr(self, name)
+            setattr(self, name, new)
+        self.lens += [0] * (slots - len(self.lens))
+        return True
+
+    def prepare(self, decodes: list["SeqSlice"], k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor | None:
+        """Give every decode a slot holding its first ``ctx_len - 1`` positions; returns the slot
+        index per decode, or None (the step falls back to gathering) when they would not fit the
+        memory budget."""
+        live = {s.key for s in decodes}
+        for key in [k for k in self.slot_of if k not in live]:
+            self.lens[self.slot_of.pop(key)] = 0
+        used = set(self.slot_of.values())
+        lowest_free = (i for i in itertools.count() if i not in used)
+        fresh = set()
+        for s in decodes:
+            if s.key not in self.slot_of:
+                self.slot_of[s.key] = next(lowest_free)
+                fresh.add(s.key)
+        if not self._grow(max(self.slot_of.values()) + 1, max(s.ctx_len for s in decodes)):
+            for key in fresh:
+                del self.slot_of[key]
+            self.fallbacks += 1
+            return None
+        bs = k_cache.shape[3]
+        for s in decodes:
+            n, slot = s.ctx_len - 1, self.slot_of[s.key]
+            if (s.key in fresh or self.lens[slot] != n) and n > 0:
+                blocks = torch.tensor(s.block_table[: -(-n // bs)], dtype=torch.int64)
+                for src, dst in ((k_cache, self.k), (v_cache, self.v)):
+                    ctx = src.index_select(2, blocks)  # [L, KVH, nb, bs, D]: one gather for all layers
+                    dst[:, slot, :, :n] = ctx.flatten(2, 3)[:, :, :n]
+            self.lens[slot] = s.ctx_len
+        return torch.tensor([self.slot_of[s.key] for s in decodes], dtype=torch.int64)
 
 
 class LlamaRuntime:
@@ -128,7 +259,7 @@ class LlamaRuntime:
             jobs[(i, "wgu")] = (take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight"))
             jobs[(i, "wdown")] = (take(p + "mlp.down_proj.weight"),)
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="outlast-build") as pool:
-            built = dict(zip(jobs, pool.map(lambda parts: _fuse_t(*parts), jobs.values())))
+            built = dict(zip(jobs, pool.map(lambda parts: _fuse_t(*parts, blocks=2), jobs.values())))
         self.lm_head = built.pop("lm_head")
         for (i, name), w in built.items():
             self.layers[i][name] = w
@@ -137,6 +268,18 @@ class LlamaRuntime:
         emb = torch.cat([freqs, freqs], -1)
         self.cos, self.sin = emb.cos(), emb.sin()
         self.build_seconds = time.monotonic() - t0  # fuse + transpose, for the reload's timings
+        self.parallel = _usable_cpus() >= 2
+        """Run each step on two threads (see :func:`_linear`); the engine sets it from its config."""
+        self.decode_kv: _DecodeKV | None = _DecodeKV(c.num_layers, c.num_kv_heads, c.head_dim, 2 << 30)
+        """The decode copy of running sequences' K/V (None: gather from the pool every step)."""
+
+    def configure(self, *, parallel: bool, decode_kv_bytes: int) -> "LlamaRuntime":
+        """Set how steps run: on two threads or one, and the decode copy's memory (0 turns it off)."""
+        self.parallel = parallel
+        c = self.config
+        self.decode_kv = _DecodeKV(c.num_layers, c.num_kv_heads, c.head_dim, decode_kv_bytes) \
+            if decode_kv_bytes > 0 else None
+        return self
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, path: str, prefix: str = "model") -> "LlamaRuntime":
@@ -187,6 +330,9 @@ class LlamaRuntime:
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin
 
+    def _mm(self, x: torch.Tensor, w: tuple[np.ndarray, ...]) -> torch.Tensor:
+        return _linear(x, w, self.parallel)
+
     @torch.inference_mode()
     def forward(self, step: StepInput, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """Run one packed step, writing its K/V into the cache.
@@ -194,10 +340,13 @@ class LlamaRuntime:
         Args:
             step: the packed batch.
             k_cache, v_cache: ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``. Heads
-                come before blocks so that gathering a sequence's blocks (one ``index_select`` on
-                dim 1 of a layer's slice) yields each head's context as one contiguous
-                ``[ctx, head_dim]`` matrix: decode attention then runs as batched GEMMs on the
-                gathered buffer, without per-head transpose copies or GQA expansion.
+                come before blocks so that a sequence's blocks, gathered (one ``index_select`` on
+                dim 1 of a layer's slice), give each head's context as one contiguous
+                ``[ctx, head_dim]`` matrix.
+
+        Decode rows (one new token) whose :attr:`SeqSlice.key` is set attend over the decode
+        copy (:class:`_DecodeKV`) in place, as batched GEMMs; other decode rows gather their
+        blocks each layer; prefill chunks run SDPA over their gathered context.
 
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
@@ -207,30 +356,46 @@ class LlamaRuntime:
         G = H // KVH
         T = int(step.token_ids.shape[0])
         num_blocks, bs = k_cache.shape[2], k_cache.shape[3]
+        par = self.parallel
         x = self.embed[step.token_ids]
         cos = self.cos[step.positions][:, None, :]
         sin = self.sin[step.positions][:, None, :]
         decodes = [s for s in step.seqs if s.q_len == 1]
         prefills = [s for s in step.seqs if s.q_len > 1]
-        dec = None
+        resident = gathered = None
         if decodes:
-            # All single-token rows attend in one batch of GEMMs over a gathered, padded context:
-            # the padded block index and the additive mask are built once per step, the gather
-            # buffers once per step and reused by every layer.
-            B = len(decodes)
-            nb = max(len(s.block_table) for s in decodes)
-            flat = torch.zeros(B, nb, dtype=torch.int64)
-            for i, s in enumerate(decodes):
-                flat[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
-            ctx = torch.tensor([s.ctx_len for s in decodes])
-            bias = torch.zeros(B, nb * bs)
-            bias.masked_fill_(torch.arange(nb * bs)[None, :] >= ctx[:, None], float("-inf"))
-            bias = bias[None, :, None, :].expand(KVH, B, G, nb * bs).reshape(KVH * B, G, nb * bs)
             starts = [s.q_start for s in decodes]
+            B = len(decodes)
             rows = slice(0, B) if starts == list(range(B)) else torch.tensor(starts)
-            kbuf = torch.empty(KVH, B * nb, bs, D)
-            vbuf = torch.empty(KVH, B * nb, bs, D)
-            dec = (B, flat.view(-1), bias, rows, nb, kbuf, vbuf)
+            slot_idx = None
+            if self.decode_kv is not None and all(s.key is not None for s in decodes):
+                slot_idx = self.decode_kv.prepare(decodes, k_cache, v_cache)
+            if slot_idx is not None:
+                # Attention over every slot below the highest in use (a free slot in between
+                # attends to one stale position and is dropped), split in two halves of slots.
+                top = int(slot_idx.max()) + 1
+                Lmax = max(s.ctx_len for s in decodes)
+                lens = torch.tensor(self.decode_kv.lens[:top]).clamp_(min=1)
+                bias = torch.zeros(top, Lmax)
+                bias.masked_fill_(torch.arange(Lmax)[None, :] >= lens[:, None], float("-inf"))
+                bias = bias[:, None, None, :].expand(top, KVH, G, Lmax).reshape(top * KVH, G, Lmax)
+                pos = torch.tensor([s.ctx_len - 1 for s in decodes])
+                cut = top // 2 if par and top >= 2 else top
+                resident = (rows, slot_idx, pos, top, Lmax, bias, cut)
+            else:
+                # Padded block index and additive mask built once per step; the gather buffers
+                # are reused by every layer.
+                nb = max(len(s.block_table) for s in decodes)
+                flat = torch.zeros(B, nb, dtype=torch.int64)
+                for i, s in enumerate(decodes):
+                    flat[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int64)
+                ctx = torch.tensor([s.ctx_len for s in decodes])
+                bias = torch.zeros(B, nb * bs)
+                bias.masked_fill_(torch.arange(nb * bs)[None, :] >= ctx[:, None], float("-inf"))
+                bias = bias[None, :, None, :].expand(KVH, B, G, nb * bs).reshape(KVH * B, G, nb * bs)
+                kbuf = torch.empty(KVH, B * nb, bs, D)
+                vbuf = torch.empty(KVH, B * nb, bs, D)
+                gathered = (B, rows, flat.view(-1), bias, nb, kbuf, vbuf)
         pre = []
         for s in prefills:
             nb = -(-s.ctx_len // bs)
@@ -241,9 +406,14 @@ class LlamaRuntime:
         slots = step.slot_mapping
         scale = D ** -0.5
         inter = c.intermediate_size
+        sdpa = F.scaled_dot_product_attention
+
+        def attend(q, k, v, bias):  # q [b, G, D], k/v [b, L, D], bias [b, G, L]
+            return torch.bmm(torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), -1), v)
+
         for li, L in enumerate(self.layers):
             h = self._rms(x, L["attn_norm"])
-            qkv = _linear(h, L["wqkv"])
+            qkv = self._mm(h, L["wqkv"])
             qk = self._rope(qkv[:, : (H + KVH) * D].view(T, H + KVH, D), cos, sin)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
@@ -251,23 +421,43 @@ class LlamaRuntime:
             kc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, k.transpose(0, 1))
             vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
             out = torch.empty(T, H, D)
-            if dec is not None:
-                B, flat, bias, rows, nb, kbuf, vbuf = dec
+            if resident is not None:
+                rows, slot_idx, pos, top, Lmax, bias, cut = resident
+                dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
+                dk[slot_idx, :, pos] = k[rows]
+                dv[slot_idx, :, pos] = v[rows]
+                qs = torch.zeros(top, H, D)
+                qs[slot_idx] = q[rows]
+                qs = qs.view(top * KVH, G, D)
+                kk = dk[:top, :, :Lmax].reshape(top * KVH, Lmax, D)  # views: no copy
+                vv = dv[:top, :, :Lmax].reshape(top * KVH, Lmax, D)
+                lo, hi = slice(0, cut * KVH), slice(cut * KVH, top * KVH)
+                if cut < top:
+                    o = torch.cat(_both(attend, (qs[lo], kk[lo], vv[lo], bias[lo]), (qs[hi], kk[hi], vv[hi], bias[hi])))
+                else:
+                    o = attend(qs, kk, vv, bias)
+                out[rows] = o.view(top, H, D)[slot_idx]
+            elif gathered is not None:
+                B, rows, flat, bias, nb, kbuf, vbuf = gathered
                 torch.index_select(kc, 1, flat, out=kbuf)
                 torch.index_select(vc, 1, flat, out=vbuf)
                 qq = q[rows].view(B, KVH, G, D).transpose(0, 1).reshape(KVH * B, G, D)
-                scores = torch.baddbmm(bias, qq, kbuf.view(KVH * B, nb * bs, D).transpose(1, 2), alpha=scale)
-                o = torch.bmm(torch.softmax(scores, -1), vbuf.view(KVH * B, nb * bs, D))
+                o = attend(qq, kbuf.view(KVH * B, nb * bs, D), vbuf.view(KVH * B, nb * bs, D), bias)
                 out[rows] = o.view(KVH, B, G, D).transpose(0, 1).reshape(B, H, D)
             for s, bt, mask in pre:
                 kk = kc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len]
                 vv = vc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len]
                 qq = q[s.q_start : s.q_start + s.q_len].transpose(0, 1)[None]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=True)
+                if par and s.q_len >= 64:  # two halves of the query rows, one per thread
+                    m = s.q_len // 2
+                    o = torch.cat(_both(lambda a, b: sdpa(a, kk, vv, attn_mask=b, enable_gqa=True),
+                                        (qq[:, :, :m], mask[:m]), (qq[:, :, m:], mask[m:])), 2)
+                else:
+                    o = sdpa(qq, kk, vv, attn_mask=mask, enable_gqa=True)
                 out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
-            x = x + _linear(out.view(T, H * D), L["wo"])
+            x = x + self._mm(out.view(T, H * D), L["wo"])
             h = self._rms(x, L["mlp_norm"])
-            gu = _linear(h, L["wgu"])
-            x = x + _linear(F.silu(gu[:, :inter]) * gu[:, inter:], L["wdown"])
+            gu = self._mm(h, L["wgu"])
+            x = x + self._mm(F.silu(gu[:, :inter]) * gu[:, inter:], L["wdown"])
         h = self._rms(x[step.logits_rows], self.final_norm)
-        return _linear(h.contiguous(), self.lm_head)
+        return self._mm(h.contiguous(), self.lm_head)

@@ -48,6 +48,8 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_cached_prompt_tokens: int = 0
+    serial: int = 0
+    """Unique in the process (request ids may be reused once a request is done)."""
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -1,0 +1,122 @@
+"""The decode copy of K/V and the two-thread step give the same tokens as gathering on one thread.
+
+A tiny random Llama (fleet_helpers) keeps these fast; the real-model tests in test_serve_model.py
+run the same paths (they are the defaults) against transformers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fleet_helpers import tiny_config, tiny_state
+from outlast.serve.config import EngineConfig
+from outlast.serve.engine import LLMEngine
+from outlast.serve.model import _fuse_t
+from outlast.serve.sampler import SamplingParams
+
+
+def test_fused_blocks_are_the_column_blocks_of_the_fused_transpose():
+    g = torch.Generator().manual_seed(0)
+    parts = (torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g).to(torch.bfloat16),
+             torch.randn(9, 5, generator=g).t().contiguous().t())  # not contiguous: torch's copy path
+    whole = torch.cat([p.float() for p in parts]).t()
+    for blocks in (1, 2, 3):
+        out = _fuse_t(*parts, blocks=blocks)
+        assert len(out) == blocks and all(b.flags.c_contiguous for b in out)
+        assert np.array_equal(np.concatenate(out, 1), whole.numpy())
+    wide = torch.randn(3, 2000, generator=g)  # rows longer than 1024: the transposing-copy kernel
+    assert np.array_equal(np.concatenate(_fuse_t(wide, blocks=2), 1), wide.t().numpy())
+
+
+def _engine(tokenizer, **kw) -> LLMEngine:
+    return LLMEngine(tiny_config(), tiny_state(3), tokenizer, EngineConfig(**kw))
+
+
+def _run(eng: LLMEngine, prompts: list[list[int]], abort_at: int | None = None, watch=None) -> None:
+    """Staggered arrivals (a new request every other step), one abort: slots are freed, reused, left as holes."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or eng.has_work():
+        if pending and step % 2 == 0:
+            i, p = pending.pop(0)
+            eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=10 + 3 * i, ignore_eos=True)
+                            if i % 2 else params)
+        if abort_at is not None and step == abort_at:
+            assert eng.abort("r1")
+        eng.step()
+        if watch is not None:
+            watch(eng)
+        step += 1
+
+
+def _outputs(eng: LLMEngine, prompts, **kw) -> dict[str, list[int]]:
+    got: dict[str, list[int]] = {}
+    orig = eng._append
+
+    def capture(req, tok, now):
+        got.setdefault(req.request_id, []).append(tok)
+        return orig(req, tok, now)
+
+    eng._append = capture
+    _run(eng, prompts, **kw)
+    return got
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    return [rng.integers(100, 40000, n).tolist() for n in (5, 40, 17, 64, 3, 33, 90, 12)]
+
+
+def test_decode_copy_and_two_threads_give_the_gathering_tokens(tokenizer, prompts):
+    ref = _outputs(_engine(tokenizer, compute_threads=1, decode_kv_gib=0), prompts, abort_at=9)
+    seen = []
+
+    def watch(eng):
+        dk = eng.runtime.decode_kv
+        seen.append((len(dk.slot_of), max(dk.slot_of.values(), default=-1)))
+
+    eng = _engine(tokenizer, compute_threads=2, token_budget=48)
+    got = _outputs(eng, prompts, abort_at=9, watch=watch)
+    assert got == ref
+    assert eng.runtime.parallel and eng.runtime.decode_kv is not None
+    assert max(n for n, _ in seen) >= 4  # several sequences decoded from the copy at once
+    assert any(top + 1 > n for n, top in seen if n)  # with a hole below the highest slot in use
+    assert seen[-1][0] == 0 or not eng.has_work()
+
+
+def test_preemption_and_a_too_small_budget_fall_back_and_still_match(tokenizer, prompts):
+    ref = _outputs(_engine(tokenizer, compute_threads=1, decode_kv_gib=0), prompts)
+    # 10 blocks of 16 tokens for 8 sequences of up to 90 + 31 tokens: requests are preempted and
+    # recomputed, and their decode copies must not be reused across the preemption.
+    small = _engine(tokenizer, num_blocks=14)
+    got = _outputs(small, prompts)
+    assert small.scheduler.num_preemptions > 0
+    assert got == ref
+    # a budget below one slot: every step gathers (nothing is held), same tokens
+    tight = _engine(tokenizer, decode_kv_gib=1e-6)
+    assert _outputs(tight, prompts) == ref
+    assert not tight.runtime.decode_kv.slot_of and tight.runtime.decode_kv.k.numel() == 0
+
+
+def test_a_step_that_outgrows_the_budget_gathers_and_later_steps_refill_their_copies(tokenizer, prompts):
+    # Room for 8 slots of 256 tokens exactly: the long prompt crosses 256 tokens while decoding,
+    # those steps gather, and the short sequences' copies (left behind for those steps) must be
+    # refilled, not reused, once it finishes.
+    c = tiny_config()
+    budget = 2 * c.num_layers * 8 * c.num_kv_heads * 256 * c.head_dim * 4
+    mixed = prompts[:3] + [np.random.default_rng(2).integers(100, 40000, 240).tolist()] + prompts[3:]
+    ref = _outputs(_engine(tokenizer, compute_threads=1, decode_kv_gib=0), mixed)
+    eng = _engine(tokenizer, decode_kv_gib=budget / (1 << 30))
+    assert _outputs(eng, mixed) == ref
+    assert eng.runtime.decode_kv.fallbacks > 0 and eng.runtime.decode_kv.k.shape[3] == 256
+
+
+def test_engine_config_rejects_bad_thread_counts():
+    with pytest.raises(ValueError, match="compute_threads"):
+        EngineConfig(compute_threads=3)
+    with pytest.raises(ValueError, match="decode_kv_gib"):
+        EngineConfig(decode_kv_gib=-1)
