@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -142,10 +143,13 @@ class ChunkGrid:
     ``cuts[d]`` are the split points of dim ``d``, strictly increasing from 0 to the
     dim's size; the cells of their product, in C order (last dim fastest), are the
     chunks, so the chunk list index of a cell is its flat index. Per cell: ``file`` (an
-    index into ``files``), ``offset`` (absolute byte offset in that file) and the 16-hex-
-    digit ``checksum``; optionally ``block_rows`` (0: none) and the cells' row-block
-    checksums, concatenated in cell order. What a chunk record spells out is derived:
-    the box from the cuts, ``nbytes`` from the box, the key is ``grid_key(fqn, offsets)``.
+    index into the manifest's file names, sorted: ``files`` here), ``offset`` (absolute
+    byte offset in that file) and the 16-hex-digit ``checksum``; optionally
+    ``block_rows`` (0: none) and the cells' row-block checksums, concatenated in cell
+    order. What a chunk record spells out is derived: the box from the cuts, ``nbytes``
+    from the box, the key is ``grid_key(fqn, offsets)``. The file table is the manifest's
+    own ``files`` (one per writer): a table per tensor would repeat 4,096 names in each
+    of 700 tensors.
 
     Why this encoding: the per-cell numbers are stored as base64 of little-endian
     integers (``file`` u32, ``offset`` and ``block_rows`` u64) and the checksums as one
@@ -162,7 +166,7 @@ class ChunkGrid:
                  checksums: str, itemsize: int, block_rows: np.ndarray | None = None, block_checksums: str = ""):
         self.fqn = fqn
         self.cuts = [np.asarray(c, dtype=np.int64) for c in cuts]
-        self.files = list(files)
+        self.files = files  # shared by every grid of a manifest: not copied
         self.file = np.asarray(file, dtype=np.int64)
         self.offset = np.asarray(offset, dtype=np.int64)
         self.checksums = checksums
@@ -217,11 +221,18 @@ class ChunkGrid:
         return Chunk(box, self.files[int(self.file[i])], grid_key(self.fqn, box.offsets), int(self.offset[i]), nb,
                      self.checksums[16 * i : 16 * i + 16], br, blocks)
 
-    def to_json(self) -> dict:
+    def to_json(self, file_names: Sequence[str] | None = None) -> dict:
+        """The grid's JSON, its file indices into ``file_names`` (the manifest's sorted
+        file names; default: the table it was built with)."""
+        if file_names is not None and file_names is not self.files and list(file_names) != list(self.files):
+            pos = {f: i for i, f in enumerate(file_names)}
+            remap = np.array([pos.get(f, -1) for f in self.files], dtype=np.int64)
+            if (remap[self.file] < 0).any():
+                raise ValueError(f"{self.fqn}: a chunk's file is not among the manifest's files")
+            self.file, self.files, self._json = remap[self.file], file_names, None
         if self._json is None:
             out = {
                 "cuts": [c.tolist() for c in self.cuts],
-                "files": list(self.files),
                 "file": _b64(self.file, "<u4"),
                 "offset": _b64(self.offset, "<u8"),
                 "checksum": self.checksums,
@@ -233,9 +244,12 @@ class ChunkGrid:
         return self._json
 
     @classmethod
-    def from_chunks(cls, fqn: str, shape: Sequence[int], itemsize: int, chunks: Sequence[Chunk]) -> "ChunkGrid | None":
+    def from_chunks(cls, fqn: str, shape: Sequence[int], itemsize: int, chunks: Sequence[Chunk],
+                    file_names: Sequence[str] | None = None) -> "ChunkGrid | None":
         """The grid ``chunks`` form, or None (fewer than two chunks, not a product grid,
-        or a key that is not the grid's rule): then the manifest lists them one by one."""
+        a key that is not the grid's rule, a file not in ``file_names``): then the
+        manifest lists them one by one. ``file_names``: the manifest's, sorted (default:
+        the chunks' own files)."""
         n, nd = len(chunks), len(shape)
         if n < 2 or nd == 0:
             return None
@@ -250,8 +264,10 @@ class ChunkGrid:
         cs = [chunks[i] for i in order.tolist()]
         if any(c.key != grid_key(fqn, c.box.offsets) for c in cs):
             return None
-        files = sorted({c.file for c in cs})
+        files = sorted({c.file for c in cs}) if file_names is None else file_names
         at = {f: i for i, f in enumerate(files)}
+        if any(c.file not in at for c in cs):
+            return None
         blocks = any(c.block_rows for c in cs)
         return cls(
             fqn, cuts, files,
@@ -308,7 +324,9 @@ class TensorEntry:
         g = self.grid
         keep = np.ones(len(g), dtype=bool)
         if files is not None:
-            keep = np.isin(g.file, [i for i, f in enumerate(g.files) if f in files])
+            # g.files is sorted: find the few wanted names, not all names in the set.
+            idx = [i for f in files if (i := bisect.bisect_left(g.files, f)) < len(g.files) and g.files[i] == f]
+            keep = np.isin(g.file, idx)
         for i in np.nonzero(keep)[0].tolist():
             yield g.chunk(i)
 
@@ -329,11 +347,16 @@ class TensorEntry:
         how = f"grid={self.grid.counts}" if self._chunks is None else f"chunks={len(self._chunks)}"
         return f"TensorEntry(path={self.path!r}, dtype={self.dtype!r}, shape={self.shape}, {how})"
 
-    def to_json(self) -> dict:
+    def to_json(self, grids: bool = True, file_names: Sequence[str] | None = None) -> dict:
+        """The entry's JSON; ``grids=False`` lists the chunks one by one even if they form
+        a grid. ``file_names``: the manifest's sorted file names, which a grid indexes."""
         out = {"path": self.path, "dtype": self.dtype, "shape": list(self.shape)}
-        g = self.grid if self._chunks is None else ChunkGrid.from_chunks(fqn_of(self.path), self.shape, dtypes.itemsize(self.dtype), self._chunks)
+        g = None
+        if grids:
+            g = self.grid if self._chunks is None else ChunkGrid.from_chunks(
+                fqn_of(self.path), self.shape, dtypes.itemsize(self.dtype), self._chunks, file_names)
         if g is not None:
-            out["grid"] = g.to_json()
+            out["grid"] = g.to_json(file_names)
         else:
             out["chunks"] = [c.to_json() for c in self.chunks]
         return out
@@ -362,14 +385,20 @@ class Manifest:
     library: str = ""
     world_size: int = 1
     extra: dict = field(default_factory=dict)
+    # xxh3-64 of the bytes this manifest was parsed from ("" if built in memory): ranks
+    # compare it to agree they read one manifest, without serialising it again.
+    source_digest: str = field(default="", compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
         """Total bytes of tensor data (logical, once per element)."""
         return sum(t.nbytes for t in self.tensors.values())
 
-    def to_json(self) -> dict:
-        tensors = {k: v.to_json() for k, v in self.tensors.items()}
+    def to_json(self, grids: bool = True) -> dict:
+        """The manifest's JSON; ``grids=False`` writes no grid form (version 1, which
+        older readers read), listing every chunk."""
+        names = sorted(self.files)
+        tensors = {k: v.to_json(grids, names) for k, v in self.tensors.items()}
         return {
             "format": FORMAT_ID,
             # Version 1 unless a tensor is grid-encoded: readers of version 1 still read
@@ -386,14 +415,17 @@ class Manifest:
             "extra": self.extra,
         }
 
-    def dumps(self) -> bytes:
+    def dumps(self, grids: bool = True) -> bytes:
         """The manifest file's bytes, ending in the checksum of the manifest itself.
+
+        Tensors whose chunks form a grid are written in the grid form (then the manifest
+        is version 2) unless ``grids`` is False.
 
         The checksum is the xxh3-64 of these very bytes with its own 16 hex digits read
         as zeros, so a flipped dtype, shape or plain value is caught on open even though
         it parses (see ``docs/format.md``).
         """
-        doc = self.to_json()
+        doc = self.to_json(grids)
         # Two marks, so no single flipped byte can turn the check off: renaming either key
         # leaves the other one demanding the checksum.
         doc["sealed"] = True
@@ -443,7 +475,9 @@ class Manifest:
                 )
             _check_self_checksum(data, raw[MANIFEST_CHECKSUM], where)
         try:
-            return cls.from_json(raw, where)
+            m = cls.from_json(raw, where)
+            m.source_digest = xxhash.xxh3_64_hexdigest(data)
+            return m
         except (CorruptCheckpointError, UnsupportedFormatError):
             raise
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError, MemoryError) as e:
@@ -471,6 +505,7 @@ class Manifest:
         # A list index [i] in a path must name an element that exists: each element holds
         # at least one entry, so i < entries. (A crafted [10**12] would build a huge list.)
         v.max_index = len(tensors_raw) + len(plain_raw)
+        v.file_names = sorted(files)
         tensors: dict[str, TensorEntry] = {}
         for fqn, t in tensors_raw.items():
             tensors[fqn] = v.tensor(fqn, t, files)
@@ -537,7 +572,12 @@ def _check_self_checksum(data: bytes, want: Any, where: str) -> None:
             f"{where} is malformed: field {MANIFEST_CHECKSUM!r} must be the last field, a 16-digit "
             "hex string. The checkpoint cannot be trusted; use an older checkpoint."
         )
-    got = xxhash.xxh3_64_hexdigest(data[:at] + _PLACEHOLDER.encode() + data[at + 16:])
+    h = xxhash.xxh3_64()  # streamed over views: no copy of a manifest of 100+ MB
+    view = memoryview(data)
+    h.update(view[:at])
+    h.update(_PLACEHOLDER.encode())
+    h.update(view[at + 16:])
+    got = h.hexdigest()
     if got != want:
         raise CorruptCheckpointError(
             f"checksum mismatch in {where}: the manifest itself is damaged (expected {want}, got "
@@ -648,6 +688,8 @@ class _Validator:
 
     max_index = 0
     version = 1
+    file_names: list = []
+    file_sizes = None
 
     def grid(self, fqn: str, g: Any, shape: tuple, item: int, files: dict) -> ChunkGrid:
         """A grid-encoded chunk list, checked as strictly as a listed one, with numpy."""
@@ -659,26 +701,28 @@ class _Validator:
         self.check(isinstance(cuts_raw, list) and len(cuts_raw) == len(shape), f"{at}.cuts", f"must be {len(shape)} lists, one per dimension")
         cuts = []
         for d, c in enumerate(cuts_raw):
-            self.check(isinstance(c, list) and len(c) >= 2 and all(_is_int(x) for x in c), f"{at}.cuts[{d}]", "must be a list of integers")
-            a = np.array(c, dtype=object)
+            # type(x) is int, for every x, in C: bools and floats are refused.
+            self.check(isinstance(c, list) and len(c) >= 2 and set(map(type, c)) == {int}, f"{at}.cuts[{d}]", "must be a list of integers")
+            try:
+                a = np.array(c, dtype=np.int64)
+            except OverflowError:
+                a = None
             # Strictly increasing from 0 to the dim's size: the cells tile the tensor
             # (inside the shape, no overlap, no gap) by construction.
-            self.check(c[0] == 0 and c[-1] == shape[d] and bool((a[1:] > a[:-1]).all()), f"{at}.cuts[{d}]",
+            self.check(a is not None and c[0] == 0 and c[-1] == shape[d] and bool((a[1:] > a[:-1]).all()), f"{at}.cuts[{d}]",
                        f"must rise strictly from 0 to the dimension's size {shape[d]}")
-            cuts.append(np.array(c, dtype=np.int64))
+            cuts.append(a)
         n = math.prod(len(c) - 1 for c in cuts)
-        names = g.get("files")
-        self.check(isinstance(names, list) and names and all(isinstance(f, str) for f in names), f"{at}.files", "must be a non-empty list of file names")
-        for f in names:
-            self.check(f in files, f"{at}.files", f"names a file {f!r} not listed in 'files'")
-        self.check(len(set(names)) == len(names), f"{at}.files", "names a file twice")
+        names = self.file_names
         fidx = self.b64(f"{at}.file", g.get("file"), "<u4", n)
-        self.check(bool((fidx < len(names)).all()), f"{at}.file", f"holds a file index past the {len(names)} files")
+        self.check(bool((fidx < len(names)).all()), f"{at}.file", f"holds a file index past the {len(names)} files in 'files'")
         off = self.b64(f"{at}.offset", g.get("offset"), "<u8", n)
         self.check(bool((off <= MAX_DIM).all()), f"{at}.offset", f"holds a value above {MAX_DIM}")
         off = off.astype(np.int64)
         nbytes = ChunkGrid(fqn, cuts, names, fidx, off, "", item).nbytes()
-        sizes = np.array([files[f] for f in names], dtype=object)[fidx.astype(np.int64)].astype(np.uint64)
+        if self.file_sizes is None:  # sizes above 2**63 are no limit for ranges of <= 2**63 bytes
+            self.file_sizes = np.array([min(files[f], 1 << 63) for f in names], dtype=np.uint64)
+        sizes = self.file_sizes[fidx.astype(np.int64)]
         past = np.nonzero(off.astype(np.uint64) + nbytes.astype(np.uint64) > sizes)[0]
         if past.size:
             i = int(past[0])

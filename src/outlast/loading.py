@@ -228,7 +228,7 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         lts: dict = {}
         requests, report, extras = plan_load(flat, reader.manifest, path, strict, lts)
         want_meta = _want_meta(reader.manifest, lts, requests, group)
-        digest = xxhash.xxh3_64_hexdigest(reader.manifest.dumps())
+        digest = reader.manifest.source_digest or xxhash.xxh3_64_hexdigest(reader.manifest.dumps())
     except Exception as e:  # noqa: BLE001 - sent to every rank, then re-raised
         err = e
     try:
