@@ -353,7 +353,8 @@ class TensorEntry:
         out = {"path": self.path, "dtype": self.dtype, "shape": list(self.shape)}
         g = None
         if grids:
-            g = self.grid if self._chunks is None else ChunkGrid.from_chunks(
+            # A grid read from a manifest stays its own encoding (even once expanded).
+            g = self.grid if self.grid is not None else ChunkGrid.from_chunks(
                 fqn_of(self.path), self.shape, dtypes.itemsize(self.dtype), self._chunks, file_names)
         if g is not None:
             out["grid"] = g.to_json(file_names)

@@ -240,3 +240,16 @@ def test_grid_encoding_is_compact():
     listed = len(json.dumps([c.to_json() for c in cs], separators=(",", ":")))
     assert grid_bytes * 3 < listed, (grid_bytes, listed)
     assert isinstance(ChunkGrid.from_chunks("layers.0.mlp.w", shape, 2, cs), ChunkGrid)
+
+
+def test_a_read_manifest_writes_back_the_same_bytes_in_either_form(ckpt):
+    path, _ = ckpt
+    with open(os.path.join(path, "manifest.json"), "rb") as f:
+        data = f.read()
+    m = Manifest.loads(data, "manifest.json")
+    assert m.dumps() == data
+    m.tensors[FQN].chunks  # expanded: still written as the grid it was read as
+    assert m.dumps() == data
+    old = m.dumps(grids=False)  # for readers of version 1
+    assert json.loads(old)["version"] == 1 and "chunks" in json.loads(old)["tensors"][FQN]
+    assert Manifest.loads(old, "m.json").tensors[FQN].chunks == m.tensors[FQN].chunks
