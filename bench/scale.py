@@ -12,6 +12,13 @@ tensors per rank. For each world size, what one real rank does (``outlast.grid``
   offsets and sizes, plan by per-dim intersection (``plan_load_layouts``) and take its own
   reads (``view``);
 * re-plan with an unchanged layout: the cache key (``saving._signature``) and its items.
+* open the checkpoint's manifest (``--manifest``, 4,096 ranks by default): what every rank
+  of a load does before planning, from the manifest bytes to the load planner's input:
+  parse + validate (``Manifest.loads``) and the stored chunk grids
+  (``loading.stored_grids``). The manifest lists the save plan's real chunks (files,
+  keys, offsets, nbytes, row-block counts as a save writes them; checksums are random)
+  once per chunk (format version 1, the form before grids) and as grids (version 2),
+  both in the same run; its bytes and the writer's ``dumps`` time are shown too.
 
 Wall and CPU (process) seconds are printed side by side (CPU is what a busy shared host
 does not inflate). ``--baseline`` also runs the general planners (every rank's boxes,
@@ -22,6 +29,7 @@ Issue 11's targets: plans for 4,096 ranks < 1 s; re-plan < 10 ms; <= 1 KiB per c
 KK <= 50 ms per step.
 
     PYTHONPATH=src python bench/scale.py [--ranks 256,1024,4096] [--baseline 1024] [--budget 300]
+                                         [--manifest 4096] [--manifest-baseline 4096]
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ sys.path.insert(0, HERE)
 
 from _common import emit_json, print_table  # noqa: E402
 
-from outlast import grid, saving  # noqa: E402
-from outlast.format import Chunk, Manifest, TensorEntry  # noqa: E402
+from outlast import grid, loading, saving  # noqa: E402
+from outlast.format import Chunk, Manifest, TensorEntry, grid_key  # noqa: E402
+from outlast.regions import Box  # noqa: E402
+from outlast.shards import block_rows_for  # noqa: E402
 from outlast.plan import RankMeta, StoredChunk, TensorMeta, Want, plan_load_reads, plan_save  # noqa: E402
 
 H, F, V, L, TP = 8192, 28672, 128256, 80, 8
@@ -90,14 +100,80 @@ def since(t):
     return time.perf_counter() - t[0], time.process_time() - t[1]
 
 
+def saved_manifest(world: int, splan, ts: dict) -> Manifest:
+    """The manifest a save by ``splan`` commits: every chunk with its file (one per writing
+    rank), key, byte offset (packed per file after a 64 KiB header), nbytes and row-block
+    checksums as ``outlast.shards`` writes them; checksums are random hex."""
+    rng = np.random.default_rng(world)
+    ends: dict[str, int] = {}
+    entries: dict[str, TensorEntry] = {}
+    for fqn in sorted(splan.per):
+        shape = ts[fqn][0]
+        e = entries[fqn] = TensorEntry([fqn], "BF16", shape)
+        boxes = splan.boxes_of(fqn)
+        digests = rng.integers(0, 2**63, size=len(boxes) * 2)
+        for k, (box, r) in enumerate(boxes):
+            f = f"data/w{r:05d}.safetensors"
+            nb = box.numel * 2
+            at = ends.get(f, 65536)
+            ends[f] = at + nb
+            br = block_rows_for(box, nb)
+            blocks = tuple(f"{int(x):016x}" for x in rng.integers(0, 2**63, size=-(-box.sizes[0] // br))) if br else ()
+            key = fqn if box == Box.full(shape) else grid_key(fqn, box.offsets)
+            e.chunks.append(Chunk(box, f, key, at, nb, f"{int(digests[k]):016x}", br, blocks))
+        e.chunks.sort(key=lambda c: c.box.offsets)  # as saving.build_manifest lists them
+    return Manifest(tensors=entries, plain={}, files=ends, step=1, world_size=world)
+
+
+def open_manifest_cost(data: bytes) -> tuple[tuple[float, float], Manifest, dict]:
+    """(wall, CPU) seconds from manifest bytes to the load planner's stored grids."""
+    t = clock()
+    m = Manifest.loads(data, "manifest.json")
+    sgs = loading.stored_grids(m, sorted(m.tensors))
+    return since(t), m, sgs
+
+
+def manifest_forms(world: int, splan, ts: dict, baseline: bool) -> tuple[list, dict]:
+    """Rows and JSON for one world size: the per-chunk form (if ``baseline``) and the grid form."""
+    built = saved_manifest(world, splan, ts)
+    nchunks = sum(len(e.chunks) for e in built.tensors.values())
+    rows, res = [], {"ranks": world, "chunks": nchunks}
+    grids_seen = None
+    for form in (["per-chunk (v1)"] if baseline else []) + ["grid (v2)"]:
+        t = clock()
+        data = built.dumps(grids=form.startswith("grid"))
+        t_dump = since(t)
+        cost, m, sgs = open_manifest_cost(data)
+        n_grid = sum(e.grid is not None for e in m.tensors.values())
+        found = {f: [c.tolist() for c in g.cuts] for f, g in sgs.items() if g is not None}
+        if grids_seen is not None and found != grids_seen:
+            raise SystemExit("the two forms gave the load planner different grids")
+        grids_seen = found
+        sample = sorted(m.tensors)[len(m.tensors) // 2]
+        if m.tensors[sample].chunks != built.tensors[sample].chunks:
+            raise SystemExit(f"{form}: {sample}'s chunks did not round-trip")
+        key = "grid" if form.startswith("grid") else "per_chunk"
+        res[key] = {"bytes": len(data), "bytes_per_chunk": round(len(data) / nchunks, 1), "dumps_s": round(t_dump[0], 3),
+                    "dumps_cpu_s": round(t_dump[1], 3), "open_s": round(cost[0], 3), "open_cpu_s": round(cost[1], 3),
+                    "grid_tensors": n_grid, "tensors_with_planner_grid": len(found)}
+        rows.append([world, form, nchunks, f"{len(data) / 2**20:.1f}", f"{len(data) / nchunks:.1f}",
+                     f"{t_dump[0]:.2f} / {t_dump[1]:.2f}", f"{cost[0]:.3f} / {cost[1]:.3f}", f"{n_grid} / {len(m.tensors)}"])
+        del m, sgs, data
+    return rows, res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="256,1024,4096")
     ap.add_argument("--baseline", type=int, default=1024, help="also run the general planners up to this world size (0: never)")
     ap.add_argument("--budget", type=float, default=300, help="skip baselines once this many seconds are spent")
+    ap.add_argument("--manifest", default="4096", help="world sizes whose manifest is opened ('' for none)")
+    ap.add_argument("--manifest-baseline", type=int, default=4096, help="also the per-chunk form up to this world size (0: never)")
     args = ap.parse_args()
     ts = tensors()
     rows, base_rows, out = [], [], []
+    man_rows, man_out = [], []
+    man_worlds = {int(x) for x in args.manifest.split(",") if x}
     t_start = time.perf_counter()
     for world in [int(x) for x in args.ranks.split(",")]:
         sp = specs(world)
@@ -192,10 +268,17 @@ def main() -> None:
                     "general_load_plan_s": round(g_load[0], 3), "general_load_plan_cpu_s": round(g_load[1], 3)}
             del metas, gplan, chunks, wants
         out.append(res)
+        if world in man_worlds:
+            r, j = manifest_forms(world, splan, ts, world <= args.manifest_baseline)
+            man_rows += r
+            man_out.append(j)
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     print_table(["ranks", "save s (wall / CPU)", "of which plan", "own items CPU ms", "load s (onto half)", "of which plan",
-                 "own reads CPU ms", "re-plan ms", "chunks", "manifest B/chunk", "write max/mean", "read max/mean"], rows,
+                 "own reads CPU ms", "re-plan ms", "chunks", "per-chunk form B/chunk", "write max/mean", "read max/mean"], rows,
                 "one rank planning a 70B-like FSDP x TP8 layout by grids (targets: < 1 s, re-plan < 10 ms, <= 1024 B/chunk)")
+    if man_rows:
+        print_table(["ranks", "manifest form", "chunks", "MiB", "B/chunk", "dumps s (wall / CPU)", "open s (wall / CPU)", "grid tensors"],
+                    man_rows, "opening the manifest at load: parse + validate + the planner's stored grids (target: well under 1 s)")
     if base_rows:
         print_table(["ranks", "save plan s (wall / CPU)", "load plan s (wall / CPU)", "chunks"], base_rows,
                     "the general planners on the same boxes (every rank's boxes; before grids, and the fallback)")
@@ -221,7 +304,7 @@ def main() -> None:
     print_table(["method", "ms per step (median of 5)", "CPU ms per step", "imbalance max/mean"],
                 [[k, v["ms_per_step"], v["cpu_ms_per_step"], v["imbalance"]] for k, v in res.items()],
                 "rank balancing: 2,048 documents over 128 ranks (target KK <= 50 ms)")
-    emit_json({"bench": "scale", "load_average": open("/proc/loadavg").read().split()[:3], "plans": out, "balance": res})
+    emit_json({"bench": "scale", "load_average": open("/proc/loadavg").read().split()[:3], "plans": out, "manifest": man_out, "balance": res})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 import outlast
 from outlast.errors import CheckpointError
 
-from state_helpers import reseal_manifest
+from state_helpers import add_grid_tensor, reseal_manifest
 
 
 def pristine_state() -> dict:
@@ -43,8 +43,12 @@ def pristine_state() -> dict:
 
 
 def make_pristine(path: str) -> dict:
-    """Save the pristine state at ``path`` (two shard files); return what ``read`` gives back."""
+    """Save the pristine state at ``path`` (two shard files), plus one tensor stored as a
+    3 x 2 grid of chunks over three more files (so the manifest holds the grid form too);
+    return what ``read`` gives back."""
     outlast.save(pristine_state(), path, step=7, num_writers=2)
+    g = torch.Generator().manual_seed(1)
+    add_grid_tensor(path, ["model", "grid"], torch.randn(7, 6, generator=g), [[0, 2, 5, 7], [0, 4, 6]])
     return outlast.read(path)
 
 

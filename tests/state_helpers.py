@@ -77,3 +77,35 @@ def reseal_manifest(ckpt: str, edit) -> dict:
     with open(mp, "wb") as f:
         f.write(data)
     return raw
+
+
+def add_grid_tensor(ckpt: str, path: list, value, cuts: list, writers: int = 3) -> None:
+    """Add tensor ``value`` at ``path`` to the committed checkpoint ``ckpt``, stored as the
+    cells of the grid ``cuts`` (cut points per dim) spread over ``writers`` new shard files,
+    through the real writer (``outlast.shards.write_items``) and manifest code, so the
+    manifest lists it in the grid form. For tests of the grid form in one process."""
+    import itertools
+    import os
+
+    from outlast import dtypes
+    from outlast.format import MANIFEST_NAME, Manifest, TensorEntry, fqn_of
+    from outlast.regions import Box
+    from outlast.shards import SaveItem, write_items
+
+    fqn = fqn_of(path)
+    dt = dtypes.to_safetensors(value.dtype)
+    items, writer_of = [], []
+    for k, cell in enumerate(itertools.product(*(range(len(c) - 1) for c in cuts))):
+        lo = tuple(cuts[d][i] for d, i in enumerate(cell))
+        sz = tuple(cuts[d][i + 1] - cuts[d][i] for d, i in enumerate(cell))
+        part = value[tuple(slice(a, a + n) for a, n in zip(lo, sz))].contiguous()
+        items.append(SaveItem(fqn, dt, Box(lo, sz), part, whole=False))
+        writer_of.append(k % writers)
+    chunks, files = write_items(ckpt, items, writer_of, file_prefix="g")
+    mp = os.path.join(ckpt, MANIFEST_NAME)
+    with open(mp, "rb") as f:
+        m = Manifest.loads(f.read(), mp)
+    m.tensors[fqn] = TensorEntry(list(path), dt, tuple(value.shape), chunks[fqn])
+    m.files.update(files)
+    with open(mp, "wb") as f:
+        f.write(m.dumps())

@@ -63,7 +63,7 @@ def inspect(path: str, as_json: bool, depth: int | None) -> None:
         click.echo(json.dumps({
             "ok": True, "path": path, "step": m.step, "created": m.created, "library": m.library,
             "world_size": m.world_size, "nbytes": m.nbytes, "files": m.files,
-            "tensors": {k: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "chunks": len(t.chunks)} for k, t in m.tensors.items()},
+            "tensors": {k: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "chunks": t.nchunks} for k, t in m.tensors.items()},
             "plain": {k: p.value for k, p in m.plain.items()},
         }))
         return

@@ -52,6 +52,7 @@ from .plan import (
     plan_load_reads,
     plan_save,
 )
+from .format import grid_cells
 from .regions import Box
 
 __all__ = [
@@ -553,29 +554,12 @@ def stored_grid(shape: Sequence[int], offsets: np.ndarray, sizes: np.ndarray, bl
         return StoredGrid([], np.zeros(1, dtype=np.int64), block_rows, itemsize) if n == 1 else None
     if n == 0 or math.prod(shape) == 0:
         return None
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(n, len(shape))
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(n, len(shape))
-    if (sizes <= 0).any():
+    found = grid_cells(shape, offsets, sizes)
+    if found is None:
         return None
-    ends = offsets + sizes
-    cuts, idx = [], []
-    for d, size in enumerate(shape):
-        c = _uniq(np.concatenate([offsets[:, d], ends[:, d]]))
-        if c[0] != 0 or c[-1] != size:
-            return None
-        lo = np.searchsorted(c, offsets[:, d])
-        if not np.array_equal(np.searchsorted(c, ends[:, d]), lo + 1):
-            return None
-        cuts.append(c)
-        idx.append(lo)
-    counts = tuple(len(c) - 1 for c in cuts)
-    if math.prod(counts) != n:
-        return None
-    flat = np.ravel_multi_index(idx, counts)
-    chunk = np.full(n, -1, dtype=np.int64)
+    cuts, flat = found
+    chunk = np.empty(n, dtype=np.int64)
     chunk[flat] = np.arange(n)
-    if (chunk < 0).any():  # two chunks on one cell leave another cell without one
-        return None
     return StoredGrid(cuts, chunk, block_rows, itemsize)
 
 

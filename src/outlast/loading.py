@@ -228,7 +228,7 @@ def _load_distributed(state: dict, path: str, strict: bool, verify: bool, group:
         lts: dict = {}
         requests, report, extras = plan_load(flat, reader.manifest, path, strict, lts)
         want_meta = _want_meta(reader.manifest, lts, requests, group)
-        digest = xxhash.xxh3_64_hexdigest(reader.manifest.dumps())
+        digest = reader.manifest.source_digest or xxhash.xxh3_64_hexdigest(reader.manifest.dumps())
     except Exception as e:  # noqa: BLE001 - sent to every rank, then re-raised
         err = e
     try:
@@ -305,10 +305,17 @@ def _want_meta(m: Manifest, lts: dict, requests: list[ReadRequest], group: Group
 
 
 def stored_grids(m: Manifest, fqns) -> dict[str, "grid.StoredGrid | None"]:
-    """The product grid of each tensor's stored chunks (None where they are not one)."""
+    """The product grid of each tensor's stored chunks (None where they are not one).
+
+    A grid-encoded tensor gives its grid as stored (its chunk list is in cell order);
+    the chunks of any other tensor are tested for one."""
     out = {}
     for fqn in fqns:
         e = m.tensors[fqn]
+        if e.grid is not None:
+            g = e.grid
+            out[fqn] = grid.StoredGrid(g.cuts, np.arange(len(g), dtype=np.int64), g.block_rows_array(), g.itemsize)
+            continue
         n, nd = len(e.chunks), len(e.shape)
         offsets = np.fromiter((o for c in e.chunks for o in c.box.offsets), dtype=np.int64, count=n * nd)
         sizes = np.fromiter((s for c in e.chunks for s in c.box.sizes), dtype=np.int64, count=n * nd)

@@ -125,11 +125,12 @@ def file_problems(path: str, manifest: Manifest, headers: dict | None = None, *,
         except CorruptCheckpointError as e:
             problems.append(f"{rel}: {e}")
             headers[rel] = None
+    # Only the chunks of files whose header was read: a distributed load splits the files
+    # across ranks, and a grid-encoded tensor then expands only this rank's share.
+    read = {rel for rel, hdr in headers.items() if hdr is not None}
     for fqn, e in manifest.tensors.items():
-        for c in e.chunks:
-            hdr = headers.get(c.file)
-            if hdr is None:
-                continue
+        for c in e.iter_chunks(read):
+            hdr = headers[c.file]
             h, base = hdr
             info = h.get(c.key)
             want = {"dtype": e.dtype, "shape": list(c.box.sizes), "data_offsets": [c.offset - base, c.offset - base + c.nbytes]}

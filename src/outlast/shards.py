@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from . import dtypes
-from .format import DATA_DIR, Chunk
+from .format import DATA_DIR, Chunk, grid_key
 from .layouts import staged
 from .regions import Box
 from .storage.local import ShardWriter, hash_stream, shard_layout, write_file_image
@@ -49,7 +49,7 @@ class SaveItem:
         # Whole tensors keep their plain name so any safetensors reader sees familiar keys.
         if self.whole:
             return self.fqn
-        return f"{self.fqn}#{'_'.join(map(str, self.box.offsets))}"
+        return grid_key(self.fqn, self.box.offsets)
 
 
 def block_rows_for(box: Box, nbytes: int) -> int:

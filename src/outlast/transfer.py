@@ -48,7 +48,7 @@ def _as(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
 
 
 def _verify(reader: CheckpointReader, read: ChunkRead, data: memoryview) -> None:
-    c = reader.manifest.tensors[read.chunk.fqn].chunks[read.chunk.index]
+    c = reader.manifest.tensors[read.chunk.fqn].chunk(read.chunk.index)
     where = reader.file_path(c.file)
 
     def bad(what: str, want: str, got: str) -> CorruptCheckpointError:
@@ -90,7 +90,7 @@ def read_mine(
     direct: list[ChunkRead] = []
     spans: list[tuple[str, int, int, ChunkRead]] = []  # file, start, end, read
     for rd in mine:
-        c = m.tensors[rd.chunk.fqn].chunks[rd.chunk.index]
+        c = m.tensors[rd.chunk.fqn].chunk(rd.chunk.index)
         if _direct_target(rd, requests) is not None:
             direct.append(rd)
             continue
@@ -147,7 +147,7 @@ def read_mine(
 
     def run_direct(rd: ChunkRead) -> None:
         view = _direct_target(rd, requests)
-        c = m.tensors[rd.chunk.fqn].chunks[rd.chunk.index]
+        c = m.tensors[rd.chunk.fqn].chunk(rd.chunk.index)
         from .storage.local import pread_into
 
         mv = tensor_bytes(view)

@@ -91,7 +91,9 @@ def test_missing_checkpoint(tmp_path):
 
 def test_future_version_asks_to_upgrade(saved):
     path, _ = saved
-    reseal_manifest(path, lambda m: m.update(version=2))
+    from outlast.format import FORMAT_VERSION
+
+    reseal_manifest(path, lambda m: m.update(version=FORMAT_VERSION + 1))
     with pytest.raises(UnsupportedFormatError, match="Upgrade outlast"):
         outlast.read(path)
 
