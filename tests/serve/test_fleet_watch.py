@@ -132,11 +132,10 @@ def test_checkpoint_identity_follows_every_weight_byte(tmp_path):
     # what a reload builds: the verified read, the same arrays as the state-dict path, the manifest it checked
     rt = LlamaRuntime.from_checkpoint(load_config(c), c)
     ref = LlamaRuntime(*load_weights(c))
-    assert torch.equal(rt.embed, ref.embed) and all((a == b).all() for a, b in zip(rt.lm_head, ref.lm_head))
+    assert torch.equal(rt.embed, ref.embed) and (rt.lm_head == ref.lm_head).all()
     for x, y in zip(rt.layers, ref.layers):
         for k in x:
-            xs, ys = (x[k], y[k]) if isinstance(x[k], tuple) else ((x[k],), (y[k],))
-            assert len(xs) == len(ys) and all((a == b).all() for a, b in zip(xs, ys)), k
+            assert (x[k] == y[k]).all(), k
     assert checkpoint_identity(c, cfg, "model", rt.manifest) == idc
     # GGUF/HF sources have no manifest: their identity still hashes every byte, and stays apart
     assert weights_identity(cfg, base) != weights_identity(cfg, flipped) and weights_identity(cfg, base) != ida

@@ -14,21 +14,18 @@ from fleet_helpers import tiny_config, tiny_state
 from outlast.serve.config import EngineConfig
 from outlast.serve.engine import LLMEngine
 from outlast.serve import model
-from outlast.serve.model import SeqSlice, _fuse_t
+from outlast.serve.model import SeqSlice
 from outlast.serve.sampler import SamplingParams
 
 
-def test_fused_blocks_are_the_column_blocks_of_the_fused_transpose():
-    g = torch.Generator().manual_seed(0)
-    parts = (torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g).to(torch.bfloat16),
-             torch.randn(9, 5, generator=g).t().contiguous().t())  # not contiguous: torch's copy path
-    whole = torch.cat([p.float() for p in parts]).t()
-    for blocks in (1, 2, 3):
-        out = _fuse_t(*parts, blocks=blocks)
-        assert len(out) == blocks and all(b.flags.c_contiguous for b in out)
-        assert np.array_equal(np.concatenate(out, 1), whole.numpy())
-    wide = torch.randn(3, 2000, generator=g)  # rows longer than 1024: the transposing-copy kernel
-    assert np.array_equal(np.concatenate(_fuse_t(wide, blocks=2), 1), wide.t().numpy())
+def test_linear_splits_give_the_one_thread_product():
+    g = np.random.default_rng(0)
+    w = g.standard_normal((96, 40)).astype(np.float32)
+    for m in (1, 2, 7, model.ROW_SPLIT_MIN, model.ROW_SPLIT_MIN + 3):  # one GEMV, inner-dim split, row split
+        x = torch.from_numpy(g.standard_normal((m, 96)).astype(np.float32))
+        one = model._linear(x, w, parallel=False)
+        two = model._linear(x, w, parallel=True)
+        assert two.shape == (m, 40) and torch.allclose(one, two, rtol=1e-5, atol=1e-4)
 
 
 def _engine(tokenizer, **kw) -> LLMEngine:

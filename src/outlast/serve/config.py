@@ -174,7 +174,7 @@ class EngineConfig:
 
     compute_threads: int | None = None
     """Threads a step runs on: 1, or 2 (the engine thread and one worker that takes half of every
-    GEMM's columns, half of the decode attention and half of a long prefill's queries). None: 2
+    GEMM of two rows or more, half of the decode attention and half of the prefill attention). None: 2
     when the process may use 2 or more CPUs. The worker sleeps rather than spins, so a busy second
     core slows a step toward one thread's speed instead of collapsing it."""
     decode_kv_gib: float = 2.0
