@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -219,9 +220,11 @@ def free_port() -> int:
 def start_outlast(gguf: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    log = os.path.join(tempfile.gettempdir(), f"bench-serve-outlast-{port}.log")
+    print(f"outlast serve log: {log}", file=sys.stderr, flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf, "--host", "127.0.0.1", "--port",
                              str(port), "--served-model-name", "m", *extra], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     wait_health(f"http://127.0.0.1:{port}", proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -363,8 +366,6 @@ def main() -> None:
     vproc = vurl = None
     try:
         if a.vllm:
-            import tempfile
-
             try:
                 vproc, vurl = start_vllm(a.vllm, write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-")))
                 asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up

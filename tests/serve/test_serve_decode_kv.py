@@ -74,6 +74,8 @@ def test_decode_copy_and_two_threads_give_the_gathering_tokens(tokenizer, prompt
     # prefill attention in jobs of 16 query rows (each against only the context it sees), shared
     # out over both threads
     monkeypatch.setattr(model, "PREFILL_ROWS", 16)
+    # and every decode longer than the shortest attends on its own, at its exact length
+    monkeypatch.setattr(model, "PAD_COST", 0)
     jobs = model._prefill_jobs([SeqSlice(0, 48, 90, []), SeqSlice(48, 5, 5, [])], 2)
     assert sorted((j[0], j[1], j[2], j[3]) for t in jobs for j in t) == \
         [(0, 0, 16, 58), (0, 16, 32, 74), (0, 32, 48, 90), (1, 0, 5, 5)]
@@ -118,6 +120,16 @@ def test_a_step_that_outgrows_the_budget_gathers_and_later_steps_refill_their_co
     eng = _engine(tokenizer, decode_kv_gib=budget / (1 << 30))
     assert _outputs(eng, mixed) == ref
     assert eng.runtime.decode_kv.fallbacks > 0 and eng.runtime.decode_kv.k.shape[3] == 256
+
+
+def test_the_padded_length_is_the_cheapest_split():
+    assert model._pad_length(4, [10, 12, 11, 9]) == 12  # similar lengths: one padded pass
+    # one long context among short ones goes alone instead of padding every slot up to it
+    assert model._pad_length(32, [100] * 31 + [1000]) == 100
+    assert model._pad_length(3, [900, 1000, 1000]) == 1000  # going alone costs PAD_COST each
+    lens = [37, 400, 90, 1200, 64, 700]
+    cost = lambda p: 8 * p + sum(n + model.PAD_COST for n in lens if n > p)  # noqa: E731
+    assert cost(model._pad_length(8, lens)) == min(cost(p) for p in lens)
 
 
 def test_engine_config_rejects_bad_thread_counts():

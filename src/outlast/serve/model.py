@@ -184,6 +184,25 @@ def _prefill_jobs(prefills: list["SeqSlice"], threads: int) -> list[list[tuple]]
     return out
 
 
+PAD_COST = 256
+"""A sequence attended on its own costs about as much as this many padded positions of the
+batched pass (one call's overhead against the bytes of one position of K and V)."""
+
+
+def _pad_length(slots: int, lens: list[int]) -> int:
+    """The padded length of the batched decode attention that costs least: ``slots`` rows padded
+    to it, plus every longer sequence on its own (its length and :data:`PAD_COST`)."""
+    ls = sorted(lens)
+    best, best_cost = ls[-1], slots * ls[-1]
+    tail = 0
+    for i in range(len(ls) - 1, 0, -1):  # pad to ls[i - 1]: sequences i.. go alone
+        tail += ls[i] + PAD_COST
+        cost = slots * ls[i - 1] + tail
+        if cost < best_cost:
+            best, best_cost = ls[i - 1], cost
+    return best
+
+
 class _DecodeKV:
     """Each decoding sequence's K/V kept contiguous, so decode attention reads it in place.
 
@@ -212,8 +231,8 @@ class _DecodeKV:
             return True
         slots = max(slots, old_s, 8)
         slots = 1 << (slots - 1).bit_length()
-        cap = max(cap, old_c, 256)
-        cap = 1 << (cap - 1).bit_length()
+        cap = max(cap + cap // 8, old_c, 256)  # an eighth of headroom, in steps of 256 positions
+        cap = -(-cap // 256) * 256
         L, KVH, D = self.shape
         if 2 * L * slots * KVH * cap * D * 4 > self.max_bytes:
             return False
@@ -411,17 +430,27 @@ class LlamaRuntime:
             if self.decode_kv is not None and all(s.key is not None for s in decodes):
                 slot_idx = self.decode_kv.prepare(decodes, k_cache, v_cache)
             if slot_idx is not None:
-                # Attention over every slot below the highest in use (a free slot in between
-                # attends to one stale position and is dropped), split in two halves of slots.
+                # One batched pass over every slot below the highest in use, padded to `pad`
+                # positions (a free slot in between attends to one stale position and is
+                # dropped); sequences longer than `pad` are then computed one by one at their
+                # exact length: one long context no longer pads all the others up to it.
                 top = int(slot_idx.max()) + 1
-                Lmax = max(s.ctx_len for s in decodes)
-                lens = torch.tensor(self.decode_kv.lens[:top]).clamp_(min=1)
-                bias = torch.zeros(top, Lmax)
-                bias.masked_fill_(torch.arange(Lmax)[None, :] >= lens[:, None], float("-inf"))
-                bias = bias[:, None, None, :].expand(top, KVH, G, Lmax).reshape(top * KVH, G, Lmax)
-                pos = torch.tensor([s.ctx_len - 1 for s in decodes])
+                lens_now = [s.ctx_len for s in decodes]
+                pad = _pad_length(top, lens_now)
+                lens = torch.tensor(self.decode_kv.lens[:top]).clamp_(1, pad)
+                bias = torch.zeros(top, pad)
+                bias.masked_fill_(torch.arange(pad)[None, :] >= lens[:, None], float("-inf"))
+                bias = bias[:, None, None, :].expand(top, KVH, G, pad).reshape(top * KVH, G, pad)
+                pos = torch.tensor([n - 1 for n in lens_now])
+                longs = [(int(slot), n) for slot, n in zip(slot_idx.tolist(), lens_now) if n > pad]
                 cut = top // 2 if par and top >= 2 else top
-                resident = (rows, slot_idx, pos, top, Lmax, bias, cut)
+                shares = ([(0, cut)], [(cut, top)] if cut < top else [])
+                work = [cut * pad, (top - cut) * pad]
+                for slot, n in sorted(longs, key=lambda t: -t[1]):  # longest first, to the lighter thread
+                    t = 0 if not shares[1] or work[0] <= work[1] else 1
+                    shares[t].append((slot, n))
+                    work[t] += n + PAD_COST
+                resident = (rows, slot_idx, pos, top, pad, bias, shares)
             else:
                 # Padded block index and additive mask built once per step; the gather buffers
                 # are reused by every layer.
@@ -457,20 +486,31 @@ class LlamaRuntime:
             vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
             out = torch.empty(T, H, D)
             if resident is not None:
-                rows, slot_idx, pos, top, Lmax, bias, cut = resident
+                rows, slot_idx, pos, top, pad, bias, shares = resident
                 dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
                 dk[slot_idx, :, pos] = k[rows]
                 dv[slot_idx, :, pos] = v[rows]
                 qs = torch.zeros(top, H, D)
                 qs[slot_idx] = q[rows]
                 qs = qs.view(top * KVH, G, D)
-                kk = dk[:top, :, :Lmax].reshape(top * KVH, Lmax, D)  # views: no copy
-                vv = dv[:top, :, :Lmax].reshape(top * KVH, Lmax, D)
-                lo, hi = slice(0, cut * KVH), slice(cut * KVH, top * KVH)
-                if cut < top:
-                    o = torch.cat(_both(attend, (qs[lo], kk[lo], vv[lo], bias[lo]), (qs[hi], kk[hi], vv[hi], bias[hi])))
-                else:
-                    o = attend(qs, kk, vv, bias)
+                kk = dk[:top, :, :pad].reshape(top * KVH, pad, D)  # views: no copy
+                vv = dv[:top, :, :pad].reshape(top * KVH, pad, D)
+                o = torch.empty(top * KVH, G, D)
+
+                def run(share):
+                    (lo, hi), *longs = share
+                    a, b = lo * KVH, hi * KVH
+                    o[a:b] = attend(qs[a:b], kk[a:b], vv[a:b], bias[a:b])
+                    done = []
+                    for slot, n in longs:  # exact length, no mask; written after both threads' passes
+                        a = slot * KVH
+                        w = torch.bmm(qs[a:a + KVH], dk[slot, :, :n].transpose(1, 2)).mul_(scale)
+                        done.append((a, torch.bmm(torch.softmax(w, -1), dv[slot, :, :n])))
+                    return done
+
+                for a, r in itertools.chain(*(_both(run, (shares[0],), (shares[1],)) if shares[1]
+                                              else (run(shares[0]),))):
+                    o[a:a + KVH] = r
                 out[rows] = o.view(top, H, D)[slot_idx]
             elif gathered is not None:
                 B, rows, flat, bias, nb, kbuf, vbuf = gathered
