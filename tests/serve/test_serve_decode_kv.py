@@ -109,7 +109,7 @@ def test_preemption_and_a_too_small_budget_fall_back_and_still_match(tokenizer, 
     assert not tight.runtime.decode_kv.slot_of and tight.runtime.decode_kv.k.numel() == 0
 
 
-def test_a_step_that_outgrows_the_budget_gathers_and_later_steps_refill_their_copies(tokenizer, prompts):
+def test_a_step_that_outgrows_the_copy_gathers_and_later_steps_refill_their_copies(tokenizer, prompts):
     # Room for 8 slots of 256 tokens exactly: the long prompt crosses 256 tokens while decoding,
     # those steps gather, and the short sequences' copies (left behind for those steps) must be
     # refilled, not reused, once it finishes.
@@ -117,9 +117,10 @@ def test_a_step_that_outgrows_the_budget_gathers_and_later_steps_refill_their_co
     budget = 2 * c.num_layers * 8 * c.num_kv_heads * 256 * c.head_dim * 4
     mixed = prompts[:3] + [np.random.default_rng(2).integers(100, 40000, 240).tolist()] + prompts[3:]
     ref = _outputs(_engine(tokenizer, compute_threads=1, decode_kv_gib=0), mixed)
-    eng = _engine(tokenizer, decode_kv_gib=budget / (1 << 30))
+    eng = _engine(tokenizer, decode_kv_gib=budget / (1 << 30), max_num_seqs=8)
+    assert eng.runtime.decode_kv.k.shape[1] == 8 and eng.runtime.decode_kv.k.shape[3] == 256
     assert _outputs(eng, mixed) == ref
-    assert eng.runtime.decode_kv.fallbacks > 0 and eng.runtime.decode_kv.k.shape[3] == 256
+    assert eng.runtime.decode_kv.fallbacks > 0
 
 
 def test_the_padded_length_is_the_cheapest_split():

@@ -78,7 +78,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.identity = weights_identity(config, state_dict)
         self.weights_version = "weights-" + self.identity.hex()[:12]
-        self.runtime = self._configure(LlamaRuntime(config, state_dict))
+        self.runtime = LlamaRuntime(config, state_dict)
         self.metrics = metrics or ServeMetrics()
         block_bytes = 2 * config.num_layers * ec.block_size * config.num_kv_heads * config.head_dim * 4
         num_blocks = ec.num_blocks or max(2, int(ec.kv_cache_gib * (1 << 30)) // block_bytes)
@@ -92,6 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=ec.max_num_seqs, token_budget=ec.token_budget)
         self.max_model_len = min(ec.max_model_len or config.max_position, config.max_position,
                                  num_blocks * ec.block_size)
+        self._configure(self.runtime)
         eos = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
@@ -102,7 +103,8 @@ class LLMEngine:
     def _configure(self, runtime: LlamaRuntime) -> LlamaRuntime:
         ec = self.config
         threads = ec.compute_threads or min(2, _usable_cpus())
-        return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)))
+        return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
+                                 max_seqs=ec.max_num_seqs, max_len=self.max_model_len)
 
     def swap_ready(self) -> bool:
         """True when no request is computing on the current weights (a swap may happen now)."""
