@@ -219,7 +219,7 @@ def free_port() -> int:
 
 def start_outlast(gguf: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), PYTHONFAULTHANDLER="1")  # a crash leaves a trace in the log
     log = os.path.join(tempfile.gettempdir(), f"bench-serve-outlast-{port}.log")
     print(f"outlast serve log: {log}", file=sys.stderr, flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf, "--host", "127.0.0.1", "--port",
@@ -405,8 +405,15 @@ def main() -> None:
         def sys_req(s, u):
             return {"messages": [{"role": "system", "content": s}, {"role": "user", "content": u}], "out": 4}
         sys_len = len(tok.chat(sys_req(systems[0], q[0])["messages"]))
-        cold = [asyncio.run(run_load(url, "m", [sys_req(systems[i], q[i])], concurrency=1))["ttft_p50"] for i in range(5)]
-        warm = [asyncio.run(run_load(url, "m", [sys_req(systems[0], q[i])], concurrency=1))["ttft_p50"] for i in range(1, 5)]
+        try:
+            cold = [asyncio.run(run_load(url, "m", [sys_req(systems[i], q[i])], concurrency=1))["ttft_p50"]
+                    for i in range(5)]
+            warm = [asyncio.run(run_load(url, "m", [sys_req(systems[0], q[i])], concurrency=1))["ttft_p50"]
+                    for i in range(1, 5)]
+        except httpx.HTTPError as e:  # reported (with the server's state), the rest of the run goes on
+            alive = "still running" if proc.poll() is None else f"exited with {proc.returncode}"
+            print(f"prefix phase failed: {e!r}; the outlast server is {alive}", file=sys.stderr, flush=True)
+            cold, warm = [float("nan")], [float("nan")]
         prefix = {"prompt_tokens": sys_len, "cold_ttft_p50": statistics.median(cold),
                   "warm_ttft_p50": statistics.median(warm)}
         prefix["ratio"] = prefix["warm_ttft_p50"] / prefix["cold_ttft_p50"]
