@@ -109,8 +109,8 @@ def _linear(x: torch.Tensor, w: np.ndarray, parallel: bool = True) -> torch.Tens
         fut.result()
         return torch.from_numpy(out)
     h = k // 2
-    fut = _worker().submit(np.matmul, np.ascontiguousarray(xn[:, h:]), w[h:])
-    out = np.matmul(np.ascontiguousarray(xn[:, :h]), w[:h])
+    fut = _worker().submit(np.matmul, xn[:, h:], w[h:])
+    out = np.matmul(xn[:, :h], w[:h])
     out += fut.result()
     return torch.from_numpy(out)
 
