@@ -243,14 +243,21 @@ class LLMEngine:
         req.append_token(tok)
         if hidden:
             reason = "stop"
-        text = self.tokenizer.decode(req.output_token_ids[:-1] if hidden else req.output_token_ids)
+        text = req.text
+        if not hidden:  # incremental: decoding every output token again each step grew with the output
+            if req.detok is None:
+                req.detok = self.tokenizer.stream()
+            text += req.detok.step(tok)
+        cut_by_stop = False
         if reason is None and p.stop:
             lo = max(0, len(req.text) - max(len(s) for s in p.stop))
             cut = min((i for i in (text.find(s, lo) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
-                text, reason = text[:cut], "stop"
+                text, reason, cut_by_stop = text[:cut], "stop", True
         if reason is None and (len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len):
             reason = "length"
+        if reason is not None and not cut_by_stop:  # the final text: bytes of an unfinished character as U+FFFD
+            text = self.tokenizer.decode(req.output_token_ids[:-1] if hidden else req.output_token_ids)
         req.text = text
         if reason is None:
             emit_to = len(text) - (1 if text.endswith("\ufffd") else 0)

@@ -45,6 +45,7 @@ class Request:
     # detokenizer state (engine-owned)
     text: str = ""
     sent_len: int = 0
+    detok: object | None = None  # the tokenizer's DecodeStream, made at the first output token
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_cached_prompt_tokens: int = 0

@@ -48,6 +48,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
+    def stream(self) -> "DecodeStream":
+        """An incremental decoder for one request's output tokens (see :class:`DecodeStream`)."""
+        return DecodeStream(self)
+
     def chat(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template, ending with the assistant's turn."""
         if not getattr(self.hf, "chat_template", None):
@@ -59,6 +63,41 @@ class Tokenizer:
         if hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+
+class DecodeStream:
+    """Text of a growing token sequence, a token at a time, without decoding the whole sequence again.
+
+    Backed by ``tokenizers.decoders.DecodeStream`` (about 1 us a token) when the tokenizer is a fast
+    one; otherwise the whole sequence is decoded each time. A token that ends inside a multi-byte
+    character yields ``""`` until the character completes, so the chunks never hold a partial one;
+    their concatenation is ``Tokenizer.decode`` of the tokens, except that bytes still pending at the
+    end are not there (decode the whole sequence once at the end to get them as U+FFFD).
+
+    Example:
+        >>> ds = tok.stream(); text = "".join(ds.step(t) for t in ids)
+    """
+
+    def __init__(self, tok: Tokenizer):
+        backend = getattr(tok.hf, "backend_tokenizer", None)
+        self._tok = tok
+        self._ids: list[int] = []
+        self._sent = 0
+        self._backend = backend
+        if backend is not None:
+            from tokenizers.decoders import DecodeStream as _Stream
+
+            self._stream = _Stream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        """The text that ``token_id`` completes ("" while a character is incomplete)."""
+        if self._backend is not None:
+            return self._stream.step(self._backend, token_id) or ""
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids)
+        end = len(text) - (1 if text.endswith("\ufffd") else 0)
+        out, self._sent = text[self._sent : max(end, self._sent)], max(end, self._sent)
+        return out
 
 
 def load_tokenizer(source: str) -> Tokenizer:
