@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--pool-sets", type=int, default=4)
     ap.add_argument("--save", default="", help="outlast.save the optimizer here after training")
     ap.add_argument("--save-async", default="", help="save the optimizer with an outlast.Checkpointer under this directory")
+    ap.add_argument("--drop-save", action="store_true",
+                    help="after --save, record the bytes it wrote and delete it (room on disk for --save-async)")
     ap.add_argument("--raw-io", action="store_true", help="also time a read+write pass of the same bytes")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -174,6 +177,10 @@ def main() -> None:
         t0 = time.perf_counter()
         outlast.save({"optim": opt}, a.save)
         out["save_s"] = time.perf_counter() - t0
+        data = os.path.join(a.save, "data")
+        out["save_written_bytes"] = sum(os.path.getsize(os.path.join(data, f)) for f in os.listdir(data))
+        if a.drop_save:
+            shutil.rmtree(a.save)
     if a.save_async:
         import outlast
 
