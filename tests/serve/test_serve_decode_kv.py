@@ -18,14 +18,65 @@ from outlast.serve.model import SeqSlice
 from outlast.serve.sampler import SamplingParams
 
 
-def test_linear_splits_give_the_one_thread_product():
+@pytest.mark.parametrize("backend", sorted(model.GEMM_BACKENDS))
+def test_linear_splits_give_the_one_thread_product(backend):
     g = np.random.default_rng(0)
     w = g.standard_normal((96, 40)).astype(np.float32)
+    mm = model.GEMM_BACKENDS[backend]
     for m in (1, 2, 7, model.ROW_SPLIT_MIN, model.ROW_SPLIT_MIN + 3):  # one GEMV, inner-dim split, row split
         x = torch.from_numpy(g.standard_normal((m, 96)).astype(np.float32))
-        one = model._linear(x, w, parallel=False)
-        two = model._linear(x, w, parallel=True)
-        assert two.shape == (m, 40) and torch.allclose(one, two, rtol=1e-5, atol=1e-4)
+        want = x.double() @ torch.from_numpy(w).double()
+        one = model._linear(x, w, parallel=False, mm=mm)
+        two = model._linear(x, w, parallel=True, mm=mm)
+        assert one.dtype == two.dtype == torch.float32 and two.shape == (m, 40)
+        assert torch.allclose(one.double(), want, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(two.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_gemm_backend_comes_from_the_config_or_the_cpu(tokenizer):
+    with pytest.raises(ValueError, match="gemm_backend"):
+        EngineConfig(gemm_backend="mkl")
+    for name in ("numpy", "torch"):
+        assert _engine(tokenizer, gemm_backend=name).runtime.gemm is model.GEMM_BACKENDS[name]
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    assert model.default_gemm_backend() == ("torch" if intel else "numpy")
+    assert _engine(tokenizer).runtime.gemm is model.GEMM_BACKENDS[model.default_gemm_backend()]
+
+
+def test_a_lone_decode_runs_its_gemvs_on_two_blas_threads_and_gives_them_back(tokenizer, prompts, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    ref = _engine(tokenizer, compute_threads=1, decode_kv_gib=0)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = ref.generate([prompts[1]], params)[0]
+    eng = _engine(tokenizer, compute_threads=2)
+    assert eng.runtime.single_row_blas_threads == 2 and ref.runtime.single_row_blas_threads == 0
+    seen, step_tokens = [], []
+    orig, orig_forward = model._linear, eng.runtime._forward
+
+    def spy(x, w, parallel=True, mm=model._np_mm):
+        seen.append((step_tokens[-1], mm is model._np_mm, blas_threads()))
+        return orig(x, w, parallel, mm)
+
+    def forward(step, k, v):
+        step_tokens.append(int(step.token_ids.shape[0]))
+        return orig_forward(step, k, v)
+
+    monkeypatch.setattr(model, "_linear", spy)
+    monkeypatch.setattr(eng.runtime, "_forward", forward)
+    assert eng.generate([prompts[1]], params)[0] == want
+    assert step_tokens[0] == len(prompts[1]) and step_tokens[1:] == [1] * 11
+    lone = [s for s in seen if s[0] == 1]
+    assert len(lone) == 11 * len(seen) // 12  # every decode step's GEMVs ...
+    assert all(np_mm and threads == {2} for _, np_mm, threads in lone)  # ... on numpy's BLAS, two threads
+    assert all(threads == {1} for t, _, threads in seen if t > 1)  # the prefill on one
+    assert blas_threads() == {1}  # given back after each step
+    # an explicit BLAS setting is left alone
+    assert _engine(tokenizer, compute_threads=2, blas_threads=None).runtime.single_row_blas_threads == 0
 
 
 def _engine(tokenizer, **kw) -> LLMEngine:

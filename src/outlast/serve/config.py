@@ -177,6 +177,10 @@ class EngineConfig:
     GEMM of two rows or more, half of the decode attention and half of the prefill attention). None: 2
     when the process may use 2 or more CPUs. The worker sleeps rather than spins, so a busy second
     core slows a step toward one thread's speed instead of collapsing it."""
+    gemm_backend: str | None = None
+    """The layers' GEMMs: ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL). None: torch on Intel CPUs,
+    numpy elsewhere (each the faster where measured; see ``outlast.serve.model.default_gemm_backend``).
+    Both give the same results up to float rounding."""
     decode_kv_gib: float = 2.0
     """Memory for the decode copy of running sequences' K/V (contiguous per sequence, so decode
     attention reads it in place instead of gathering blocks every step); 0 turns it off. A step
@@ -185,6 +189,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.compute_threads is not None and self.compute_threads not in (1, 2):
             raise ValueError(f"EngineConfig.compute_threads must be 1, 2 or None, got {self.compute_threads!r}")
+        if self.gemm_backend not in (None, "numpy", "torch"):
+            raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch' or None, got {self.gemm_backend!r}")
         if self.decode_kv_gib < 0:
             raise ValueError(f"EngineConfig.decode_kv_gib must be >= 0, got {self.decode_kv_gib}")
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):

@@ -86,11 +86,43 @@ def _worker() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _linear(x: torch.Tensor, w: np.ndarray, parallel: bool = True) -> torch.Tensor:
-    """``x @ w`` through numpy's BLAS; ``w`` is ``[in, out]`` C-contiguous fp32.
+def _np_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.matmul(a, b, out=out)
+
+
+def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        return torch.mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+    return out
+
+
+GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm}
+"""The two GEMMs a step can use: numpy's (OpenBLAS) and torch's (MKL). Which is faster depends on
+the CPU: see :func:`default_gemm_backend`."""
+
+
+def default_gemm_backend() -> str:
+    """``"torch"`` (MKL) on Intel CPUs, ``"numpy"`` (OpenBLAS) elsewhere.
+
+    Measured for one step's 120 layer GEMMs of SmolLM2-135M, weights in DRAM, one thread: on the
+    2-core Xeon (AVX-512) MKL took 42 / 72 / 90 ms at 2 / 16 / 32 rows against OpenBLAS's 75 / 99 /
+    111; on the 2-core AMD EPYC earlier sessions tuned on, OpenBLAS was the faster (MKL takes slower
+    code paths on non-Intel CPUs).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    except OSError:
+        intel = False
+    return "torch" if intel else "numpy"
+
+
+def _linear(x: torch.Tensor, w: np.ndarray, parallel: bool = True, mm=_np_mm) -> torch.Tensor:
+    """``x @ w`` through ``mm`` (one of :data:`GEMM_BACKENDS`); ``w`` is ``[in, out]`` C-contiguous fp32.
 
     With ``parallel``, the compute worker takes half of the work while the caller does the other
-    half (numpy releases the GIL in GEMMs): from :data:`ROW_SPLIT_MIN` rows up, half the rows;
+    half (both GEMMs release the GIL): from :data:`ROW_SPLIT_MIN` rows up, half the rows;
     below it, half the inner dimension (each thread reads half the weights, which is what bounds
     a decode step; the halves of ``w`` are contiguous views, and the two partial products are
     added). Measured on the 2-core EPYC for one step's 120 layer GEMMs of SmolLM2-135M (weights
@@ -100,19 +132,33 @@ def _linear(x: torch.Tensor, w: np.ndarray, parallel: bool = True) -> torch.Tens
     xn = x.numpy()
     m, k = xn.shape
     if not parallel or m < 2:
-        return torch.from_numpy(np.matmul(xn, w))
+        return torch.from_numpy(mm(xn, w))
     if m >= ROW_SPLIT_MIN:
         out = np.empty((m, w.shape[1]), np.float32)
         h = m // 2
-        fut = _worker().submit(np.matmul, xn[h:], w, out=out[h:])
-        np.matmul(xn[:h], w, out=out[:h])
+        fut = _worker().submit(mm, xn[h:], w, out[h:])
+        mm(xn[:h], w, out[:h])
         fut.result()
         return torch.from_numpy(out)
     h = k // 2
-    fut = _worker().submit(np.matmul, xn[:, h:], w[h:])
-    out = np.matmul(xn[:, :h], w[:h])
+    fut = _worker().submit(mm, xn[:, h:], w[h:])
+    out = mm(xn[:, :h], w[:h])
     out += fut.result()
     return torch.from_numpy(out)
+
+
+_BLAS = None
+
+
+def _set_blas_threads(n: int) -> None:
+    """numpy's BLAS threads, process-wide (a C call through threadpoolctl's controller, made once)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
+    for lib in _BLAS:
+        lib.set_num_threads(n)
 
 
 def _both(f, a, b):
@@ -316,14 +362,33 @@ class LlamaRuntime:
         self.build_seconds = time.monotonic() - t0  # fuse + transpose, for the reload's timings
         self.parallel = _usable_cpus() >= 2
         """Run each step on two threads (see :func:`_linear`); the engine sets it from its config."""
+        self.single_row_blas_threads = 0
+        """BLAS threads for a one-token step (0: leave BLAS alone); see :meth:`configure`."""
+        self.gemm = self._step_gemm = _np_mm
+        """The GEMM of every layer (one of :data:`GEMM_BACKENDS`); see :meth:`configure`."""
         self.decode_kv: _DecodeKV | None = None
         """The decode copy of running sequences' K/V (None: gather from the pool every step); the
         engine sets it up with :meth:`configure`."""
 
-    def configure(self, *, parallel: bool, decode_kv_bytes: int, max_seqs: int, max_len: int) -> "LlamaRuntime":
+    def configure(self, *, parallel: bool, decode_kv_bytes: int, max_seqs: int, max_len: int,
+                  single_row_blas_threads: int = 0, gemm: str = "numpy") -> "LlamaRuntime":
         """Set how steps run: on two threads or one, and the decode copy (``decode_kv_bytes`` of
-        memory for ``max_seqs`` sequences of up to ``max_len`` tokens; 0 bytes turns it off)."""
+        memory for ``max_seqs`` sequences of up to ``max_len`` tokens; 0 bytes turns it off).
+
+        ``single_row_blas_threads`` > 1: a step of one token (a lone decode: every GEMM is a GEMV,
+        which our own worker cannot speed up, the hand-off costing what the split saves) runs its
+        GEMVs on that many BLAS threads, and sets BLAS back to one thread after it. On the 2-core
+        Xeon one BLAS thread read the weights at 12-15 GB/s and two at ~25 (the machine's limit):
+        a batch-1 step 55 -> 38 ms. 0 leaves numpy's BLAS alone. (A one-token step always uses
+        numpy's GEMV, whatever ``gemm`` says.)
+
+        ``gemm``: the GEMM backend of steps of two tokens or more, a key of :data:`GEMM_BACKENDS`.
+        """
+        if gemm not in GEMM_BACKENDS:
+            raise ValueError(f"unknown GEMM backend {gemm!r}; use one of {sorted(GEMM_BACKENDS)}")
         self.parallel = parallel
+        self.single_row_blas_threads = single_row_blas_threads
+        self.gemm = GEMM_BACKENDS[gemm]
         c = self.config
         self.decode_kv = _DecodeKV(c.num_layers, c.num_kv_heads, c.head_dim, decode_kv_bytes, max_seqs, max_len) \
             if decode_kv_bytes > 0 else None
@@ -379,7 +444,7 @@ class LlamaRuntime:
         return x * cos + rot * sin
 
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-        return _linear(x, w, self.parallel)
+        return _linear(x, w, self.parallel, self._step_gemm)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -399,6 +464,17 @@ class LlamaRuntime:
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
+        if self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1:
+            _set_blas_threads(self.single_row_blas_threads)
+            self._step_gemm = _np_mm  # GEMVs on BLAS' threads
+            try:
+                return self._forward(step, k_cache, v_cache)
+            finally:
+                _set_blas_threads(1)
+        self._step_gemm = self.gemm
+        return self._forward(step, k_cache, v_cache)
+
+    def _forward(self, step: StepInput, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         c = self.config
         H, KVH, D = c.num_heads, c.num_kv_heads, c.head_dim
         G = H // KVH
