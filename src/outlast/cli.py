@@ -319,6 +319,8 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 @click.option("--compute-threads", default=None, type=click.IntRange(1, 2),
               help="Threads a step runs on: 2 splits every GEMM and the attention with a worker that sleeps "
                    "rather than spins [default: 2 when 2 CPUs are usable; with --replicas, the CPUs shared out].")
+@click.option("--gemv-threads", default=1, show_default=True, type=click.IntRange(1, 2),
+              help="BLAS threads of a lone decode's GEMVs; 2 is faster only on an otherwise idle host.")
 @click.option("--gemm-backend", default=None, type=click.Choice(["numpy", "torch"]),
               help="The layers' GEMMs: numpy (OpenBLAS) or torch (MKL) [default: torch on Intel CPUs, numpy elsewhere].")
 @click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
@@ -338,7 +340,8 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
               type=click.Choice(["cache_aware", "least_tokens", "round_robin"]), help="With --replicas: routing policy.")
 def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
-              no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemm_backend: str | None,
+              no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemv_threads: int,
+              gemm_backend: str | None,
               prefix: str, config_path: str | None, tokenizer: str | None,
               served_model_name: str | None, watch: str | None, no_follow: bool, admin_token: str | None,
               replicas: int | None, policy: str) -> None:
@@ -379,7 +382,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                          ("--max-model-len", max_model_len), ("--max-waiting", max_waiting),
                          ("--blas-threads", blas_threads),
                          ("--compute-threads", compute_threads or max(1, min(2, _usable_cpus() // replicas))),
-                         ("--gemm-backend", gemm_backend),
+                         ("--gemv-threads", gemv_threads), ("--gemm-backend", gemm_backend),
                          ("--prefix", prefix), ("--config", config_path),
                          ("--tokenizer", tokenizer), ("--served-model-name", name)],
                         kv_disk, no_prefix_caching)
@@ -388,7 +391,8 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
         ec = EngineConfig(max_num_seqs=max_num_seqs, token_budget=token_budget, kv_cache_gib=kv_cache_gib,
                           kv_disk_dir=kv_disk, kv_disk_gib=kv_disk_gib, max_model_len=max_model_len,
                           max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching,
-                          blas_threads=blas_threads, compute_threads=compute_threads, gemm_backend=gemm_backend)
+                          blas_threads=blas_threads, compute_threads=compute_threads, gemv_blas_threads=gemv_threads,
+                          gemm_backend=gemm_backend)
         engine = load_engine(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer)
     except (ServeError, CheckpointError, ValueError) as e:
         click.echo(f"error: {e}", err=True)

@@ -53,7 +53,8 @@ def test_a_lone_decode_runs_its_gemvs_on_two_blas_threads_and_gives_them_back(to
     ref = _engine(tokenizer, compute_threads=1, decode_kv_gib=0)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     want = ref.generate([prompts[1]], params)[0]
-    eng = _engine(tokenizer, compute_threads=2)
+    assert _engine(tokenizer, compute_threads=2).runtime.single_row_blas_threads == 0  # off by default
+    eng = _engine(tokenizer, compute_threads=2, gemv_blas_threads=2)
     assert eng.runtime.single_row_blas_threads == 2 and ref.runtime.single_row_blas_threads == 0
     seen, step_tokens = [], []
     orig, orig_forward = model._linear, eng.runtime._forward
@@ -76,7 +77,9 @@ def test_a_lone_decode_runs_its_gemvs_on_two_blas_threads_and_gives_them_back(to
     assert all(threads == {1} for t, _, threads in seen if t > 1)  # the prefill on one
     assert blas_threads() == {1}  # given back after each step
     # an explicit BLAS setting is left alone
-    assert _engine(tokenizer, compute_threads=2, blas_threads=None).runtime.single_row_blas_threads == 0
+    assert _engine(tokenizer, gemv_blas_threads=2, blas_threads=None).runtime.single_row_blas_threads == 0
+    with pytest.raises(ValueError, match="gemv_blas_threads"):
+        EngineConfig(gemv_blas_threads=4)
 
 
 def _engine(tokenizer, **kw) -> LLMEngine:

@@ -177,6 +177,12 @@ class EngineConfig:
     GEMM of two rows or more, half of the decode attention and half of the prefill attention). None: 2
     when the process may use 2 or more CPUs. The worker sleeps rather than spins, so a busy second
     core slows a step toward one thread's speed instead of collapsing it."""
+    gemv_blas_threads: int = 1
+    """numpy's BLAS threads for a step of one token (a lone decode: every GEMM a GEMV), set for that
+    step and back to ``blas_threads`` after it; applies when ``blas_threads`` is 1. On the 2-core
+    Xeon one thread read the weights at 12-15 GB/s and two at ~25, so 2 made a lone decode step
+    1.3x faster on an idle host (57 -> 44 ms; ~1.1x through the server), but 2.1x *slower* with the
+    other core busy (OpenBLAS' second thread spins and waits for a core). Off (1) by default."""
     gemm_backend: str | None = None
     """The layers' GEMMs: ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL). None: torch on Intel CPUs,
     numpy elsewhere (each the faster where measured; see ``outlast.serve.model.default_gemm_backend``).
@@ -189,6 +195,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.compute_threads is not None and self.compute_threads not in (1, 2):
             raise ValueError(f"EngineConfig.compute_threads must be 1, 2 or None, got {self.compute_threads!r}")
+        if self.gemv_blas_threads not in (1, 2):
+            raise ValueError(f"EngineConfig.gemv_blas_threads must be 1 or 2, got {self.gemv_blas_threads!r}")
         if self.gemm_backend not in (None, "numpy", "torch"):
             raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch' or None, got {self.gemm_backend!r}")
         if self.decode_kv_gib < 0:

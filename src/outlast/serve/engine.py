@@ -103,9 +103,8 @@ class LLMEngine:
     def _configure(self, runtime: LlamaRuntime) -> LlamaRuntime:
         ec = self.config
         threads = ec.compute_threads or min(2, _usable_cpus())
-        # A lone decode's GEMVs on two BLAS threads, where the step may use two CPUs and BLAS is
-        # otherwise held at one thread (the default; see EngineConfig.blas_threads).
-        gemv = 2 if threads >= 2 and ec.blas_threads == 1 else 0
+        # A lone decode's GEMVs on more BLAS threads when asked, where BLAS is otherwise held at one.
+        gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
                                  gemm=ec.gemm_backend or default_gemm_backend())

@@ -377,10 +377,9 @@ class LlamaRuntime:
 
         ``single_row_blas_threads`` > 1: a step of one token (a lone decode: every GEMM is a GEMV,
         which our own worker cannot speed up, the hand-off costing what the split saves) runs its
-        GEMVs on that many BLAS threads, and sets BLAS back to one thread after it. On the 2-core
-        Xeon one BLAS thread read the weights at 12-15 GB/s and two at ~25 (the machine's limit):
-        a batch-1 step 55 -> 38 ms. 0 leaves numpy's BLAS alone. (A one-token step always uses
-        numpy's GEMV, whatever ``gemm`` says.)
+        GEMVs on that many of numpy's BLAS threads (whatever ``gemm`` says), and sets BLAS back to
+        one thread after it (``EngineConfig.gemv_blas_threads`` says when this pays). 0 leaves
+        numpy's BLAS alone.
 
         ``gemm``: the GEMM backend of steps of two tokens or more, a key of :data:`GEMM_BACKENDS`.
         """
