@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -367,7 +369,9 @@ def main() -> None:
     try:
         if a.vllm:
             try:
-                vproc, vurl = start_vllm(a.vllm, write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-")))
+                hf_dir = write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-"))
+                atexit.register(shutil.rmtree, hf_dir, True)  # vLLM's copy of the model, gone with the run
+                vproc, vurl = start_vllm(a.vllm, hf_dir)
                 asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
             except SystemExit as e:  # a peer that does not start is reported, not fatal
                 print(f"vllm did not start: {e}", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,10 +86,13 @@ def main() -> None:
     subprocess.run(["tar", "-x", "-C", base_dir], input=archive, check=True)
     trees = {f"baseline {a.baseline}": os.path.join(base_dir, "src"), "current": os.path.join(ROOT, "src")}
     runs: dict = {name: [] for name in trees}
-    for rnd in range(a.rounds):
-        for name, src in trees.items():
-            runs[name].append(run(src, a.prompt, a.steps))
-            print(f"[round {rnd}] {name}: {json.dumps(runs[name][-1])}", file=sys.stderr, flush=True)
+    try:
+        for rnd in range(a.rounds):
+            for name, src in trees.items():
+                runs[name].append(run(src, a.prompt, a.steps))
+                print(f"[round {rnd}] {name}: {json.dumps(runs[name][-1])}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(base_dir, ignore_errors=True)  # the baseline's extracted sources
     print(f"\ndecode step (median over {a.steps} steps, then over {a.rounds} rounds), context {a.prompt} tokens")
     print(f"{'tree':22} {'batch':>5} {'wall ms':>8} {'cpu ms':>8} {'tok/s (cpu)':>11} {'load':>5}")
     summary: dict = {"bench": "serve_step", "prompt": a.prompt, "rounds": a.rounds, "trees": {}}
