@@ -262,11 +262,8 @@ class LLMEngine:
         if reason is not None and not cut_by_stop:  # the final text: bytes of an unfinished character as U+FFFD
             text = self.tokenizer.decode(req.output_token_ids[:-1] if hidden else req.output_token_ids)
         req.text = text
-        if reason is None:
-            emit_to = len(text) - (1 if text.endswith("\ufffd") else 0)
-            emit_to -= _stop_prefix_len(text[:emit_to], p.stop)
-        else:
-            emit_to = len(text)
+        # (the stream never ends inside a character, so only a stop string's start is held back)
+        emit_to = len(text) - _stop_prefix_len(text, p.stop) if reason is None else len(text)
         delta = text[req.sent_len : max(emit_to, req.sent_len)]
         req.sent_len = max(emit_to, req.sent_len)
         if reason is not None:

@@ -10,6 +10,7 @@ was tuned on (``bench/serve.py --gemm`` measures it); every other op is torch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -102,6 +103,7 @@ GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm}
 the CPU: see :func:`default_gemm_backend`."""
 
 
+@functools.cache
 def default_gemm_backend() -> str:
     """``"torch"`` (MKL) on Intel CPUs, ``"numpy"`` (OpenBLAS) elsewhere.
 
@@ -290,19 +292,23 @@ class _DecodeKV:
             if s.key not in self.slot_of:
                 self.slot_of[s.key] = next(lowest_free)
                 fresh.add(s.key)
-        if max(self.slot_of.values()) >= self.k.shape[1] or max(s.ctx_len for s in decodes) > self.k.shape[3]:
+        bs = k_cache.shape[3]
+        longest = -(-max(s.ctx_len for s in decodes) // bs) * bs  # slots are filled in whole blocks
+        if max(self.slot_of.values()) >= self.k.shape[1] or longest > self.k.shape[3]:
             for key in fresh:
                 del self.slot_of[key]
             self.fallbacks += 1
             return None
-        bs = k_cache.shape[3]
         for s in decodes:
             n, slot = s.ctx_len - 1, self.slot_of[s.key]
             if (s.key in fresh or self.lens[slot] != n) and n > 0:
                 blocks = torch.tensor(s.block_table[: -(-n // bs)], dtype=torch.int64)
                 for src, dst in ((k_cache, self.k), (v_cache, self.v)):
-                    ctx = src.index_select(2, blocks)  # [L, KVH, nb, bs, D]: one gather for all layers
-                    dst[:, slot, :, :n] = ctx.flatten(2, 3)[:, :, :n]
+                    # One gather for all layers, straight into the slot (whole blocks: the positions
+                    # past n are masked, and position n is written by this step).
+                    L, _, KVH, _, D = dst.shape
+                    into = dst[:, slot, :, : len(blocks) * bs].view(L, KVH, len(blocks), bs, D)
+                    torch.index_select(src, 2, blocks, out=into)
             self.lens[slot] = s.ctx_len
         return torch.tensor([self.slot_of[s.key] for s in decodes], dtype=torch.int64)
 
