@@ -29,7 +29,8 @@ from .errors import (
 from .format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Chunk, Manifest, TensorEntry
 from .regions import Box
 from .storage.commit import recover
-from .storage.local import checksum, is_temp_name, pread_into, read_header
+from .storage.local import (DirectIORefused, checksum, is_temp_name, open_direct, pread_direct_into,
+                            pread_into, read_header)
 
 
 @dataclass
@@ -158,20 +159,31 @@ class CheckpointReader:
         ...     w = r.read_tensor("model.weight")
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, check_files: bool = True):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, check_files: bool = True,
+                 direct_io: bool = False):
         self.path = os.fspath(path)
         # check_files=False opens a checkpoint with damaged files so verify() can list them.
         self.manifest = open_manifest(self.path, check_files=check_files)
         self.threads = threads or default_threads()
+        self.direct_io = direct_io
+        """Read with O_DIRECT (no page cache; see :func:`~outlast.storage.local.pread_direct_into`),
+        falling back to buffered reads, file by file, where the filesystem refuses it. For a
+        checkpoint that is not in the page cache (just written with O_DIRECT); a cached one is
+        read faster through the cache."""
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}
+        self._refused_fds: list[int] = []
         self._fd_lock = threading.Lock()
 
     # -- lifecycle
     def close(self) -> None:
         with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in [*self._fds.values(), *self._direct_fds.values(), *self._refused_fds]:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
+            self._refused_fds.clear()
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -200,6 +212,24 @@ class CheckpointReader:
     def _describe_file(self, rel: str) -> str:
         return _describe_file(self.manifest, rel)
 
+    def pread(self, rel: str, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset`` of data file ``rel`` (O_DIRECT when :attr:`direct_io`)."""
+        if self.direct_io:
+            self._fd(rel)  # a missing file gets the same error either way
+            with self._fd_lock:
+                if rel not in self._direct_fds:
+                    self._direct_fds[rel] = open_direct(self.file_path(rel))
+                fd = self._direct_fds[rel]
+            if fd is not None:
+                try:
+                    return pread_direct_into(fd, buf, offset, self.file_path(rel))
+                except DirectIORefused:
+                    with self._fd_lock:  # buffered from now on; closed with the others
+                        if self._direct_fds.get(rel) == fd:
+                            self._direct_fds[rel] = None
+                            self._refused_fds.append(fd)
+        pread_into(self._fd(rel), buf, offset, self.file_path(rel))
+
     # -- reads
     def entry(self, fqn: str) -> TensorEntry:
         try:
@@ -208,7 +238,7 @@ class CheckpointReader:
             raise IncompatibleStateError(f"checkpoint {self.path} has no tensor {fqn!r}") from None
 
     def _read_chunk_into(self, fqn: str, chunk: Chunk, buf: memoryview, verify: bool) -> None:
-        pread_into(self._fd(chunk.file), buf, chunk.offset, self.file_path(chunk.file))
+        self.pread(chunk.file, buf, chunk.offset)
         if verify:
             got = checksum(buf)
             if got != chunk.checksum:

@@ -135,9 +135,7 @@ def read_mine(
         fd_file = g[0][0]
         base, end = g[0][1], g[-1][2]
         buf = torch.empty(end - base, dtype=torch.uint8)
-        from .storage.local import pread_into
-
-        pread_into(reader._fd(fd_file), tensor_bytes(buf), base, reader.file_path(fd_file))
+        reader.pread(fd_file, tensor_bytes(buf), base)
         for _, a, b, rd in g:
             part = buf[a - base : b - base]
             _verify(reader, rd, tensor_bytes(part))
@@ -148,12 +146,10 @@ def read_mine(
     def run_direct(rd: ChunkRead) -> None:
         view = _direct_target(rd, requests)
         c = m.tensors[rd.chunk.fqn].chunk(rd.chunk.index)
-        from .storage.local import pread_into
-
         mv = tensor_bytes(view)
         start = c.offset + (rd.row_lo * rd.chunk.row_bytes if rd.chunk.box.ndim else 0)
         with torch.no_grad():
-            pread_into(reader._fd(c.file), mv, start, reader.file_path(c.file))
+            reader.pread(c.file, mv, start)
         _verify(reader, rd, mv)
         if progress is not None:
             progress(rd.nbytes)

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -350,6 +351,70 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
                 f"{path} is truncated: needed bytes up to offset {offset + n}, file ends at {offset + got}"
             )
         got += k
+
+
+DIRECT_ALIGN = 4096
+"""Offset, length and buffer alignment of O_DIRECT reads (the page size; covers 512 B sectors)."""
+_BOUNCE_BYTES = 16 << 20
+_bounce_pool: list = []
+_bounce_lock = threading.Lock()
+
+
+class DirectIORefused(OSError):
+    """The filesystem or device refused an O_DIRECT read; read through the page cache instead."""
+
+
+def open_direct(path: str) -> int | None:
+    """An O_DIRECT read descriptor of ``path``, or None where the filesystem refuses O_DIRECT
+    (tmpfs, some network filesystems) or the platform has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def pread_direct_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    """Fill ``buf`` from ``offset`` of an O_DIRECT descriptor: aligned reads of up to 16 MiB into a
+    page-aligned bounce buffer (from a small pool, mapped once per process), each copied into place.
+
+    The page cache is neither filled nor copied from: a checkpoint that was just written with
+    O_DIRECT (so is not cached) is read at the device's speed for ~1/10 of the CPU of a buffered
+    read (measured on the 2-core EPYC for 538 MB: 0.03-0.1 s against 0.12-1.07 s of CPU), which
+    is what a read competing with a busy engine for the cores needs. A short file is a corruption
+    error, as in :func:`pread_into`; a read the device refuses raises :class:`DirectIORefused`.
+    """
+    import mmap
+
+    with _bounce_lock:
+        bounce = _bounce_pool.pop() if _bounce_pool else mmap.mmap(-1, _BOUNCE_BYTES)
+    try:
+        mv = memoryview(bounce)
+        n, got = len(buf), 0
+        while got < n:
+            pos = offset + got
+            head = pos % DIRECT_ALIGN
+            want = min(_BOUNCE_BYTES, -(-(head + n - got) // DIRECT_ALIGN) * DIRECT_ALIGN)
+            try:
+                k = os.preadv(fd, [mv[:want]], pos - head)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise DirectIORefused(e.errno, f"O_DIRECT read of {path} refused: {e.strerror}") from e
+                raise StorageError(f"reading {path} failed: {e.strerror}") from e
+            take = min(k - head, n - got)
+            if take <= 0:
+                raise CorruptCheckpointError(
+                    f"{path} is truncated: needed bytes up to offset {offset + n}, file ends at {pos}")
+            buf[got:got + take] = mv[head:head + take]
+            got += take
+        del mv
+    finally:
+        with _bounce_lock:
+            _bounce_pool.append(bounce)
 
 
 # ---------------------------------------------------------------- directories
