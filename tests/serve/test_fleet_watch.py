@@ -12,6 +12,7 @@ import os
 import time
 
 import httpx
+import torch
 
 from fleet_helpers import TOKEN, commit_step, corrupt, wait_for
 
@@ -139,3 +140,96 @@ def test_checkpoint_identity_follows_every_weight_byte(tmp_path):
     assert checkpoint_identity(c, cfg, "model", rt.manifest) == idc
     # GGUF/HF sources have no manifest: their identity still hashes every byte, and stays apart
     assert weights_identity(cfg, base) != weights_identity(cfg, flipped) and weights_identity(cfg, base) != ida
+
+
+def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, tokenizer):
+    """With ``keep_buffers`` a reload reads into kept staging tensors and builds into the arrays the
+    previous swap retired. Every step served must still equal a fresh engine on that step: reading
+    the next step while one serves, preparing a step that is then dropped, and rolling back must
+    never write into the weights that serve."""
+    from outlast.serve import EngineConfig, LLMEngine
+    from outlast.serve.loop import EngineLoop
+    from outlast.serve.reload import WeightsManager
+    from outlast.serve.server import ServerThread
+    from outlast.serve.weights import load_weights
+
+    from fleet_helpers import assert_each_response_equals_its_step
+
+    run = tmp_path / "run"
+    for s in (1, 2, 3):
+        commit_step(str(run), s)
+    eng = LLMEngine(*load_weights(str(run / "step-00000001")), tokenizer, EngineConfig(num_blocks=64))
+    loop = EngineLoop(eng)
+    loop.start()
+    wm = WeightsManager(loop, str(run), step=1, follow=False, poll_s=0.05).start()
+    prompts = ["A market at dawn", "The river runs"]
+    out = []
+
+    def ask(srv, want_step):
+        for p in prompts:
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": p, "max_tokens": 5, "temperature": 0,
+                                                               "ignore_eos": True}, timeout=30).json()
+            assert r["system_fingerprint"] == f"step-{want_step}"
+            out.append((p, r["choices"][0]["text"], r["system_fingerprint"]))
+
+    def ptrs(rt):
+        return {k: (a.ctypes.data if hasattr(a, "ctypes") else a.data_ptr()) for k, a in rt.arrays().items()}
+
+    try:
+        with ServerThread(loop, "tiny", weights=wm) as srv:
+            ask(srv, 1)
+            first = ptrs(eng.runtime)
+            wm.reload(2)
+            ask(srv, 2)
+            second = ptrs(eng.runtime)
+            assert not set(second.values()) & set(first.values())  # built into the buffers mapped at start
+            wm.reload(3)
+            ask(srv, 3)
+            assert ptrs(eng.runtime) == first  # into step 1's retired arrays, every one of them
+            wm.prepare(1)  # read and built while step 3 serves: into step 2's retired arrays
+            ask(srv, 3)
+            wm.reload(2)  # the prepared step 1 is dropped (its arrays retired), step 2 read again
+            ask(srv, 2)
+            wm.rollback()
+            ask(srv, 3)
+            assert wm.status()["step"] == 3 and not wm.refused
+    finally:
+        wm.close()
+        loop.close()
+    assert_each_response_equals_its_step(run, out, tokenizer, [1, 2, 3], prompts, 5)
+    # A runtime owns every buffer it holds, so a reload may overwrite the tensors it was built from
+    # (its staging) while it serves.
+    from outlast.serve.model import LlamaRuntime
+
+    cfg, sd = load_weights(str(run / "step-00000001"))
+    rt = LlamaRuntime(cfg, sd)
+    before = {k: (a.copy() if hasattr(a, "copy") else a.clone()) for k, a in rt.arrays().items()}
+    for t in sd.values():
+        t.add_(1)
+    assert all((before[k] == a).all() for k, a in rt.arrays().items())
+
+
+def test_reload_without_kept_buffers(tmp_path, tokenizer):
+    """``keep_buffers=False``: each reload maps its own memory and nothing is kept; it serves the same."""
+    from outlast.serve import EngineConfig, LLMEngine
+    from outlast.serve.loop import EngineLoop
+    from outlast.serve.reload import WeightsManager
+    from outlast.serve.weights import load_weights
+
+    run = tmp_path / "run"
+    commit_step(str(run), 1)
+    commit_step(str(run), 2)
+    eng = LLMEngine(*load_weights(str(run / "step-00000001")), tokenizer, EngineConfig(num_blocks=64))
+    loop = EngineLoop(eng)
+    loop.start()
+    wm = WeightsManager(loop, str(run), step=1, follow=False, keep_buffers=False).start()
+    try:
+        old = eng.runtime
+        wm.reload(2)
+        ref = LLMEngine(*load_weights(str(run / "step-00000002")), tokenizer, EngineConfig(num_blocks=64)).runtime
+        assert (eng.runtime.lm_head == ref.lm_head).all() and torch.equal(eng.runtime.embed, ref.embed)
+        assert wm._spare is None and wm._staging is None
+        assert eng.runtime.lm_head.ctypes.data != old.lm_head.ctypes.data
+    finally:
+        wm.close()
+        loop.close()

@@ -100,14 +100,15 @@ class LLMEngine:
         self._prev_queries = self._prev_hits = self._prev_disk = self._prev_preempt = 0
 
     # -- weights -------------------------------------------------------------------------
-    def _configure(self, runtime: LlamaRuntime) -> LlamaRuntime:
+    def _configure(self, runtime: LlamaRuntime, replaces: LlamaRuntime | None = None) -> LlamaRuntime:
         ec = self.config
         threads = ec.compute_threads or min(2, _usable_cpus())
         # A lone decode's GEMVs on more BLAS threads when asked, where BLAS is otherwise held at one.
         gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
-                                 gemm=ec.gemm_backend or default_gemm_backend())
+                                 gemm=ec.gemm_backend or default_gemm_backend(),
+                                 reuse_decode_kv=replaces.decode_kv if replaces is not None else None)
 
     def swap_ready(self) -> bool:
         """True when no request is computing on the current weights (a swap may happen now)."""
@@ -129,7 +130,7 @@ class LLMEngine:
             raise ModelLoadError(f"the new weights' shape (layers {new.num_layers}, kv heads {new.num_kv_heads}, "
                                  f"head dim {new.head_dim}, vocab {new.vocab_size}) differs from the served model's; "
                                  f"a hot reload keeps the architecture: restart the server for another model")
-        self.runtime = self._configure(runtime)
+        self.runtime = self._configure(runtime, replaces=self.runtime)
         self.identity = identity
         self.kv.salt = identity
         self.weights_version = version
