@@ -185,6 +185,41 @@ def conversations(router: str, replicas: list[str], tag: str, n_conv: int, turns
             "preemptions": preempt, "decisions": decisions, "loadavg_1m": os.getloadavg()[0]}
 
 
+class Timeline:
+    """The router's ``/fleet`` polled every 20 ms in a thread: when each replica started draining and
+    when it came back on new weights (wall-clock times, to set against the commit's)."""
+
+    def __init__(self, router: str):
+        self.router, self.samples, self.stop = router, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "Timeline":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as c:
+            while not self.stop.wait(0.02):
+                try:
+                    self.samples.append((time.time(), c.get(self.router + "/fleet").json()))
+                except (httpx.HTTPError, ValueError):
+                    pass
+
+    def events(self, version: str) -> dict:
+        out: dict = {}
+        for t, f in self.samples:
+            for i, r in enumerate(f["replicas"]):
+                if r["draining"]:
+                    out.setdefault(f"replica{i}_drain", t)
+                if r["weights_version"] == version:
+                    out.setdefault(f"replica{i}_swapped", t)
+        return out
+
+
 class Loop(ClientThreads):
     """Clients sending short greedy requests through a router (two plain, one streaming) until stopped."""
 
@@ -277,17 +312,20 @@ def main() -> None:
         # Hot reload: commit step 2 (the model with its final norm scaled, so outputs differ) under load.
         sd2 = dict(sd)
         sd2["model.norm.weight"] = sd["model.norm.weight"] * 1.05
-        with Loop(ca, 120) as loop:
+        with Loop(ca, 120) as loop, Timeline(ca) as tl:
             time.sleep(2.0)
             with outlast.Checkpointer(run) as ck:
                 ck.save({"model": sd2, "serve_config": cfg.to_json()}, 2)
+            saved = time.time()
             commit = os.stat(os.path.join(run, "step-00000002", "manifest.json")).st_mtime
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not any(fp == "step-2" for _, fp in loop.ok):
                 time.sleep(0.02)
             time.sleep(2.0)
         first2 = min((t for t, fp in loop.ok if fp == "step-2"), default=None)
-        reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None,
+        timeline = {"save_returned": saved - commit, **{k: round(v - commit, 3) for k, v in tl.events("step-2").items()},
+                    "first_response": round(first2 - commit, 3) if first2 else None}
+        reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None, "timeline_s": timeline,
                   "failed_requests": len(loop.failed), "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
                   "failure_samples": loop.failed[:2] + loop.cut_streams[:2],
                   # each replica's own breakdown of its last reload (read + verify, build, identity, swap)
@@ -345,6 +383,8 @@ def main() -> None:
             *[(f"  replica {i}: read+verify / build / identity / swap (s)",
                " / ".join(f"{t.get(k, 0):.2f}" for k in ("read_verify_s", "build_s", "identity_s", "swap_s")))
               for i, t in enumerate(reload["replica_timings"]) if t],
+            ("  timeline after the commit (s)", ", ".join(f"{k} {v:.2f}" for k, v in reload["timeline_s"].items()
+                                                          if v is not None)),
             ("failed requests during reload (of total)", f"{reload['failed_requests']} of {reload['requests'] + reload['failed_requests']}"),
             ("kill -9: out of rotation after (s)", kill["out_of_rotation_s"]),
             ("kill -9: failed requests / cut streams (of total)", f"{kill['failed_requests']} / {kill['cut_streams']} of {kill['requests'] + kill['failed_requests'] + kill['cut_streams']}")]

@@ -49,6 +49,25 @@ def test_round_robin_and_least_tokens():
     assert choose(rs, RoutingConfig("least_tokens"), [], exclude={rs[1]})[0] is rs[2]
 
 
+def test_a_rollout_prefers_replicas_on_the_new_weights_until_they_are_overloaded():
+    cfg = RoutingConfig("cache_aware", chunk_chars=16, balance_abs=2, balance_rel=1.5)
+    rs = _replicas(3)
+    rs[1].remember(prefix_hashes(CONV, 16), 1000)  # affinity points at an old replica
+    rs[2].weights_version = "step-2"
+    hashes = prefix_hashes(CONV, 16)
+    assert choose(rs, cfg, hashes) == (rs[1], "prefix")  # no rollout: the policy alone
+    assert choose(rs, cfg, hashes, prefer="step-2")[0] is rs[2]
+    rs[0].weights_version = "step-2"
+    rs[2].outstanding = 1
+    assert choose(rs, cfg, hashes, prefer="step-2")[0] is rs[0]  # the policy picks among the new ones
+    rs[0].outstanding = rs[2].outstanding = 4  # both new ones loaded past the thresholds: everyone again
+    assert choose(rs, cfg, hashes, prefer="step-2") == (rs[1], "balance")
+    rs[0].outstanding = rs[2].outstanding = 2  # within them: still the new ones
+    assert choose(rs, cfg, hashes, prefer="step-2")[0] in (rs[0], rs[2])
+    rs[0].draining = rs[2].draining = True  # not available: the old one takes it
+    assert choose(rs, cfg, hashes, prefer="step-2")[0] is rs[1]
+
+
 def test_routing_text_and_config_validation():
     assert routing_text({"messages": [{"role": "user", "content": "hi"}]}) == "<user>hi\n"
     assert routing_text({"prompt": [1, 2, 3]}) == "1,2,3" and routing_text({"prompt": ["ab"]}) == "ab"

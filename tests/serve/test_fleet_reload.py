@@ -79,6 +79,14 @@ def test_reload_under_load_corrupt_skipped_admin(fleet, tmp_path, tokenizer):
         wait_for(lambda: served(1), 60, "responses from step 1", proc, log)
         commit_step(str(run), 2)
         wait_for(lambda: served(2), 60, "responses from step 2 after its commit", proc, log)
+        # The rollout: the first replica on step 2 takes the traffic and answers on it (the canary)
+        # before the second one drains and reloads.
+        wait_for(lambda: all(r["weights_version"] == "step-2" for r in httpx.get(url + "/fleet", timeout=5)
+                             .json()["replicas"]), 60, "both replicas on step 2", proc, log)
+        lines = [ln for ln in open(log).read().splitlines() if "step 2" in ln or "on step-2" in ln]
+        canary = [i for i, ln in enumerate(lines) if "canary:" in ln and "answered on step-2" in ln]
+        swaps = [i for i, ln in enumerate(lines) if "serves step 2 (" in ln]
+        assert len(swaps) == 2 and len(canary) == 1 and swaps[0] < canary[0] < swaps[1], lines
 
         # A committed-looking step whose data fails its checksums: refused, step 2 keeps serving.
         side = tmp_path / "side"

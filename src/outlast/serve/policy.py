@@ -69,6 +69,8 @@ class Replica:
     outstanding: int = 0
     outstanding_tokens: int = 0
     weights_version: str = ""
+    answered: int = 0
+    """Requests it answered with a success status (a rolling reload's canary waits for one)."""
     slow_checks: int = 0
     catching_up: bool = False
     """A reload to the fleet's step is under way for this replica (it came back on other weights)."""
@@ -121,11 +123,17 @@ def _least_loaded(cands: list[Replica]) -> Replica:
     return min(cands, key=lambda r: (r.outstanding_tokens, r.outstanding, len(r.tree)))
 
 
-def choose(replicas: list[Replica], cfg: RoutingConfig, hashes: list[bytes], exclude: set | None = None) -> tuple[Replica | None, str]:
+def choose(replicas: list[Replica], cfg: RoutingConfig, hashes: list[bytes], exclude: set | None = None,
+           prefer: str | None = None) -> tuple[Replica | None, str]:
     """Pick a replica for a prompt with chunk ``hashes``; returns ``(replica or None, why)``.
 
     ``why`` is ``round_robin``, ``least_tokens``, ``prefix`` (affinity), ``balance`` (load was
     uneven) or ``miss`` (too little matched anywhere: least loaded).
+
+    ``prefer``: a weights version being rolled out. Replicas already serving it take the request
+    (the policy then picks among them) unless they are loaded past the balance thresholds against
+    the least loaded replica: the new weights answer as soon as one replica has them, and the
+    replicas still on the old ones empty before their turn to reload.
 
     Example:
         >>> r, why = choose(replicas, RoutingConfig(), prefix_hashes(prompt, 32))
@@ -135,6 +143,13 @@ def choose(replicas: list[Replica], cfg: RoutingConfig, hashes: list[bytes], exc
         cands = [r for r in replicas if r.up and (exclude is None or r not in exclude)]
     if not cands:
         return None, "none"
+    if prefer is not None:
+        newer = [r for r in cands if r.weights_version == prefer]
+        if newer and len(newer) < len(cands):
+            lo = min(r.outstanding for r in cands)
+            least_new = min(r.outstanding for r in newer)
+            if not (least_new - lo > cfg.balance_abs and least_new > cfg.balance_rel * lo):
+                cands = newer
     if cfg.policy == "round_robin":
         return cands[next(_rr) % len(cands)], "round_robin"
     if cfg.policy == "least_tokens":

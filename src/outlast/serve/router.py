@@ -91,6 +91,9 @@ class Router:
         step: the step the replicas serve at start (default: the newest committed in ``run_dir``).
         health_interval: seconds between health checks.
         request_timeout: seconds a replica may take to answer (and between stream events).
+        drain_timeout: seconds a rolling reload waits for a replica's running requests.
+        canary_timeout: seconds a rolling reload waits, after a replica swapped, for it to answer
+            one request on the new weights before the next replica drains (0: do not wait).
 
     Example:
         >>> r = Router(["http://127.0.0.1:8001", "http://127.0.0.1:8002"], RoutingConfig("cache_aware"))
@@ -99,7 +102,8 @@ class Router:
 
     def __init__(self, backends: list[str], config: RoutingConfig | None = None, *, admin_token: str | None = None,
                  backend_token: str | None = None, run_dir: str | None = None, step: int | None = None,
-                 health_interval: float = 0.2, request_timeout: float = 600.0, drain_timeout: float = 120.0):
+                 health_interval: float = 0.2, request_timeout: float = 600.0, drain_timeout: float = 120.0,
+                 canary_timeout: float = 2.0):
         if not backends:
             raise ValueError("the router needs at least one --backend URL")
         self.replicas = [Replica(u.rstrip("/")) for u in backends]
@@ -124,6 +128,8 @@ class Router:
         self.health_interval = health_interval
         self.request_timeout = request_timeout
         self.drain_timeout = drain_timeout
+        self.canary_timeout = canary_timeout
+        self._rollout: str | None = None  # the version a rolling reload is moving the replicas to
         self.m = _Metrics()
         if step is not None:
             self.m.step.set(step)
@@ -164,7 +170,8 @@ class Router:
         return {"policy": self.config.policy, "step": self.step, "follow": self.follow, "history": list(self.history),
                 "refused": {str(k): v for k, v in sorted(self.refused.items())},
                 "replicas": [{"url": r.url, "up": r.up, "draining": r.draining, "outstanding": r.outstanding,
-                              "outstanding_tokens": r.outstanding_tokens, "weights_version": r.weights_version}
+                              "outstanding_tokens": r.outstanding_tokens, "weights_version": r.weights_version,
+                              "answered": r.answered}
                              for r in self.replicas]} | (
             {"pids": self.supervisor.pids(), "restarts": list(self.supervisor.restarts)} if self.supervisor else {})
 
@@ -247,7 +254,7 @@ class Router:
         why_failed = "no replica is up"
         bpath = path.encode()
         while True:
-            r, why = choose(self.replicas, self.config, hashes, tried)
+            r, why = choose(self.replicas, self.config, hashes, tried, self._rollout)
             if r is None:
                 break
             tried.add(r)
@@ -270,6 +277,7 @@ class Router:
                 if ctype.startswith(b"text/event-stream"):
                     first, rest = await _first_events(it)
                     r.remember(hashes, self.config.tree_chunks)
+                    r.answered += resp.status < 400
                     await send({"type": "http.response.start", "status": resp.status,
                                 "headers": out_headers + [(b"cache-control", b"no-cache")]})
                     await self._relay(r, it, first, rest, send, disconnected)
@@ -285,6 +293,7 @@ class Router:
                 if resp is not None:
                     await resp.aclose()
             r.remember(hashes, self.config.tree_chunks)
+            r.answered += resp.status < 400
             self.m.requests.labels(r.url, "ok" if resp.status < 400 else "http_error").inc()
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             await send({"type": "http.response.body", "body": content})
@@ -357,6 +366,11 @@ class Router:
         The only available replica reads the step while still serving (``prepare_only``) and is
         drained only for the swap. One at a time also keeps the reading off the other replicas' cores.
 
+        Once a replica serves the step, new requests go to the replicas on it (see ``prefer`` in
+        :func:`~outlast.serve.policy.choose`), and the next replica drains only after the swapped
+        one has answered a request on the new weights (at most ``canary_timeout``): the new
+        weights answer first, without the next replica's read competing for the cores.
+
         Raises:
             ReloadFailed: a replica refused the step (replicas already swapped go back); old weights serve.
         """
@@ -365,31 +379,54 @@ class Router:
                 self.follow = False
             self.highest_tried = max(self.highest_tried, step)
             prev, moved = self.step, []
-            for r in [r for r in self.replicas if r.up]:
-                if any(x is not r and x.available for x in self.replicas):
-                    status, payload = await self._swap_one(r, step)  # drained: reads on an idle engine
-                else:
-                    status, payload = await self._admin(r, {"step": step, "prepare_only": True})
-                    if status == 200:
-                        status, payload = await self._swap_one(r, step)
+            try:
+                return await self._roll(step, prev, moved)
+            finally:
+                self._rollout = None
+
+    async def _roll(self, step: int, prev: int | None, moved: list) -> dict:
+        todo = [r for r in self.replicas if r.up]
+        for k, r in enumerate(todo):
+            if k and moved and self.canary_timeout > 0:
+                await self._canary(moved[-1])
+            if any(x is not r and x.available for x in self.replicas):
+                status, payload = await self._swap_one(r, step)  # drained: reads on an idle engine
+            else:
+                status, payload = await self._admin(r, {"step": step, "prepare_only": True})
                 if status == 200:
-                    log.warning("outlast route: %s serves step %d (%s)", r.url, step, payload.get("timings"))
-                if status in (404, 422):
-                    for m in moved:
-                        if prev is not None:
-                            await self._swap_one(m, prev)
-                    raise self._failed(step, prev, r, status, payload)
-                if status == 200:
-                    moved.append(r)
-                # else unreachable (dead or restarting): the health checks catch it up later
-            if not moved:
-                raise self._failed(step, prev, None, 502, {"error": {"message": "no replica could be reached"}})
-            self.step = step
-            self.history.append(step)
-            self.refused.pop(step, None)
-            self.m.step.set(step)
-            self.m.reloads.labels("ok").inc()
-            return self.status()
+                    status, payload = await self._swap_one(r, step)
+            if status == 200:
+                log.warning("outlast route: %s serves step %d (%s)", r.url, step, payload.get("timings"))
+            if status in (404, 422):
+                self._rollout = None
+                for m in moved:
+                    if prev is not None:
+                        await self._swap_one(m, prev)
+                raise self._failed(step, prev, r, status, payload)
+            if status == 200:
+                moved.append(r)
+                self._rollout = version_of(step)
+            # else unreachable (dead or restarting): the health checks catch it up later
+        if not moved:
+            raise self._failed(step, prev, None, 502, {"error": {"message": "no replica could be reached"}})
+        self.step = step
+        self.history.append(step)
+        self.refused.pop(step, None)
+        self.m.step.set(step)
+        self.m.reloads.labels("ok").inc()
+        return self.status()
+
+    async def _canary(self, r: Replica) -> None:
+        """Wait until ``r`` (just swapped) answers one more request, at most ``canary_timeout``."""
+        seen, t0 = r.answered, time.monotonic()
+        while r.answered == seen and r.up and time.monotonic() < t0 + self.canary_timeout:
+            await asyncio.sleep(0.005)
+        if r.answered > seen:
+            log.warning("outlast route: canary: %s answered on %s after %.2f s", r.url, r.weights_version,
+                        time.monotonic() - t0)
+        else:
+            log.warning("outlast route: canary: %s answered nothing on %s in %.1f s (%s); the rollout goes on",
+                        r.url, r.weights_version, self.canary_timeout, "up" if r.up else "down")
 
     def _failed(self, step: int, prev: int | None, r: Replica | None, status: int, payload: dict) -> "ReloadFailed":
         msg = (payload.get("error") or {}).get("message", str(payload))
