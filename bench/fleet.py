@@ -261,6 +261,7 @@ def main() -> None:
                          "the conversations each, when each conversation stays on one replica) but not in one, the "
                          "regime where routing decides the hit rate (with pools far larger than the working set "
                          "both policies hit; far smaller, both miss)")
+    ap.add_argument("--reload-io", default="direct", choices=["direct", "buffered"], help="the replicas' --reload-io")
     ap.add_argument("--conversations", type=int, default=32)
     ap.add_argument("--turns", type=int, default=None, help="turns per conversation (default 6, --quick 3)")
     args = ap.parse_args()
@@ -291,7 +292,8 @@ def main() -> None:
             logs.append(os.path.join(tmp, f"replica-{p}.log"))
             procs.append(start(["serve", os.path.join(run, "step-00000001"), "--watch", run, "--no-follow",
                                 "--tokenizer", gguf, "--port", str(p), "--kv-cache-gib", str(args.kv_cache_gib),
-                                "--served-model-name", "m", "--compute-threads", "1"], logs[-1]))
+                                "--served-model-name", "m", "--compute-threads", "1", "--reload-io", args.reload_io],
+                               logs[-1]))
         rr_port, ca_port = free_port(), free_port()
         rr, ca = f"http://127.0.0.1:{rr_port}", f"http://127.0.0.1:{ca_port}"
         backends = [x for u in replicas for x in ("--backend", u)]
@@ -355,7 +357,7 @@ def main() -> None:
 
     load = os.getloadavg()
     ratio = conv_ca["hit_rate"] / max(conv_rr["hit_rate"], 1e-9)
-    summary = {"bench": "fleet", "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib,
+    summary = {"bench": "fleet", "reload_io": args.reload_io, "host_loadavg_1m": load[0], "kv_cache_gib_per_replica": args.kv_cache_gib,
                "conversations": n_conv, "turns": turns, "cpus": os.cpu_count(), "startup_s": startup,
                "overhead": over, "round_robin": conv_rr, "cache_aware": conv_ca, "hit_rate_ratio": ratio,
                "reload": reload, "kill": kill,

@@ -332,6 +332,9 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 @click.option("--watch", "watch", default=None, type=click.Path(file_okay=False),
               help="A Checkpointer run directory: serve each newly committed, verified step (hot reload).")
 @click.option("--no-follow", is_flag=True, help="With --watch: reload only through the admin endpoint.")
+@click.option("--reload-io", default="direct", show_default=True, type=click.Choice(["direct", "buffered"]),
+              help="With --watch: read new steps with O_DIRECT (around the page cache, which a step the "
+              "Checkpointer just wrote is not in) or through the page cache.")
 @click.option("--no-reload-buffers", is_flag=True, help="With --watch: free a reload's memory after each swap "
               "(default: keep two more copies of the weights mapped, which makes reloads several times faster).")
 @click.option("--admin-token", default=None, help="Bearer token of the /admin routes (default $OUTLAST_ADMIN_TOKEN; "
@@ -345,7 +348,8 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
               no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemv_threads: int,
               gemm_backend: str | None,
               prefix: str, config_path: str | None, tokenizer: str | None,
-              served_model_name: str | None, watch: str | None, no_follow: bool, no_reload_buffers: bool,
+              served_model_name: str | None, watch: str | None, no_follow: bool, reload_io: str,
+              no_reload_buffers: bool,
               admin_token: str | None,
               replicas: int | None, policy: str) -> None:
     """Serve MODEL (a GGUF file, HF directory or outlast checkpoint) over an OpenAI-compatible API.
@@ -388,7 +392,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                          ("--gemv-threads", gemv_threads), ("--gemm-backend", gemm_backend),
                          ("--prefix", prefix), ("--config", config_path),
                          ("--tokenizer", tokenizer), ("--served-model-name", name)],
-                        kv_disk, no_prefix_caching, no_reload_buffers)
+                        kv_disk, no_prefix_caching, no_reload_buffers, reload_io)
         return
     try:
         ec = EngineConfig(max_num_seqs=max_num_seqs, token_budget=token_budget, kv_cache_gib=kv_cache_gib,
@@ -407,7 +411,8 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
         from .serve.reload import WeightsManager
 
         weights = WeightsManager(loop, watch, prefix=prefix, config=config_path, follow=not no_follow,
-                                 step=start_step, keep_buffers=not no_reload_buffers).start()
+                                 step=start_step, keep_buffers=not no_reload_buffers,
+                                 direct_io=reload_io == "direct").start()
     click.echo(f"serving {name} ({engine.weights_version}) on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV "
                f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
     try:
@@ -420,7 +425,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
 
 def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy: str, watch: str | None,
                     start_step: int | None, admin_token: str | None, options: list, kv_disk: str | None,
-                    no_prefix_caching: bool, no_reload_buffers: bool = False) -> None:
+                    no_prefix_caching: bool, no_reload_buffers: bool = False, reload_io: str = "direct") -> None:
     import secrets
 
     from .serve.policy import RoutingConfig
@@ -433,8 +438,7 @@ def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy:
         opts.append("--no-prefix-caching")
     if watch:
         opts += ["--watch", watch, "--no-follow"]  # the router rolls reloads across replicas, one at a time
-        if no_reload_buffers:
-            opts.append("--no-reload-buffers")
+        opts += ["--reload-io", reload_io] + (["--no-reload-buffers"] if no_reload_buffers else [])
     internal = secrets.token_urlsafe(24)  # the replicas' admin token: only the router knows it
     env = dict(os.environ, OUTLAST_ADMIN_TOKEN=internal)
     ports = [free_port() for _ in range(n)]

@@ -210,7 +210,8 @@ def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, toke
 
 
 def test_reload_without_kept_buffers(tmp_path, tokenizer):
-    """``keep_buffers=False``: each reload maps its own memory and nothing is kept; it serves the same."""
+    """``keep_buffers=False`` and buffered reads: each reload maps its own memory and nothing is kept;
+    it serves the same."""
     from outlast.serve import EngineConfig, LLMEngine
     from outlast.serve.loop import EngineLoop
     from outlast.serve.reload import WeightsManager
@@ -222,7 +223,7 @@ def test_reload_without_kept_buffers(tmp_path, tokenizer):
     eng = LLMEngine(*load_weights(str(run / "step-00000001")), tokenizer, EngineConfig(num_blocks=64))
     loop = EngineLoop(eng)
     loop.start()
-    wm = WeightsManager(loop, str(run), step=1, follow=False, keep_buffers=False).start()
+    wm = WeightsManager(loop, str(run), step=1, follow=False, keep_buffers=False, direct_io=False).start()
     try:
         old = eng.runtime
         wm.reload(2)

@@ -177,6 +177,16 @@ def _in_inference_mode(f, args):
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def _empty(shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new CPU tensor; fp32 ones from numpy, whose allocator asks the kernel for transparent huge
+    pages on large arrays (torch's does not): touching 540 MB of new memory took 0.06-0.08 s that
+    way against 0.15 s for ``torch.empty`` on the 2-core EPYC, and far more where 4 KiB faults are
+    slow (on a new VM, ~11 us each)."""
+    if dtype == torch.float32:
+        return torch.from_numpy(np.empty(shape, np.float32))
+    return torch.empty(shape, dtype=dtype)
+
+
 def _fuse_t(*parts: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     """``[out_i, in]`` parts (any float dtype) -> one C-contiguous fp32 ``[in, sum(out_i)]``: fuses,
     converts and transposes in one pass, into ``out`` when it has that shape (a retired runtime's
@@ -354,7 +364,7 @@ class LlamaRuntime:
             # caller's tensors (its staging) and later build into this runtime's.
             t, dst = take(name), into.get(key)
             if dst is None or tuple(dst.shape) != tuple(t.shape) or dst.dtype != torch.float32:
-                dst = torch.empty(tuple(t.shape), dtype=torch.float32)
+                dst = _empty(tuple(t.shape))
             return dst.copy_(t)
 
         t0 = time.monotonic()
@@ -482,7 +492,7 @@ class LlamaRuntime:
                 shape = tuple(e.shape)
                 t = staging.get(name) if staging is not None else None
                 if t is None or tuple(t.shape) != shape or t.dtype != dtype:
-                    t = torch.empty(shape, dtype=dtype)
+                    t = _empty(shape, dtype)
                     if staging is not None:
                         staging[name] = t
                 sd[name] = t

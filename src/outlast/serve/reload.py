@@ -20,7 +20,6 @@ import threading
 import time
 
 import numpy as np
-import torch
 
 from ..errors import CheckpointError
 from .errors import ModelLoadError, ServeError, StepNotFoundError
@@ -188,21 +187,23 @@ class WeightsManager:
         set of serving arrays (shapes from the engine's runtime), so the first reload finds its
         memory as later ones do. Runs once, in the background; a failure only costs speed."""
         try:
+            from .model import _DTYPES, _empty
+
             rt = self.loop.engine.runtime
             spare = {}
             for key, a in rt.arrays().items():
-                b = np.empty_like(a) if isinstance(a, np.ndarray) else torch.empty_like(a)
+                b = np.empty_like(a) if isinstance(a, np.ndarray) else _empty(tuple(a.shape), a.dtype)
                 b.fill(0) if isinstance(b, np.ndarray) else b.zero_()
                 spare[key] = b
             path = committed_steps(self.run_dir).get(self.step) if self.step is not None else None
             if path is not None:
                 from ..reader import open_manifest
-                from .model import _DTYPES
 
                 for fqn, e in open_manifest(path, check_files=False).tensors.items():
                     if len(e.path) > 1 and e.path[0] == self.prefix and e.dtype in _DTYPES:
                         name = ".".join(map(str, e.path[1:]))
-                        self._staging.setdefault(name, torch.zeros(tuple(e.shape), dtype=_DTYPES[e.dtype]))
+                        if name not in self._staging:
+                            self._staging[name] = _empty(tuple(e.shape), _DTYPES[e.dtype]).zero_()
             if self._spare is None:
                 self._spare = spare
         except Exception as e:  # noqa: BLE001 - only a hint: reloads then map their memory themselves
@@ -247,9 +248,11 @@ class WeightsManager:
         return path
 
     def _build(self, path: str) -> tuple:
+        waited = 0.0
         if self._warm is not None:
+            t = time.monotonic()
             self._warm.join()  # it fills the buffers this build takes
-            self._warm = None
+            self._warm, waited = None, time.monotonic() - t
         if self._prepared is not None:  # read ahead but never served: its arrays are free
             self._retire(self._prepared[1])
             self._prepared = None
@@ -266,7 +269,8 @@ class WeightsManager:
         t1 = time.monotonic()
         # the manifest's checksums, which the read verified every chunk against
         identity = checkpoint_identity(path, cfg, self.prefix, runtime.manifest)
-        self.timings = {"step": step_of(path), "read_verify_s": round(runtime.load_seconds, 3),
+        self.timings = {"step": step_of(path), "buffers_wait_s": round(waited, 3),
+                        "read_verify_s": round(runtime.load_seconds, 3),
                         "build_s": round(t1 - t0 - runtime.load_seconds, 3),
                         "identity_s": round(time.monotonic() - t1, 3)}
         return runtime, identity
