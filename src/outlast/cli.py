@@ -473,10 +473,13 @@ def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy:
               "(default $OUTLAST_ADMIN_TOKEN).")
 @click.option("--backend-token", default=None, help="Bearer token of the replicas' /admin routes "
               "(default $OUTLAST_BACKEND_TOKEN, else the admin token).")
+@click.option("--balance-abs", default=16, show_default=True, type=click.IntRange(0),
+              help="cache_aware: route to the least loaded replica instead of the one holding the prompt's "
+              "prefix when the busiest has more than this many requests above the idlest (and 1.5x as many).")
 @click.option("--health-interval", default=0.2, show_default=True, type=click.FloatRange(min=0.01),
               help="Seconds between health checks of each replica.")
 def route_cmd(backends: tuple[str, ...], host: str, port: int, policy: str, watch: str | None,
-              admin_token: str | None, backend_token: str | None, health_interval: float) -> None:
+              admin_token: str | None, backend_token: str | None, balance_abs: int, health_interval: float) -> None:
     """Route OpenAI-API requests across running `outlast serve` replicas.
 
     \b
@@ -490,7 +493,7 @@ def route_cmd(backends: tuple[str, ...], host: str, port: int, policy: str, watc
     from .serve.router_app import run_router
 
     token = token_from(admin_token)
-    router = Router(list(backends), RoutingConfig(policy=policy), admin_token=token,
+    router = Router(list(backends), RoutingConfig(policy=policy, balance_abs=balance_abs), admin_token=token,
                     backend_token=backend_token or os.environ.get("OUTLAST_BACKEND_TOKEN") or token,
                     run_dir=watch, health_interval=health_interval)
     click.echo(f"routing ({policy}) on http://{host}:{port}/v1 to {', '.join(backends)}", err=True)

@@ -62,13 +62,14 @@ def test_route_standalone_over_hand_started_replicas(tmp_path, tokenizer_dir):
         rport = free_port()
         rlog = str(tmp_path / "route.log")
         router = start(["route", "--backend", u1, "--backend", u2, "--port", str(rport), "--policy", "round_robin",
-                        "--health-interval", "0.1"], rlog)
+                        "--health-interval", "0.1", "--balance-abs", "5"], rlog)
         procs.append(router)
         url = f"http://127.0.0.1:{rport}"
         wait_for(lambda: _up(u1), 120, "replica 1 up", p1, l1)
         wait_for(lambda: _up(u2), 120, "replica 2 up", p2, l2)
         wait_for(lambda: all(r["up"] for r in httpx.get(url + "/fleet", timeout=5).json()["replicas"]), 60,
                  "the router sees both replicas", router, rlog)
+        assert httpx.get(url + "/fleet", timeout=5).json()["balance_abs"] == 5
 
         direct = openai.OpenAI(base_url=u1 + "/v1", api_key="unused", timeout=60, max_retries=0)
         routed = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)

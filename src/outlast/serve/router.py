@@ -167,7 +167,7 @@ class Router:
         return committed_steps(self.run_dir).get(self.step)
 
     def status(self) -> dict:
-        return {"policy": self.config.policy, "step": self.step, "follow": self.follow, "history": list(self.history),
+        return {"policy": self.config.policy, "balance_abs": self.config.balance_abs, "step": self.step, "follow": self.follow, "history": list(self.history),
                 "refused": {str(k): v for k, v in sorted(self.refused.items())},
                 "replicas": [{"url": r.url, "up": r.up, "draining": r.draining, "outstanding": r.outstanding,
                               "outstanding_tokens": r.outstanding_tokens, "weights_version": r.weights_version,
