@@ -20,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,9 @@ def main() -> None:
             cpu_ms = 1e3 * (cpu_s(procs[1].pid) - cpu0) / (2 * args.n)
     finally:
         stop_all(procs)
+        for f in logs.values():
+            f.close()
+    shutil.rmtree(work, ignore_errors=True)  # kept (with the logs) only when the run failed
     load = (load0 + os.getloadavg()[0]) / 2
     fast = all(importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop"))
     out = {"bench": "router_overhead", "n": args.n, "loadavg_1m": round(load, 2), "httptools_uvloop": fast,
