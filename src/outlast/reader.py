@@ -215,10 +215,12 @@ class CheckpointReader:
     def pread(self, rel: str, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from ``offset`` of data file ``rel`` (O_DIRECT when :attr:`direct_io`)."""
         if self.direct_io:
-            self._fd(rel)  # a missing file gets the same error either way
             with self._fd_lock:
                 if rel not in self._direct_fds:
-                    self._direct_fds[rel] = open_direct(self.file_path(rel))
+                    try:
+                        self._direct_fds[rel] = open_direct(self.file_path(rel))
+                    except FileNotFoundError:
+                        self._direct_fds[rel] = None  # the buffered open below says which file is missing
                 fd = self._direct_fds[rel]
             if fd is not None:
                 try:

@@ -158,7 +158,9 @@ def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, toke
     run = tmp_path / "run"
     for s in (1, 2, 3):
         commit_step(str(run), s)
-    eng = LLMEngine(*load_weights(str(run / "step-00000001")), tokenizer, EngineConfig(num_blocks=64))
+    cfg, sd = load_weights(str(run / "step-00000001"))
+    given = {k: v.clone() for k, v in sd.items()}
+    eng = LLMEngine(cfg, sd, tokenizer, EngineConfig(num_blocks=64))
     loop = EngineLoop(eng)
     loop.start()
     wm = WeightsManager(loop, str(run), step=1, follow=False, poll_s=0.05).start()
@@ -175,38 +177,42 @@ def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, toke
     def ptrs(rt):
         return {k: (a.ctypes.data if hasattr(a, "ctypes") else a.data_ptr()) for k, a in rt.arrays().items()}
 
+    def apart_from_staging():  # the next read (into the staging) must never write what serves
+        assert not set(ptrs(eng.runtime).values()) & {t.data_ptr() for t in wm._staging.values()}
+
     try:
         with ServerThread(loop, "tiny", weights=wm) as srv:
             ask(srv, 1)
             first = ptrs(eng.runtime)
+            # the engine's own weights: the embedding and norms are the caller's tensors, never reused
+            callers = {k: first.pop(k) for k in eng.runtime.borrowed}
+            assert callers and first
             wm.reload(2)
             ask(srv, 2)
+            apart_from_staging()
             second = ptrs(eng.runtime)
-            assert not set(second.values()) & set(first.values())  # built into the buffers mapped at start
+            assert not set(second.values()) & (set(first.values()) | set(callers.values()))  # mapped at start
             wm.reload(3)
             ask(srv, 3)
-            assert ptrs(eng.runtime) == first  # into step 1's retired arrays, every one of them
+            apart_from_staging()
+            third = ptrs(eng.runtime)
+            assert {k: third[k] for k in first} == first  # into step 1's retired arrays, every one it owned
+            assert not set(third.values()) & set(callers.values())
             wm.prepare(1)  # read and built while step 3 serves: into step 2's retired arrays
+            apart_from_staging()
             ask(srv, 3)
             wm.reload(2)  # the prepared step 1 is dropped (its arrays retired), step 2 read again
             ask(srv, 2)
+            apart_from_staging()
             wm.rollback()
             ask(srv, 3)
+            apart_from_staging()
             assert wm.status()["step"] == 3 and not wm.refused
     finally:
         wm.close()
         loop.close()
     assert_each_response_equals_its_step(run, out, tokenizer, [1, 2, 3], prompts, 5)
-    # A runtime owns every buffer it holds, so a reload may overwrite the tensors it was built from
-    # (its staging) while it serves.
-    from outlast.serve.model import LlamaRuntime
-
-    cfg, sd = load_weights(str(run / "step-00000001"))
-    rt = LlamaRuntime(cfg, sd)
-    before = {k: (a.copy() if hasattr(a, "copy") else a.clone()) for k, a in rt.arrays().items()}
-    for t in sd.values():
-        t.add_(1)
-    assert all((before[k] == a).all() for k, a in rt.arrays().items())
+    assert all(torch.equal(sd[k], v) for k, v in given.items())  # the caller's tensors were never written
 
 
 def test_reload_without_kept_buffers(tmp_path, tokenizer):

@@ -212,7 +212,7 @@ class WeightsManager:
     def _retire(self, runtime) -> None:
         """``runtime`` no longer serves and nothing computes with it: the next build goes into it."""
         if self.keep_buffers and runtime is not None:
-            self._spare = runtime.arrays()
+            self._spare = {k: a for k, a in runtime.arrays().items() if k not in runtime.borrowed}
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()

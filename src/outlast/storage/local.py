@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -388,8 +389,6 @@ def pread_direct_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
     is what a read competing with a busy engine for the cores needs. A short file is a corruption
     error, as in :func:`pread_into`; a read the device refuses raises :class:`DirectIORefused`.
     """
-    import mmap
-
     with _bounce_lock:
         bounce = _bounce_pool.pop() if _bounce_pool else mmap.mmap(-1, _BOUNCE_BYTES)
     try:
