@@ -325,7 +325,7 @@ def main() -> None:
                 time.sleep(0.02)
             time.sleep(2.0)
         first2 = min((t for t, fp in loop.ok if fp == "step-2"), default=None)
-        timeline = {"save_returned": saved - commit, **{k: round(v - commit, 3) for k, v in tl.events("step-2").items()},
+        timeline = {"save_returned": round(saved - commit, 3), **{k: round(v - commit, 3) for k, v in tl.events("step-2").items()},
                     "first_response": round(first2 - commit, 3) if first2 else None}
         reload = {"commit_to_first_response_s": (first2 - commit) if first2 else None, "timeline_s": timeline,
                   "failed_requests": len(loop.failed), "cut_streams": len(loop.cut_streams), "requests": len(loop.ok),
