@@ -190,6 +190,8 @@ def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, toke
             wm.reload(2)
             ask(srv, 2)
             apart_from_staging()
+            wm._packing.join(60)  # packed for oneDNN after the swap, on its own thread
+            assert eng.runtime.packed and "pack_s" in wm.status()["timings"]
             second = ptrs(eng.runtime)
             assert not set(second.values()) & (set(first.values()) | set(callers.values()))  # mapped at start
             wm.reload(3)
@@ -213,6 +215,60 @@ def test_reloads_reuse_retired_memory_and_serve_each_step_exactly(tmp_path, toke
         loop.close()
     assert_each_response_equals_its_step(run, out, tokenizer, [1, 2, 3], prompts, 5)
     assert all(torch.equal(sd[k], v) for k, v in given.items())  # the caller's tensors were never written
+
+
+def test_new_weights_serve_before_their_onednn_packing_ends(tmp_path, tokenizer, monkeypatch):
+    """A reload swaps in weights built unpacked and packs them afterwards on a thread of its own:
+    a response on the new step must not wait for the packing, and steps use the packed copies
+    once it is done (results equal a fresh engine either way)."""
+    import threading
+
+    from outlast.serve import EngineConfig, LLMEngine, SamplingParams
+    from outlast.serve import model
+    from outlast.serve.loop import EngineLoop
+    from outlast.serve.reload import WeightsManager
+    from outlast.serve.weights import load_weights
+
+    run = tmp_path / "run"
+    commit_step(str(run), 1)
+    commit_step(str(run), 2)
+    eng = LLMEngine(*load_weights(str(run / "step-00000001")), tokenizer,
+                    EngineConfig(num_blocks=64, gemm_backend="onednn"))
+    assert eng.runtime.packed  # the first weights are packed while they are built
+    release, packing = threading.Event(), threading.Event()
+    orig = model.LlamaRuntime.pack
+
+    def slow_pack(self, halves):
+        packing.set()
+        assert release.wait(60)
+        return orig(self, halves)
+
+    monkeypatch.setattr(model.LlamaRuntime, "pack", slow_pack)
+    used = []
+    orig_call = model._Packed.__call__
+    monkeypatch.setattr(model._Packed, "__call__", lambda self, x, par: used.append(1) or orig_call(self, x, par))
+    loop = EngineLoop(eng)
+    loop.start()
+    wm = WeightsManager(loop, str(run), step=1, follow=False).start()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = tokenizer.encode("A market at dawn")
+    try:
+        wm.reload(2)  # returns while the packing waits
+        assert packing.wait(10) and not eng.runtime.packed
+        before = loop.call(lambda e: e.generate([prompt], params)[0])  # served on numpy's GEMMs
+        assert not used
+        release.set()
+        wm._packing.join(60)
+        assert eng.runtime.packed and "pack_s" in wm.timings
+        after = loop.call(lambda e: e.generate([prompt], params)[0])
+        assert used  # the packed copies serve now
+    finally:
+        release.set()
+        wm.close()
+        loop.close()
+    ref = LLMEngine(*load_weights(str(run / "step-00000002")), tokenizer, EngineConfig(num_blocks=64))
+    want = ref.generate([prompt], params)[0]
+    assert before == after == want
 
 
 def test_reload_without_kept_buffers(tmp_path, tokenizer):

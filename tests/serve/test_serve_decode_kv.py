@@ -33,14 +33,81 @@ def test_linear_splits_give_the_one_thread_product(backend):
         assert torch.allclose(two.double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("cols", [40, 100, 3072])
+def test_onednn_packed_weights_give_the_product_whole_halved_and_split(cols):
+    g = np.random.default_rng(1)
+    w = g.standard_normal((96, cols)).astype(np.float32)
+    whole, halves = model._Packed.from_array(w, halves=False), model._Packed.from_array(w, halves=True)
+    assert len(whole.parts) == 1 and len(halves.parts) == 2 and halves.cut % 16 == 0
+    x = torch.from_numpy(g.standard_normal((3, 96)).astype(np.float32))
+    before = halves(x, parallel=True)
+    w[:] = 0  # packing copied the weights: the packed copies no longer read the array
+    assert torch.equal(halves(x, parallel=True), before)
+    ref = g.standard_normal((96, cols)).astype(np.float32)
+    whole, halves = model._Packed.from_array(ref, halves=False), model._Packed.from_array(ref, halves=True)
+    # From the [out, in] parts a matrix is fused from (q, k, v; gate, up), halves spanning parts,
+    # one part in bf16 (converted), as a build packs them.
+    t = torch.from_numpy(ref.T.copy())
+    cut1, cut2 = cols // 3, cols // 3 + 7
+    fused = model._Packed((t[:cut1], t[cut1:cut2].bfloat16(), t[cut2:]), halves=True)
+    tb = t.clone()
+    tb[cut1:cut2] = tb[cut1:cut2].bfloat16().float()
+    for m in (2, 7, 33, model.ROW_SPLIT_MIN + 3):
+        x = torch.from_numpy(g.standard_normal((m, 96)).astype(np.float32))
+        want = x.double() @ torch.from_numpy(ref).double()
+        assert torch.allclose(fused(x, parallel=True).double(), x.double() @ tb.double().T, rtol=1e-5, atol=1e-4)
+        for got in (whole(x, parallel=False), halves(x, parallel=False), halves(x, parallel=True)):
+            assert got.dtype == torch.float32 and got.shape == (m, cols)
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+        # A row's result does not depend on the rows beside it (batched = alone).
+        assert torch.equal(halves(x[:1].contiguous().expand(2, 96).contiguous(), parallel=True)[0],
+                           halves(x, parallel=True)[0])
+
+
+def test_onednn_steps_use_the_packed_weights_and_one_row_steps_numpy(tokenizer, monkeypatch):
+    rt = _engine(tokenizer, gemm_backend="onednn").runtime
+    assert set(rt.packed) == {id(rt.lm_head)} | {id(L[n]) for L in rt.layers for n in ("wqkv", "wo", "wgu", "wdown")}
+    assert rt._packed_halves is True  # two threads a step: built packed in halves
+    late = model.LlamaRuntime(tiny_config(), tiny_state(3))  # built unpacked; packs from its arrays
+    assert not late.packed
+    late.pack(halves=True)
+    assert late.pack_seconds > 0 and len(late.packed) == len(rt.packed)
+    for name in ("wqkv", "wgu", "wdown"):
+        x = torch.randn(5, rt.layers[1][name].shape[0])
+        a, b = rt.packed[id(rt.layers[1][name])], late.packed[id(late.layers[1][name])]
+        assert torch.allclose(a(x, True), b(x, True), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(a(x, True), x @ torch.from_numpy(rt.layers[1][name]), rtol=1e-4, atol=1e-4)
+    calls = []
+    orig = model._Packed.__call__
+    monkeypatch.setattr(model._Packed, "__call__", lambda self, x, par: calls.append(x.shape[0]) or orig(self, x, par))
+    rt._step_gemm = rt.gemm
+    x = torch.randn(3, rt.config.hidden_size)
+    rt._mm(x, rt.layers[0]["wqkv"])
+    rt._mm(x[:1], rt.layers[0]["wqkv"])  # one row: numpy's GEMV, not oneDNN
+    assert calls == [3]
+    again = rt.packed
+    rt.pack(halves=rt.parallel)  # packing is done once
+    assert rt.packed is again
+
+
 def test_gemm_backend_comes_from_the_config_or_the_cpu(tokenizer):
     with pytest.raises(ValueError, match="gemm_backend"):
         EngineConfig(gemm_backend="mkl")
-    for name in ("numpy", "torch"):
-        assert _engine(tokenizer, gemm_backend=name).runtime.gemm is model.GEMM_BACKENDS[name]
+    for name in ("numpy", "torch", "onednn"):
+        rt = _engine(tokenizer, gemm_backend=name).runtime
+        assert rt.gemm is model.GEMM_BACKENDS[name]
+        assert bool(rt.packed) == (name == "onednn")  # oneDNN packs every matrix once
     with open("/proc/cpuinfo") as f:
         intel = "GenuineIntel" in f.read()
-    assert model.default_gemm_backend() == ("torch" if intel else "numpy")
+    assert model.onednn_available()  # the CPU build of torch the README installs has it
+    assert model.default_gemm_backend() == "onednn"
+    model.default_gemm_backend.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "onednn_available", lambda: False)
+            assert model.default_gemm_backend() == ("torch" if intel else "numpy")
+    finally:
+        model.default_gemm_backend.cache_clear()
     assert _engine(tokenizer).runtime.gemm is model.GEMM_BACKENDS[model.default_gemm_backend()]
 
 
@@ -72,7 +139,7 @@ def test_a_lone_decode_runs_its_gemvs_on_two_blas_threads_and_gives_them_back(to
     assert eng.generate([prompts[1]], params)[0] == want
     assert step_tokens[0] == len(prompts[1]) and step_tokens[1:] == [1] * 11
     lone = [s for s in seen if s[0] == 1]
-    assert len(lone) == 11 * len(seen) // 12  # every decode step's GEMVs ...
+    assert len(lone) == 11 * (4 * len(eng.runtime.layers) + 1)  # every decode step's GEMVs ...
     assert all(np_mm and threads == {2} for _, np_mm, threads in lone)  # ... on numpy's BLAS, two threads
     assert all(threads == {1} for t, _, threads in seen if t > 1)  # the prefill on one
     assert blas_threads() == {1}  # given back after each step

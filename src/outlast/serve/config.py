@@ -184,9 +184,11 @@ class EngineConfig:
     1.3x faster on an idle host (57 -> 44 ms; ~1.1x through the server), but 2.1x *slower* with the
     other core busy (OpenBLAS' second thread spins and waits for a core). Off (1) by default."""
     gemm_backend: str | None = None
-    """The layers' GEMMs: ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL). None: torch on Intel CPUs,
-    numpy elsewhere (each the faster where measured; see ``outlast.serve.model.default_gemm_backend``).
-    Both give the same results up to float rounding."""
+    """The layers' GEMMs: ``"onednn"`` (oneDNN on weights packed once, a second copy of them in
+    memory; one-row steps stay on numpy's GEMV), ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL,
+    unpacked). None: onednn where torch has it, else torch on Intel CPUs and numpy elsewhere (see
+    ``outlast.serve.model.default_gemm_backend`` for what was measured). All give the same results up
+    to float rounding."""
     decode_kv_gib: float = 2.0
     """Memory for the decode copy of running sequences' K/V (contiguous per sequence, so decode
     attention reads it in place instead of gathering blocks every step); 0 turns it off. A step
@@ -197,8 +199,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.compute_threads must be 1, 2 or None, got {self.compute_threads!r}")
         if self.gemv_blas_threads not in (1, 2):
             raise ValueError(f"EngineConfig.gemv_blas_threads must be 1 or 2, got {self.gemv_blas_threads!r}")
-        if self.gemm_backend not in (None, "numpy", "torch"):
-            raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch' or None, got {self.gemm_backend!r}")
+        if self.gemm_backend not in (None, "numpy", "torch", "onednn"):
+            raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch', 'onednn' or None, got {self.gemm_backend!r}")
         if self.decode_kv_gib < 0:
             raise ValueError(f"EngineConfig.decode_kv_gib must be >= 0, got {self.decode_kv_gib}")
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):

@@ -98,20 +98,96 @@ def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np
     return out
 
 
-GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm}
-"""The two GEMMs a step can use: numpy's (OpenBLAS) and torch's (MKL). Which is faster depends on
-the CPU: see :func:`default_gemm_backend`."""
+def _dnn_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``"onednn"`` backend's key; where a weight has no packed copy (and for one row) it is
+    numpy's GEMM (:meth:`LlamaRuntime._mm` takes the packed copies when there are some)."""
+    return _np_mm(a, b, out)
+
+
+GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm, "onednn": _dnn_mm}
+"""The GEMMs a step can use: numpy's (OpenBLAS), torch's (MKL), and oneDNN's on weights packed once
+into its blocked layout (:class:`_Packed`; one-row steps stay on numpy's GEMV). Which is faster
+depends on the CPU: see :func:`default_gemm_backend`."""
+
+PACK_ROWS_HINT = 32
+"""The row count oneDNN's packed layout is chosen for. Measured on the 2-core AVX-512 EPYC (one
+576x3072 matrix in cache): packing for 1 row made 16-row GEMMs 1.4x slower, for 16, 32 or 128
+rows all sizes ran within 5% of each other."""
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (``torch.ops.mkldnn``)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _rows(parts: tuple[torch.Tensor, ...], a: int, b: int) -> torch.Tensor:
+    """Rows ``a:b`` of the parts stacked (``torch.cat(parts)[a:b]``), fp32, copying only where the
+    rows span parts or need converting."""
+    got, off = [], 0
+    for t in parts:
+        n = int(t.shape[0])
+        lo, hi = max(a, off), min(b, off + n)
+        if lo < hi:
+            got.append(t[lo - off:hi - off])
+        off += n
+    out = got[0] if len(got) == 1 else torch.cat(got)
+    return out if out.dtype == torch.float32 else out.float()
+
+
+class _Packed:
+    """A weight packed for oneDNN, whole or as two halves of its output columns (each thread of a
+    split step computes one half of the outputs, reading half the weights).
+
+    Built from the ``[out_i, in]`` parts a matrix is fused from (Hugging Face's layout, the
+    checkpoint's: reordering those contiguous rows ran at 3.1 GB/s on the AVX-512 EPYC, against 1.5
+    from the serving layout's transposed view, which :meth:`from_array` takes). Packing copies the
+    weights: the packed halves live beside the numpy array, which one-row steps (GEMVs, where
+    numpy's OpenBLAS was the faster) and a reload's buffer reuse still use.
+    """
+
+    __slots__ = ("parts", "cut")
+
+    def __init__(self, parts: tuple[torch.Tensor, ...], halves: bool):
+        n = sum(int(t.shape[0]) for t in parts)
+        self.cut = (n // 2 + 15) // 16 * 16 if halves and n >= 32 else n
+        bounds = [(0, self.cut)] + ([(self.cut, n)] if self.cut < n else [])
+        self.parts = [torch.ops.mkldnn._reorder_linear_weight(_rows(parts, a, b), PACK_ROWS_HINT)
+                      for a, b in bounds]
+
+    @classmethod
+    def from_array(cls, w: np.ndarray, halves: bool) -> "_Packed":
+        """From a ``[in, out]`` serving-layout array (its transposed view)."""
+        return cls((torch.from_numpy(w).t(),), halves)
+
+    def __call__(self, x: torch.Tensor, parallel: bool) -> torch.Tensor:
+        lin = torch.ops.mkldnn._linear_pointwise
+        if len(self.parts) == 1:
+            return lin(x, self.parts[0], None, "none", [], "")
+        if not parallel:
+            return torch.cat([lin(x, p, None, "none", [], "") for p in self.parts], 1)
+        fut = _worker().submit(lin, x, self.parts[1], None, "none", [], "")
+        first = lin(x, self.parts[0], None, "none", [], "")
+        return torch.cat([first, fut.result()], 1)
 
 
 @functools.cache
 def default_gemm_backend() -> str:
-    """``"torch"`` (MKL) on Intel CPUs, ``"numpy"`` (OpenBLAS) elsewhere.
+    """``"onednn"`` where this torch build has it; else ``"torch"`` (MKL) on Intel CPUs and
+    ``"numpy"`` (OpenBLAS) elsewhere.
 
-    Measured for one step's 120 layer GEMMs of SmolLM2-135M, weights in DRAM, one thread: on the
-    2-core Xeon (AVX-512) MKL took 42 / 72 / 90 ms at 2 / 16 / 32 rows against OpenBLAS's 75 / 99 /
-    111; on the 2-core AMD EPYC earlier sessions tuned on, OpenBLAS was the faster (MKL takes slower
-    code paths on non-Intel CPUs).
+    Measured on the 2-core AMD EPYC with AVX-512 for one step's 120 layer GEMMs of SmolLM2-135M
+    (weights in DRAM, one thread, ms at 2 / 4 / 16 / 32 rows): oneDNN on packed weights 39 / 25 /
+    44 / 76, OpenBLAS 58 / 61 / 79 / 114, MKL 40 / 60 / 81 / 118; at one row OpenBLAS was the
+    fastest (23 against 33 for oneDNN), which is why one-row steps stay on it. This is vLLM's choice
+    on x86 CPUs too (oneDNN on prepacked weights). Earlier, without packing: MKL was the faster on
+    the 2-core Xeon (42 / 72 / 90 ms at 2 / 16 / 32 rows against OpenBLAS's 75 / 99 / 111), and
+    OpenBLAS on the EPYC without AVX-512; oneDNN was not measured on those hosts.
     """
+    if onednn_available():
+        return "onednn"
     try:
         with open("/proc/cpuinfo") as f:
             intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
@@ -342,6 +418,9 @@ class LlamaRuntime:
         into: a retired runtime's :meth:`arrays`, overwritten with these weights where shapes match
             (a hot reload builds into the weights it swapped out: no new memory, no page faults).
             Nothing may still compute with them.
+        pack: also pack every matrix for oneDNN (:class:`_Packed`) from the parts as given, on the
+            build's threads: True in halves of the output columns (steps on two threads), False
+            whole, None not at all (:meth:`pack` can do it later, from the built arrays).
 
     Example:
         >>> rt = LlamaRuntime(cfg, sd)
@@ -349,7 +428,7 @@ class LlamaRuntime:
     """
 
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                 into: dict | None = None):
+                 into: dict | None = None, pack: bool | None = None):
         self.nbytes = sum(int(t.numel()) * 4 for t in state_dict.values())
         into = into or {}
 
@@ -398,7 +477,16 @@ class LlamaRuntime:
             jobs[(i, "wgu")] = (take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight"))
             jobs[(i, "wdown")] = (take(p + "mlp.down_proj.weight"),)
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="outlast-build") as pool:
-            built = dict(zip(jobs, pool.map(lambda kv: _fuse_t(*kv[1], out=into.get(kv[0])), jobs.items())))
+            built = pool.map(lambda kv: _fuse_t(*kv[1], out=into.get(kv[0])), jobs.items())
+            # oneDNN's packing from the same parts, on the same threads (``pack``: halves or not)
+            packs = pool.map(lambda parts: _Packed(parts, pack), jobs.values()) if pack is not None else None
+            built = dict(zip(jobs, built))
+            self.packed: dict[int, _Packed] = {}
+            """oneDNN's packed copy of each matrix, by ``id`` of its numpy array (see :meth:`pack`)."""
+            self._packed_halves = None
+            if packs is not None:
+                self.packed = {id(built[k]): p for k, p in zip(jobs, packs)}
+                self._packed_halves = pack
         self.lm_head = built.pop("lm_head")
         for (i, name), w in built.items():
             self.layers[i][name] = w
@@ -413,6 +501,7 @@ class LlamaRuntime:
         """BLAS threads for a one-token step (0: leave BLAS alone); see :meth:`configure`."""
         self.gemm = self._step_gemm = _np_mm
         """The GEMM of every layer (one of :data:`GEMM_BACKENDS`); see :meth:`configure`."""
+        self.pack_seconds = 0.0
         self.decode_kv: _DecodeKV | None = None
         """The decode copy of running sequences' K/V (None: gather from the pool every step); the
         engine sets it up with :meth:`configure`."""
@@ -437,6 +526,9 @@ class LlamaRuntime:
         numpy's BLAS alone.
 
         ``gemm``: the GEMM backend of steps of two tokens or more, a key of :data:`GEMM_BACKENDS`.
+        ``"onednn"`` uses the packed weights once there are some (the constructor's ``pack``, or
+        :meth:`pack`, which can run on another thread while this runtime serves); until then its
+        GEMMs are numpy's. Any other backend drops the packed copies.
 
         ``reuse_decode_kv``: the decode copy of the runtime this one replaces, taken over (emptied)
         when it has the size asked for, so a weight swap maps no new memory for it.
@@ -446,12 +538,33 @@ class LlamaRuntime:
         self.parallel = parallel
         self.single_row_blas_threads = single_row_blas_threads
         self.gemm = GEMM_BACKENDS[gemm]
+        if gemm != "onednn":
+            self.packed = {}
         c = self.config
         self.decode_kv = None
         if decode_kv_bytes > 0:
             args = (c.num_layers, c.num_kv_heads, c.head_dim, decode_kv_bytes, max_seqs, max_len)
             old = reuse_decode_kv
             self.decode_kv = old.reset() if old is not None and old.args == args else _DecodeKV(*args)
+        return self
+
+    def pack(self, halves: bool) -> "LlamaRuntime":
+        """Pack every layer matrix and the LM head for the ``"onednn"`` backend (:class:`_Packed`),
+        in halves of their columns when steps run on two threads, from the built arrays; done once.
+
+        It may run on another thread while this runtime serves: the packed copies are put in place
+        in one assignment, and steps use numpy's GEMMs until then. A hot reload does that after
+        its swap: packing 540 MB took 0.25-2.3 s on the 2-core EPYC (into new memory, with the
+        host's load), which before the swap would have delayed the new weights. The time it took
+        is ``pack_seconds``."""
+        if self.packed and self._packed_halves == halves:
+            return self
+        ws = [self.lm_head] + [L[n] for L in self.layers for n in ("wqkv", "wo", "wgu", "wdown")]
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max(1, min(2, _usable_cpus())), thread_name_prefix="outlast-pack") as pool:
+            self.packed = dict(zip(map(id, ws), pool.map(lambda w: _Packed.from_array(w, halves), ws)))
+        self._packed_halves = halves
+        self.pack_seconds = time.monotonic() - t0
         return self
 
     @classmethod
@@ -530,6 +643,10 @@ class LlamaRuntime:
         return x * cos + rot * sin
 
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
+        if self._step_gemm is _dnn_mm and x.shape[0] > 1:
+            packed = self.packed.get(id(w))
+            if packed is not None:
+                return packed(x.contiguous(), self.parallel)
         return _linear(x, w, self.parallel, self._step_gemm)
 
     @torch.inference_mode()
