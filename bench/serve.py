@@ -7,6 +7,8 @@ streaming requests at a fixed concurrency (1/8/16/32) and at Poisson arrival rat
 output tok/s and TTFT / TPOT / ITL p50 and p99. transformers runs static batches of the same
 prompts (left padding, greedy, the same forced output length) on the same GGUF, interleaved
 with outlast round by round so machine noise hits both; the table shows medians over rounds.
+Every run (round x load) sends prompts that no system has seen before in this bench (vLLM runs
+with prefix caching off, outlast with it on, so a repeated prompt would favour outlast).
 Also measured: TTFT with a repeated ~1,000-token system prompt against cold TTFT, and the
 batch-1 decode step against the time to read the weights once at the measured memory bandwidth.
 
@@ -101,7 +103,11 @@ def make_requests(tok, n: int, seed: int, max_prompt: int = 1024, max_out: int =
     rng = random.Random(seed)
     rng.shuffle(pairs)
     reqs = []
+    seen = set()
     for prompt, reply in pairs:
+        if prompt in seen:  # the same first turn twice would be a prefix-cache hit
+            continue
+        seen.add(prompt)
         ids = tok.chat([{"role": "user", "content": prompt}])
         out_len = len(tok.encode(reply))
         if len(ids) < 4 or out_len < 4 or len(ids) > max_prompt:  # vLLM's filter, tighter for 2 cores
@@ -330,6 +336,7 @@ def main() -> None:
     ap.add_argument("--hf-threads", type=int, default=2,
                     help="torch threads for transformers (outlast's steps use 2 threads too; 1 was faster on a busy host)")
     ap.add_argument("--blas-threads", type=int, default=1, help="outlast serve --blas-threads")
+    ap.add_argument("--outlast-args", default="", help="more arguments for outlast serve, e.g. '--gemm-backend numpy'")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (optional peer)")
     ap.add_argument("--llama-gguf", action="append", default=None,
                     help="GGUF for llama-server, repeatable (e.g. an F32 one and the shipped Q4_1; default the Q4_1)")
@@ -346,7 +353,17 @@ def main() -> None:
     from outlast.serve.tokenizer import load_tokenizer
 
     tok = load_tokenizer(gguf)
-    pool = make_requests(tok, 4 * max(conc) + 40, a.seed)
+    # Every run (round x load) gets prompts no system has seen: outlast caches prefixes and vLLM
+    # runs with prefix caching off, so a repeated prompt would favour outlast. (Before 2026-12-07
+    # runs reused prompts: at c=16 half of them had been sent in the c=1 run, at c=32 half in c=16.)
+    sizes = {c: (c if a.quick or c >= 16 else max(2 * c, 8)) for c in conc}
+    n_poisson = 12 if a.quick else 16
+    need = 4 + a.rounds * (sum(sizes.values()) + n_poisson * len(rates)) + 5
+    pool = make_requests(tok, need, a.seed)
+    if len(pool) < need:
+        raise SystemExit(f"only {len(pool)} distinct prompts fit the filters; this run needs {need}")
+    fresh = iter(pool[4:-5])  # pool[:4] warms every server up, pool[-5:] is the prefix phase's
+    runs: dict = {}  # (round, c) -> the requests every system got there
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "mem_gbs": memory_bandwidth_gbs(),
                "load_avg_start": os.getloadavg()[0], "hf_threads": a.hf_threads, "blas_threads": a.blas_threads}
     gemm = gemm_table() if a.gemm else None
@@ -363,7 +380,7 @@ def main() -> None:
     weight_bytes = sum(p.numel() * 4 for p in hf.parameters()) if hf is not None else 134_515_008 * 4
 
     proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
-                                     "--blas-threads", str(a.blas_threads)])
+                                     "--blas-threads", str(a.blas_threads)] + a.outlast_args.split())
     results: dict = {"outlast": {}, "transformers": {}, "vllm": {}}
     vproc = vurl = None
     try:
@@ -379,8 +396,7 @@ def main() -> None:
         asyncio.run(run_load(url, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
         for rnd in range(a.rounds):
             for c in conc:
-                n = c if c >= 16 else max(2 * c, 8) if not a.quick else c
-                reqs = pool[(rnd * 7) % 20 :][:n]
+                reqs = runs[rnd, c] = [next(fresh) for _ in range(sizes[c])]
                 r = asyncio.run(run_load(url, "m", reqs, concurrency=c, fixed_out=a.out_len))
                 results["outlast"].setdefault(f"c={c}", []).append(r)
                 print(f"[round {rnd}] outlast c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s "
@@ -397,7 +413,7 @@ def main() -> None:
                     print(f"[round {rnd}] vllm c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 {r['ttft_p50']:.2f}s "
                           f"(load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             for rate in rates:
-                reqs = pool[40 : 40 + (12 if a.quick else 16)]
+                reqs = [next(fresh) for _ in range(n_poisson)]
                 r = asyncio.run(run_load(url, "m", reqs, rate=rate, seed=a.seed + rnd))
                 results["outlast"].setdefault(f"poisson {rate:g}/s", []).append(r)
                 print(f"[round {rnd}] outlast poisson {rate}/s: {r['output_tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
@@ -438,7 +454,7 @@ def main() -> None:
                 try:
                     asyncio.run(run_load(lurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
                     for rnd in range(a.rounds):
-                        reqs = pool[(rnd * 7) % 20 :][: (c if c >= 16 else max(2 * c, 8))]
+                        reqs = runs[rnd, c]
                         r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
                         results.setdefault(name, {}).setdefault(f"c={c}", []).append(r)
                         print(f"[round {rnd}] {name} c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 "
