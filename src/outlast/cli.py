@@ -321,8 +321,10 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
                    "rather than spins [default: 2 when 2 CPUs are usable; with --replicas, the CPUs shared out].")
 @click.option("--gemv-threads", default=1, show_default=True, type=click.IntRange(1, 2),
               help="BLAS threads of a lone decode's GEMVs; 2 is faster only on an otherwise idle host.")
-@click.option("--gemm-backend", default=None, type=click.Choice(["numpy", "torch"]),
-              help="The layers' GEMMs: numpy (OpenBLAS) or torch (MKL) [default: torch on Intel CPUs, numpy elsewhere].")
+@click.option("--gemm-backend", default=None, type=click.Choice(["onednn", "numpy", "torch"]),
+              help="The layers' GEMMs: onednn (weights packed once; one more copy of them in memory), numpy "
+                   "(OpenBLAS) or torch (MKL) [default: onednn where torch has it; else torch on Intel CPUs, "
+                   "numpy elsewhere].")
 @click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True),
               help="config.json for an outlast checkpoint without serve_config.")

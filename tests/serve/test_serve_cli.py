@@ -25,7 +25,8 @@ def test_outlast_serve_answers_and_stops(gguf_path, tmp_path):
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf_path, "--host", "127.0.0.1",
                              "--port", str(port), "--kv-cache-gib", "0.1", "--kv-disk", str(tmp_path / "kv"),
-                             "--served-model-name", "m"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             "--served-model-name", "m", "--gemm-backend", "onednn"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     killed = False
     try:
         deadline = time.monotonic() + 180
