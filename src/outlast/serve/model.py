@@ -103,16 +103,11 @@ def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np
     return out
 
 
-def _dnn_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The ``"onednn"`` backend's key; where a weight has no packed copy (and for one row) it is
-    numpy's GEMM (:meth:`LlamaRuntime._mm` takes the packed copies when there are some)."""
-    return _np_mm(a, b, out)
-
-
-GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm, "onednn": _dnn_mm}
+GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm, "onednn": _np_mm}
 """The GEMMs a step can use: numpy's (OpenBLAS), torch's (MKL), and oneDNN's on weights packed once
-into its blocked layout (:class:`_Packed`; one-row steps stay on numpy's GEMV). Which is faster
-depends on the CPU: see :func:`default_gemm_backend`."""
+into its blocked layout (:class:`_Packed`, which :meth:`LlamaRuntime._mm` takes wherever a runtime
+holds packed copies; where it does not yet, and for one-row steps, ``"onednn"`` is numpy's GEMM).
+Which is faster depends on the CPU: see :func:`default_gemm_backend`."""
 
 PACK_ROWS_HINT = 32
 """The row count oneDNN's packed layout is chosen for. Measured on the 2-core AVX-512 EPYC (one
@@ -648,7 +643,7 @@ class LlamaRuntime:
         return x * cos + rot * sin
 
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-        if self._step_gemm is _dnn_mm and x.shape[0] > 1:
+        if self.packed and x.shape[0] > 1:  # packed only with the "onednn" backend (configure)
             packed = self.packed.get(id(w))
             if packed is not None:
                 return packed(x.contiguous(), self.parallel)

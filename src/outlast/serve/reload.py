@@ -271,7 +271,8 @@ class WeightsManager:
 
     def _build(self, path: str) -> tuple:
         waited = 0.0
-        if self._packing is not None:  # it reads arrays this build may overwrite (once retired)
+        if self._packing is not None:  # it reads the serving runtime's arrays, which a later build
+            # overwrites once they are retired; and it competes with this build for the cores
             self._packing.join()
             self._packing = None
         if self._warm is not None:
