@@ -17,9 +17,11 @@ Two measurements, one run, side by side:
    ``fwd+bwd + max(update, raw I/O)`` (the forward and backward do not overlap the I/O),
    peak anonymous RSS above the interpreter against parameters + gradients + the buffer
    pool, and the peak page cache of the cgroup.
-   Two rows: the plain step (``opt.step()`` after ``backward()``) and
+   Four rows (``--big-modes``): the plain step (``opt.step()`` after ``backward()``);
    ``overlap_backward=True`` (each chunk updated from the gradient hooks during the
-   backward, with ``--overlap-pool-sets`` buffer sets), fresh processes, interleaved for
+   backward); ``overlap_forward=True`` (``step()`` returns at once, the next forward
+   finishes the update, each module waiting for its own parameters); and both. The
+   overlapped modes use ``--overlap-pool-sets`` buffer sets. Fresh processes, interleaved for
    ``--big-rounds`` rounds. The bound's compute (fwd+bwd and update) is the plain run's
    (the overlapped run's backward includes the update); its raw I/O the fastest of all.
    ``--big-dtype float32 --big-layers 32`` is an I/O-bound variant: an fp32 model with
@@ -99,8 +101,13 @@ def main() -> None:
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--big-rounds", type=int, default=1)
     ap.add_argument("--overlap-pool-sets", type=int, default=16)
+    ap.add_argument("--big-modes", default="plain,overlap,forward,both",
+                    help="plain: step() after backward; overlap: overlap_backward; forward: overlap_forward; "
+                         "both: overlap_backward + overlap_forward")
     ap.add_argument("--deepspeed", action="store_true", help="also run the DeepSpeed ZeRO-3 NVMe peer")
     a = ap.parse_args()
+    if "plain" not in a.big_modes.split(","):
+        ap.error("--big-modes needs plain: the bound's compute is the plain run's fwd+bwd + update")
     if a.deepspeed and a.skip_fit:
         ap.error("--deepspeed compares with the model that fits: drop --skip-fit")
     os.makedirs(a.dir, exist_ok=True)
@@ -148,7 +155,10 @@ def main() -> None:
         d = os.path.join(a.dir, "big")
         common = ["--layers", str(a.big_layers), "--width", str(width), "--dtype", a.big_dtype, "--master",
                   "--optim", "offload", "--dir", d, "--steps", str(max(3, a.steps - 1)), "--chunk-mb", "2", "--raw-io"]
-        bmodes = {"plain": [], "overlap": ["--overlap", "--pool-sets", str(a.overlap_pool_sets)]}
+        ps = ["--pool-sets", str(a.overlap_pool_sets)]
+        bmodes = {"plain": [], "overlap": ["--overlap", *ps], "forward": ["--overlap-forward", *ps],
+                  "both": ["--overlap", "--overlap-forward", *ps]}
+        bmodes = {m: v for m, v in bmodes.items() if m in a.big_modes.split(",")}
         bruns: dict[str, list[dict]] = {m: [] for m in bmodes}
         for r in range(a.big_rounds):
             for m in (list(bmodes) if r % 2 == 0 else list(bmodes)[::-1]):
@@ -169,7 +179,7 @@ def main() -> None:
               f"{limit / 2**30:.2f} GiB cgroup limit; {a.big_rounds} round(s)")
         print(f"bound = max(fwd+bwd {fb:.2f} + update {upd:.2f}, raw read+write {raw:.2f} s at {bw:.0f} MiB/s) = "
               f"{bound:.2f} s; engine bound without overlap fwd+bwd + max(update, raw) = {engine_bound:.2f} s")
-        print(f"{'mode':<9}{'step s':>8}{'x bound':>9}{'per round':>18}{'in bwd':>8}{'drain s':>9}"
+        print(f"{'mode':<9}{'step s':>8}{'x bound':>9}{'per round':>18}{'in bwd':>8}{'in fwd':>8}{'drain s':>9}"
               f"{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
         result["big"] = {"params": n, "dtype": a.big_dtype, "limit_bytes": limit, "state_over_limit": state_bytes / limit,
                          "fwd_bwd_s": fb, "update_s": upd, "raw_io_s": raw, "bound_s": bound,
@@ -179,20 +189,23 @@ def main() -> None:
             step_s = statistics.median(_steady(x["step_s"]) for x in xs)
             per = [_steady(x["step_s"]) / bound for x in xs]
             st = [s for x in xs for s in x["stats"][1:]]
-            ovl = statistics.median(s.get("overlapped_chunks", 0) / s.get("chunks", 1) for s in st) if m == "overlap" else 0.0
-            drain = statistics.median(s["drain_s"] for s in st) if m == "overlap" else float("nan")
+            ovl = statistics.median(s.get("overlapped_chunks", 0) / s.get("chunks", 1) for s in st)
+            infwd = statistics.median(s.get("forward_chunks", 0) / s.get("chunks", 1) for s in st)
+            drain = statistics.median(s["drain_s"] for s in st) if m != "plain" else float("nan")
             mem = max(x["peak_anon_above_base"] / (x["params_grads_bytes"] + x["pool_bytes"]) for x in xs)
             cg = max(x["cgroup_peak_bytes"] for x in xs)
             cache = max(x["peak_cgroup_cache"] for x in xs)
-            print(f"{m:<9}{step_s:>8.2f}{step_s / bound:>9.2f}{', '.join(f'{v:.2f}' for v in per):>18}{ovl:>8.0%}"
+            print(f"{m:<9}{step_s:>8.2f}{step_s / bound:>9.2f}{', '.join(f'{v:.2f}' for v in per):>18}{ovl:>8.0%}{infwd:>8.0%}"
                   f"{drain:>9.2f}{mem:>22.2f}{cg / 2**30:>16.2f}{cache / 2**20:>15.0f}")
             result["big"][m] = {"step_s": step_s, "x_bound": step_s / bound, "x_bound_per_round": per,
-                                "x_engine_bound": step_s / engine_bound, "overlapped_fraction": ovl, "drain_s": drain,
+                                "x_engine_bound": step_s / engine_bound, "overlapped_fraction": ovl,
+                                "forward_fraction": infwd, "drain_s": drain,
                                 "x_memory": mem, "cgroup_peak_bytes": cg, "peak_cgroup_cache": cache,
                                 "pool_bytes": xs[0]["pool_bytes"], "losses": xs[0]["losses"]}
         losses = {m: bruns[m][0]["losses"] for m in bmodes}
-        print(f"losses equal (plain, overlap): {losses['plain'] == losses['overlap']}")
-        result["big"]["losses_equal"] = losses["plain"] == losses["overlap"]
+        same = all(v == next(iter(losses.values())) for v in losses.values())
+        print(f"losses equal ({', '.join(bmodes)}): {same}")
+        result["big"]["losses_equal"] = same
     if a.deepspeed:
         d = os.path.join(a.dir, "ds")
         shutil.rmtree(d, ignore_errors=True)

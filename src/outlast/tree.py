@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,9 +115,18 @@ def flatten(state: Any, *, expand_stateful: bool = True) -> FlatState:
         raise SerializationError(
             f"state must be a dict (e.g. {{'model': model, 'optim': optimizer}}), got {type(state).__name__}"
         )
+    _settle_offloaded_steps()
     out = FlatState()
     _walk(state, [], out, None, None, expand_stateful)
     return out
+
+
+def _settle_offloaded_steps() -> None:
+    # OffloadAdamW(overlap_forward=True) returns from step() before every parameter is
+    # updated; finish such steps before reading or writing any tensor of a state.
+    adamw = sys.modules.get("outlast.offload.adamw")
+    if adamw is not None:
+        adamw.synchronize_pending()
 
 
 def _add(table: dict, path: list, leaf: Leaf, out: FlatState) -> None:

@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--chunk-mb", type=int, default=16)
     ap.add_argument("--overlap", action="store_true", help="OffloadAdamW(overlap_backward=True)")
+    ap.add_argument("--overlap-forward", action="store_true",
+                    help="OffloadAdamW(overlap_forward=True): the next forward finishes each step")
     ap.add_argument("--pool-sets", type=int, default=4)
     ap.add_argument("--save", default="", help="outlast.save the optimizer here after training")
     ap.add_argument("--save-async", default="", help="save the optimizer with an outlast.Checkpointer under this directory")
@@ -143,7 +145,10 @@ def main() -> None:
         from outlast.offload import OffloadAdamW
 
         opt = OffloadAdamW(model.parameters(), dir=a.dir, master_params=a.master, chunk_bytes=a.chunk_mb << 20,
-                           overlap_backward=a.overlap, pool_sets=a.pool_sets, **kw)
+                           overlap_backward=a.overlap, overlap_forward=a.overlap_forward, pool_sets=a.pool_sets,
+                           **kw)
+        if a.overlap_forward:
+            opt.attach(model)
     else:
         opt = torch.optim.AdamW(model.parameters(), **kw)
     g = torch.Generator().manual_seed(1)
@@ -165,6 +170,8 @@ def main() -> None:
     out = {"params": n, "losses": losses, "stats": stats, "step_s": step_s, "compute_s": compute_s,
            "fp32_params_grads_adamw_bytes": 16 * n,
            "params_grads_bytes": 2 * n * torch.empty((), dtype=dtype).element_size()}
+    if a.optim == "offload":
+        opt.synchronize()  # overlap_forward: the last step waits for a forward that will not come
     if a.raw_io and a.optim == "offload":
         out["raw_io_s"] = [raw_io(opt) for _ in range(2)]
     peak = sampler.stop()

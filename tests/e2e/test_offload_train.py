@@ -1,5 +1,5 @@
-"""The trainer's ``optim.offload_dir`` switch: the same losses as in-memory AdamW, and a run
-resumes across the switch (offloaded -> in memory) bit for bit."""
+"""The trainer's ``optim.offload_dir`` switch (here with ``offload_overlap_forward``): the same
+losses as in-memory AdamW, and a run resumes across the switch (offloaded -> in memory) bit for bit."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def test_offloaded_training_equals_in_memory_and_resumes_without_offload(tmp_pat
     a, b = tmp_path / "mem", tmp_path / "off"
     check(run_train(tmp_path, small_config(a, steps=6), name="a"))
     # offloaded for steps 1-4 (checkpoint at 4, stop), then resumed in memory for 5-6
-    check(run_train(tmp_path, small_config(b, steps=6, stop_after=4, optim={"offload_dir": "offload"}), name="b1"))
+    # with overlap_forward: each step is finished by the next forward, and by the save at step 4
+    check(run_train(tmp_path, small_config(b, steps=6, stop_after=4, optim={"offload_dir": "offload",
+                                                                            "offload_overlap_forward": True}), name="b1"))
     assert os.path.exists(b / "offload" / "rank0" / "state.json")
     check(run_train(tmp_path, small_config(b, steps=6), name="b2"))
     assert _losses(a) == _losses(b)

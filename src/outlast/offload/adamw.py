@@ -36,7 +36,22 @@ from .pool import BufferPool
 from .overlap import ChunkStream
 from .stream import run_pipeline
 
-__all__ = ["OffloadAdamW"]
+__all__ = ["OffloadAdamW", "synchronize_pending"]
+
+# Optimizers with a step that overlap_forward left running (their parameters are partly
+# updated until the next forward or synchronize()): outlast.save/load settle them first.
+_PENDING: "weakref.WeakSet[OffloadAdamW]" = weakref.WeakSet()
+
+
+def synchronize_pending() -> None:
+    """Finish every step that ``overlap_forward`` left running in this process.
+
+    ``outlast.save``, the ``Checkpointer`` and ``outlast.load`` call it before they read
+    or write any tensor, so a checkpoint never holds half-updated parameters, even when
+    the optimizer is not part of the saved state.
+    """
+    for opt in list(_PENDING):
+        opt.synchronize()
 
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_POOL_SETS = 4  # one more than read+update+write: the reader runs a chunk ahead over jitter
@@ -83,6 +98,16 @@ class OffloadAdamW(torch.optim.Optimizer):
             unscaling, a closure and DDP are refused with an error saying so; with gradient
             accumulation, run the backward of every micro-batch but the last inside
             ``with opt.accumulating():``. See docs/offload.md.
+        overlap_forward: let ``step()`` return before the update is done: the chunks left
+            are read, updated and written while the next forward runs, each module's
+            forward waiting (a forward pre-hook) until its own parameters are updated; the
+            state's I/O then overlaps the forward too, and with ``overlap_backward`` the
+            backward as well. Needs :meth:`attach` (the model whose modules get the
+            hooks). Anything that reads the parameters other than through the attached
+            modules' forward must call :meth:`synchronize` first (``outlast.save``,
+            ``outlast.load``, ``state_dict()``, ``zero_grad(set_to_none=False)`` and the
+            next ``step()`` do it themselves). Works with gradient clipping and DDP when
+            ``overlap_backward`` is off. Same results, bit for bit.
 
     Example:
         >>> opt = OffloadAdamW(model.parameters(), lr=3e-4, dir="/nvme/run1/optim")  # doctest: +SKIP
@@ -109,6 +134,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         reopen: bool = False,
         update_threads: int | None = None,
         overlap_backward: bool = False,
+        overlap_forward: bool = False,
     ):
         if not 0.0 <= float(lr):
             raise ValueError(f"OffloadAdamW: lr={lr} must be >= 0")
@@ -176,12 +202,17 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._pin_cond = threading.Condition()
         self.pin_timeout_s = 1800.0
         """The longest a step waits for a checkpoint still reading the generation it is about to write."""
+        self.overlap_forward = bool(overlap_forward)
+        self._deferred: _Overlap | None = None  # a step that overlap_forward left running
+        self._attached = False
+        self._fwd_trace: list[int] = []  # parameters in the order the attached forward reached them
+        self._fwd_order: list[int] | None = None
+        self._chunks_of: list[list[int]] = [[] for _ in self._params]
+        for c in self.layout.chunks:
+            for pc in c.pieces:
+                self._chunks_of[pc.param].append(c.index)
         if self.overlap_backward:
             self._check_overlap_allowed()
-            self._chunks_of = [[] for _ in self._params]
-            for c in self.layout.chunks:
-                for pc in c.pieces:
-                    self._chunks_of[pc.param].append(c.index)
             for i, p in enumerate(self._params):
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(_GradHook(self, i)))
         self.last_step_stats: dict = {}
@@ -235,14 +266,20 @@ class OffloadAdamW(torch.optim.Optimizer):
             StorageError: a read or write of the state failed (disk full, I/O error);
                 the message names the file. The state of the previous step is intact.
         """
-        if self.overlap_backward:
-            if closure is not None:
+        if self.overlap_backward or self.overlap_forward:
+            if closure is not None and self.overlap_backward:
                 raise ValueError(
                     "OffloadAdamW(overlap_backward=True) updates the parameters during backward(), so step() "
                     "cannot re-evaluate the model with a closure; call backward() yourself, then step(), or build "
                     "the optimizer with overlap_backward=False"
                 )
-            return self._step_overlapped()
+            loss = None
+            if closure is not None:
+                self.synchronize()  # the closure's forward must see this step's parameters
+                with torch.enable_grad():
+                    loss = closure()
+            self._step_overlapped()
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -342,6 +379,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def _begin(self, *, run_pre_hooks: bool) -> "_Overlap":
         """Start an overlapped step: from here on the optimizer changes parameters."""
+        self.synchronize()  # the step before, if the forward left any of it: this one reads what it wrote
         self._check_usable()
         if run_pre_hooks:
             # Step pre-hooks promise to run before the optimizer changes anything (the Checkpointer's
@@ -381,7 +419,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         f = self._fviews[self._set_of[id(bufs[0])]]
         for pc in self.layout.chunks[c].pieces:
             if s.final[pc.param]:
-                self._update_piece(pc, f, s.hyper[self._group_of[pc.param]], float(self.files.steps[pc.param] + 1))
+                # the gradient the step took (zero_grad(set_to_none=True) may have dropped p.grad since)
+                self._update_piece(pc, f, s.hyper[self._group_of[pc.param]], float(self.files.steps[pc.param] + 1),
+                                   s.grads[pc.param])
+        s.updated(c)
 
     def _pump(self, s: "_Overlap") -> None:
         threads = torch.get_num_threads()
@@ -393,8 +434,14 @@ class OffloadAdamW(torch.optim.Optimizer):
             torch.set_num_threads(threads)
 
     def _step_overlapped(self) -> None:
+        if self.overlap_forward and not self._attached:
+            raise ValueError(
+                "OffloadAdamW(overlap_forward=True) finishes each step during the next forward, so it must know "
+                "the model: call opt.attach(model) once before training"
+            )
+        self.synchronize()  # a step before whose forward never ran (two step() calls in a row)
         s = self._session
-        if s is None:  # no hook fired: gradients set by hand, or none at all
+        if s is None:  # no hook fired (overlap_forward alone, gradients set by hand, or none at all)
             s = self._begin(run_pre_hooks=False)
         self._session = None
         t0 = time.perf_counter()
@@ -421,13 +468,24 @@ class OffloadAdamW(torch.optim.Optimizer):
                     "backward() (LR schedulers stepped after step() already do)"
                 )
             t1 = time.perf_counter()
-            overlapped = s.stream.updated  # chunks updated inside backward()
+            s.overlapped = s.stream.updated  # chunks updated inside backward()
+            s.steps = [n + 1 if f else n for n, f in zip(self.files.steps, s.final)]
+            s.backward_s = t0 - s.t0
+            if self.overlap_forward:
+                # The rest runs in the next forward, in the order it needs the parameters.
+                s.stream.reorder(self._forward_chunk_order())
+                s.defer()
+                s.t_deferred = time.perf_counter()
+                s.step_s = s.t_deferred - t0
+                self._deferred = s
+                _PENDING.add(self)
+                self._grad_order = s.order
+                return
             torch.set_num_threads(self.update_threads or max(1, threads - 1))
             s.stream.drain(lambda c, b: self._update_chunk(s, c, b))
             t2 = time.perf_counter()
             self.files.flush(s.dst)
-            steps = [n + 1 if f else n for n, f in zip(self.files.steps, s.final)]
-            self.files.commit(s.dst, steps)
+            self.files.commit(s.dst, s.steps)
         except BaseException as e:
             self._abort(e, s)
             raise
@@ -436,10 +494,125 @@ class OffloadAdamW(torch.optim.Optimizer):
         t3 = time.perf_counter()
         self._grad_order = s.order
         stats = dict(s.stream.stats)
-        stats.update(overlapped_chunks=overlapped, chunks=len(self.layout.chunks), backward_s=t0 - s.t0,
+        stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
                      drain_s=t2 - t1, commit_s=t3 - t2, step_s=t3 - t0, pipeline_s=t3 - s.t0, bytes=self.bytes_per_step)
         self.last_step_stats = stats
         self._refresh_state()
+
+    # ------------------------------------------------------------------ the step, finished in the next forward
+    def attach(self, model: torch.nn.Module) -> "OffloadAdamW":
+        """Give every module of ``model`` that owns parameters of this optimizer a forward
+        pre-hook: with ``overlap_forward=True`` it waits until those parameters are updated
+        (the rest of the step goes on while the module computes). Call once.
+
+        Raises:
+            ValueError: a parameter of this optimizer is in no module of ``model``.
+
+        Example:
+            >>> opt = OffloadAdamW(model.parameters(), dir="/nvme/optim", overlap_forward=True)  # doctest: +SKIP
+            >>> opt.attach(model)                                                              # doctest: +SKIP
+        """
+        index = {id(p): i for i, p in enumerate(self._params)}
+        handles, covered = [], set()
+        for m in model.modules():
+            idxs = sorted({index[id(p)] for p in m.parameters(recurse=False) if id(p) in index})
+            if idxs:
+                chunks = sorted({c for i in idxs for c in self._chunks_of[i]})
+                handles.append(m.register_forward_pre_hook(_ForwardHook(self, idxs, chunks)))
+                covered.update(idxs)
+        missing = [i for i in range(len(self._params)) if i not in covered]
+        if missing:
+            for h in handles:
+                h.remove()
+            shapes = ", ".join(f"{i} {list(self._params[i].shape)}" for i in missing[:5])
+            raise ValueError(
+                f"OffloadAdamW.attach: parameters {shapes} of this optimizer are in no module of the model "
+                f"({len(missing)} in all), so no forward would wait for their update; attach the model that "
+                "holds every parameter, or build the optimizer with overlap_forward=False"
+            )
+        self._hook_handles.extend(handles)
+        self._attached = True
+        return self
+
+    def synchronize(self) -> None:
+        """Finish a step that ``overlap_forward`` left running: update the parameters not
+        updated yet, write and commit the state. Call it before reading parameters other
+        than through the attached modules' forward (an eval loop that calls submodules
+        directly, your own logging); a no-op when nothing is left.
+
+        Raises:
+            StorageError: the step's reads or writes failed (see ``step()``).
+
+        Example:
+            >>> opt.step(); opt.synchronize(); print(model.fc.weight.norm())   # doctest: +SKIP
+        """
+        s = self._deferred
+        if s is None:
+            return
+        self._deferred = None
+        _PENDING.discard(self)
+        threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        try:
+            torch.set_num_threads(self.update_threads or max(1, threads - 1))
+            with torch.no_grad():
+                s.stream.drain(lambda c, b: self._update_chunk(s, c, b))
+            t1 = time.perf_counter()
+            self.files.flush(s.dst)
+            self.files.commit(s.dst, s.steps)
+        except BaseException as e:
+            self._abort(e, s)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        t2 = time.perf_counter()
+        stats = dict(s.stream.stats)
+        stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
+                     deferred_chunks=s.deferred_chunks, forward_chunks=s.forward_chunks,
+                     forward_wait_s=s.forward_wait_s, drain_s=t1 - t0, commit_s=t2 - t1, step_s=s.step_s, deferred_s=t2 - s.t_deferred, pipeline_s=t2 - s.t0,
+                     bytes=self.bytes_per_step)
+        self.last_step_stats = stats
+        self._refresh_state()
+
+    def _forward_chunk_order(self) -> list[int]:
+        """Chunks in the order the last forward reached their parameters (parameter order at first)."""
+        if self._fwd_trace:
+            self._fwd_order = list(dict.fromkeys(self._fwd_trace))
+            self._fwd_trace = []
+        n = len(self._params)
+        rank = {p: r for r, p in enumerate(self._fwd_order or range(n))}
+        chunks = self.layout.chunks
+        return sorted(range(len(chunks)), key=lambda c: min((rank.get(pc.param, n + pc.param) for pc in chunks[c].pieces),
+                                                            default=2 * n))
+
+    def _on_forward(self, idxs: list[int], chunks: list[int]) -> None:
+        """Forward pre-hook of a module that owns parameters ``idxs`` (stored in ``chunks``)."""
+        if len(self._fwd_trace) < 4 * len(self._params):
+            self._fwd_trace.extend(idxs)
+        s = self._deferred
+        if s is None:
+            return
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(self.update_threads or max(1, threads - 1))
+            before = s.stream.updated
+            with torch.no_grad():
+                s.stream.pull(chunks, lambda c, b: self._update_chunk(s, c, b))
+            s.forward_chunks += s.stream.updated - before
+        except BaseException as e:
+            self._deferred = None
+            _PENDING.discard(self)
+            self._abort(e, s)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            s.forward_wait_s += time.perf_counter() - t0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._deferred is not None and not set_to_none:
+            self.synchronize()  # zeroing in place would change gradients the step still needs
+        super().zero_grad(set_to_none)
 
     def _abort(self, e: BaseException, s: "_Overlap | None" = None) -> None:
         """Stop an overlapped step that failed; undo what it did, or say what cannot be undone."""
@@ -462,13 +635,14 @@ class OffloadAdamW(torch.optim.Optimizer):
         b1, b2 = (float(b.item()) if isinstance(b, torch.Tensor) else float(b) for b in group["betas"])
         return lr, b1, b2, float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"])
 
-    def _update_piece(self, pc, f: list[torch.Tensor], hyper: tuple, step: float) -> None:
+    def _update_piece(self, pc, f: list[torch.Tensor], hyper: tuple, step: float,
+                      grad_of: torch.Tensor | None = None) -> None:
         # torch.optim.adam._single_tensor_adam (decoupled weight decay, not capturable), op for op.
         lr, beta1, beta2, eps, wd, maximize = hyper
         n = pc.hi - pc.lo
         lo, hi, b = pc.lo, pc.hi, pc.buf_lo
         p = self._params[pc.param]
-        grad = p.grad.detach().reshape(-1)[lo:hi]
+        grad = (p.grad if grad_of is None else grad_of).detach().reshape(-1)[lo:hi]
         if grad.device.type != "cpu" or grad.dtype != torch.float32:
             grad = self._gbuf[:n].copy_(grad)
         if maximize:
@@ -556,6 +730,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         Example:
             >>> outlast.save({"optim": opt}, "ckpt/step-00000010")   # doctest: +SKIP
         """
+        self.synchronize()
         state = {}
         for i in range(len(self._params)):
             if self.files.steps[i] > 0:
@@ -581,6 +756,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """
         if self._closed:
             raise ValueError("OffloadAdamW is closed")
+        self.synchronize()
         if self._session is not None:
             raise ValueError(
                 "OffloadAdamW(overlap_backward=True): a backward() has begun this step's update; call step() "
@@ -669,6 +845,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """
         if self._closed or self.tier != "disk":
             return None
+        self.synchronize()
         g = self.files.generation
         storages = {self.files.mapped(k, g).untyped_storage().data_ptr() for k in self.kinds}
         with self._pin_cond:
@@ -685,6 +862,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         Example:
             >>> opt.wait_for_checkpoints()   # doctest: +SKIP
         """
+        self.synchronize()
         self._wait_unpinned(self.files.generation)
 
     def _unpin(self, generation: int) -> None:
@@ -717,6 +895,11 @@ class OffloadAdamW(torch.optim.Optimizer):
     def close(self) -> None:
         """Close the state files (they stay on disk; ``reopen=True`` continues from them)."""
         if not self._closed:
+            if self._deferred is not None:
+                try:
+                    self.synchronize()  # finish the step: its state is committed, not lost
+                except BaseException:  # noqa: BLE001 - the files stay as the failure left them (the previous step)
+                    pass
             if self._session is not None:
                 self._abort(ValueError("OffloadAdamW closed between backward() and step()"))
             for h in self._hook_handles:
@@ -749,9 +932,37 @@ class _Overlap:
         self.grads: list = [None] * n
         self.versions = [0] * n
         self.order: list[int] = []
+        self.steps: list[int] = []
+        self.overlapped = 0
+        self.backward_s = self.step_s = self.forward_wait_s = 0.0
+        self.forward_chunks = 0
+        self.t_deferred = t0
         # parameters of each chunk whose gradient is not final yet (a chunk with none is updatable)
         self.pending = [len({pc.param for pc in c.pieces}) for c in opt.layout.chunks]
         self._chunks_of = opt._chunks_of
+        self._params_of = [sorted({pc.param for pc in c.pieces}) for c in opt.layout.chunks]
+        self._left = [len(cs) for cs in opt._chunks_of]  # chunks of each parameter not updated yet
+        self._deferring = False
+
+    def updated(self, c: int) -> None:
+        """Chunk ``c`` is updated. Once ``step()`` has returned, a gradient no chunk needs any
+        more is let go, so the old gradients are freed during the forward, before the next
+        backward allocates new ones (zero_grad(set_to_none=True) only dropped p.grad)."""
+        for i in self._params_of[c]:
+            self._left[i] -= 1
+            if self._deferring and self._left[i] == 0:
+                self.grads[i] = None
+
+    def defer(self) -> None:
+        self._deferring = True
+        for i, n in enumerate(self._left):
+            if n == 0:
+                self.grads[i] = None
+
+    @property
+    def deferred_chunks(self) -> int:
+        """Chunks left to the forward (not updated inside backward)."""
+        return len(self.stream.order) - self.overlapped
 
     def mark_final(self, i: int, grad: torch.Tensor) -> None:
         self.final[i] = True
@@ -773,6 +984,19 @@ class _GradHook:
         opt = self._opt()
         if opt is not None:
             opt._on_grad(self._i)
+
+
+class _ForwardHook:
+    """The forward pre-hook of one module (holds the optimizer weakly)."""
+
+    def __init__(self, opt: OffloadAdamW, idxs: list[int], chunks: list[int]):
+        self._opt = weakref.ref(opt)
+        self._idxs, self._chunks = idxs, chunks
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        opt = self._opt()
+        if opt is not None:
+            opt._on_forward(self._idxs, self._chunks)
 
 
 class _Accumulating:

@@ -10,7 +10,11 @@ backward pass to ``step()``, and the caller runs the update in between:
 * :meth:`ChunkStream.pump` (from a hook) updates every chunk already read whose
   gradients are final, and never waits: the backward pass goes on at once, and the disk
   keeps streaming the next chunks while it does;
-* :meth:`ChunkStream.drain` (from ``step()``) updates the rest, waiting for their reads.
+* :meth:`ChunkStream.drain` (from ``step()``) updates the rest, waiting for their reads;
+* :meth:`ChunkStream.pull` (``overlap_forward=True``: from the next forward's module
+  pre-hooks, after ``step()`` has returned) updates the chunks a module needs, waiting
+  for their reads, after :meth:`ChunkStream.reorder` has put the unread chunks in the
+  order the forward needs them.
 
 A chunk holds one buffer set of the pool from its read until its write is done, so the
 memory is the pool's, as in the plain pipeline; chunks are read in the order given
@@ -20,6 +24,8 @@ order their gradients allow.
 
 from __future__ import annotations
 
+import collections
+import os
 import queue
 import threading
 import time
@@ -32,6 +38,17 @@ from .pool import BufferPool
 __all__ = ["ChunkStream"]
 
 _STOP = -1
+
+
+def raise_io_priority() -> None:
+    """Run this I/O thread ahead of the compute threads: a disk request waits for a core only
+    for the few microseconds it needs to issue the next one, and a thread that cannot get a
+    core (a two-thread backward on two cores) leaves the disk idle. Needs CAP_SYS_NICE; without
+    it the thread keeps the process's priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -10)
+    except (OSError, AttributeError):
+        pass
 
 
 class ChunkStream:
@@ -67,6 +84,8 @@ class ChunkStream:
         timeout_s: float = 600.0,
     ):
         self.order = list(order)
+        self._unread = collections.deque(self.order)  # the reader takes from the left; reorder() may change it
+        self._taken: set[int] = set()  # chunks handed to the update stage
         self.pool = pool
         self._read, self._write = read, write
         self.timeout_s = timeout_s
@@ -92,8 +111,9 @@ class ChunkStream:
             self._cond.notify_all()
 
     def _reader(self) -> None:
+        raise_io_priority()
         try:
-            for c in self.order:
+            while True:
                 t0 = time.perf_counter()
                 while True:
                     if self.failed.is_set():
@@ -103,6 +123,11 @@ class ChunkStream:
                         break
                     except queue.Empty:
                         continue
+                with self._cond:  # the chunk is chosen only now, so a reorder() counts until the last moment
+                    c = self._unread.popleft() if self._unread else None
+                if c is None:
+                    self.pool.release(s)
+                    return
                 t1 = time.perf_counter()
                 try:
                     self._read(c, self.pool.buffers(s))
@@ -122,6 +147,7 @@ class ChunkStream:
                 self._cond.notify_all()
 
     def _writer(self) -> None:
+        raise_io_priority()
         while True:
             c, s = self._done.get()
             if c == _STOP:
@@ -138,6 +164,7 @@ class ChunkStream:
 
     # ------------------------------------------------------------------ caller
     def _update(self, c: int, s: int, update: Callable[[int, list[torch.Tensor]], None]) -> None:
+        self._taken.add(c)
         try:
             if not self.failed.is_set():
                 t0 = time.perf_counter()
@@ -162,6 +189,42 @@ class ChunkStream:
         for c, s in take:
             self._update(c, s, update)
         return len(take)
+
+    def reorder(self, order: Sequence[int]) -> None:
+        """Read the chunks not read yet in ``order`` (chunks of ``order`` already read or
+        not in this stream are skipped; unread chunks missing from ``order`` go last)."""
+        with self._cond:
+            unread = set(self._unread)
+            first = [c for c in dict.fromkeys(order) if c in unread]
+            seen = set(first)
+            self._unread = collections.deque(first + [c for c in self._unread if c not in seen])
+
+    def pull(self, need: Sequence[int], update: Callable[[int, list[torch.Tensor]], None]) -> None:
+        """Update every chunk of ``need`` not updated yet, waiting for their reads; chunks
+        read meanwhile are updated too (every gradient must be final). Raises the first
+        error of any stage."""
+        left = [c for c in need if c not in self._taken]
+        while left:
+            with self._cond:
+                ok = self._cond.wait_for(lambda: self._ready or self._read_all or self.failed.is_set(), self.timeout_s)
+                if not ok:
+                    self._fail(TimeoutError(f"the offload read stage produced nothing for {self.timeout_s}s"))
+                if self.failed.is_set() or not self._ready:
+                    break
+                take = list(self._ready.items())
+                self._ready.clear()
+            for c, s in take:
+                self._update(c, s, update)
+            left = [c for c in left if c not in self._taken]
+        if self.errors:
+            raise self.errors[0]
+        if left:
+            raise RuntimeError(f"offload chunks {left[:8]} were never read: they are not in this stream")
+
+    @property
+    def remaining(self) -> int:
+        """Chunks not handed to the update stage yet."""
+        return len(self.order) - len(self._taken)
 
     def drain(self, update: Callable[[int, list[torch.Tensor]], None]) -> None:
         """Update every chunk not updated yet, waiting for their reads; raises the first

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .overlap import raise_io_priority
 from .pool import BufferPool
 
 __all__ = ["run_pipeline"]
@@ -68,6 +69,7 @@ def run_pipeline(
     spent = {"read_s": 0.0, "update_s": 0.0, "write_s": 0.0, "pool_wait_s": 0.0}
 
     def reader() -> None:
+        raise_io_priority()
         try:
             for c in chunks:
                 t0 = time.perf_counter()
@@ -95,6 +97,7 @@ def run_pipeline(
             ready.put((_STOP, -1))
 
     def writer() -> None:
+        raise_io_priority()
         try:
             while True:
                 c, s = done.get(timeout=timeout_s)

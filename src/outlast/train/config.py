@@ -139,10 +139,16 @@ class OptimConfig:
     one ``rank<N>`` folder per rank) instead of in memory; empty: in memory. Relative to
     run_dir. Results equal the in-memory run bit for bit; checkpoints are the same, so a
     run can be resumed with or without it. Put it on a local NVMe disk. DDP only."""
+    offload_overlap_forward: bool = False
+    """With ``offload_dir``: let each optimizer step finish during the next forward
+    (``OffloadAdamW(overlap_forward=True)``), so the state's disk I/O overlaps it. Same
+    results; checkpoints finish the step before they read the weights."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload_dir, str):
             raise ConfigError(f"optim.offload_dir={self.offload_dir!r} must be a string (a directory)")
+        if not isinstance(self.offload_overlap_forward, bool):
+            raise ConfigError(f"optim.offload_overlap_forward={self.offload_overlap_forward!r} must be true or false")
         _num("optim", "lr", self.lr, low=0.0, low_open=True)
         _num("optim", "weight_decay", self.weight_decay, low=0.0)
         _num("optim", "beta1", self.beta1, low=0.0, high=1.0)

@@ -184,7 +184,10 @@ def train(cfg: TrainConfig) -> dict:
         # State files per rank; on an accelerator fp32 masters live in the tier as well.
         offload_dir = os.path.join(cfg.run_dir, cfg.optim.offload_dir, f"rank{rank}")
         optimizer: torch.optim.Optimizer = OffloadAdamW(
-            model.parameters(), dir=offload_dir, master_params=device.type != "cpu", **adamw)
+            model.parameters(), dir=offload_dir, master_params=device.type != "cpu",
+            overlap_forward=cfg.optim.offload_overlap_forward, **adamw)
+        if cfg.optim.offload_overlap_forward:
+            optimizer.attach(model)  # each module's forward waits for its own parameters' update
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **adamw)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_factor(s, cfg.steps))
