@@ -43,6 +43,15 @@ def _loss(m, step):
     return torch.nn.functional.mse_loss(m(x), y)
 
 
+def _train(pairs, steps):
+    """``steps`` (a range) of backward / step / zero_grad for each (model, optimizer) pair."""
+    for step in steps:
+        for m, o in pairs:
+            _loss(m, step).backward()
+            o.step()
+            o.zero_grad()
+
+
 def _opt(m, tmp_path, **kw):
     args = dict(KW, dir=str(tmp_path / "st"), chunk_bytes=8192, overlap_forward=True)
     args.update(kw)
@@ -60,7 +69,7 @@ def test_forward_overlapped_equal_to_torch_adamw(tmp_path, tier, master, backwar
     b = _opt(mine, tmp_path, tier=tier, master_params=master, overlap_backward=backward)
     sa = torch.optim.lr_scheduler.LambdaLR(a, lambda s: 1.0 / (1 + s))
     sb = torch.optim.lr_scheduler.LambdaLR(b, lambda s: 1.0 / (1 + s))
-    in_forward = []
+    in_forward, prefetched = [], []
     for step in range(6):
         losses = []
         for m, o, s in ((ref, a, sa), (mine, b, sb)):
@@ -75,7 +84,9 @@ def test_forward_overlapped_equal_to_torch_adamw(tmp_path, tier, master, backwar
         assert losses[0] == losses[1], f"step {step}: the forward saw other parameters than torch's"
         if step > 0:
             in_forward.append(b.last_step_stats["forward_chunks"])  # the step before, finished by this forward
+            prefetched.append(b.last_step_stats["prefetched_chunks"])
     assert sum(in_forward) > 0, "no chunk was updated inside a forward: the overlap is not exercised"
+    assert sum(prefetched) > 0, "no chunk was read ahead of its step: the read-ahead is not exercised"
     assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b)  # state_dict() finishes the last step
     b.close()
 
@@ -101,11 +112,7 @@ def test_synchronize_then_read_parameters_directly(tmp_path):
     ref, mine = _model(), _model()
     a = torch.optim.AdamW(_groups(ref), **KW)
     b = _opt(mine, tmp_path)
-    for step in range(2):
-        for m, o in ((ref, a), (mine, b)):
-            _loss(m, step).backward()
-            o.step()
-            o.zero_grad()
+    _train([(ref, a), (mine, b)], range(2))
     assert not torch.equal(ref[6].weight, mine[6].weight), "nothing was left for the forward to finish"
     b.synchronize()
     for r, p in zip(ref.parameters(), mine.parameters()):
@@ -188,4 +195,30 @@ def test_old_gradients_are_freed_by_the_forward(tmp_path):
         m(torch.zeros(1, 33))  # updates every chunk
     gc.collect()
     assert all(r() is None for r in old), "gradients of finished parameters are still held"
+    b.close()
+
+
+def test_load_state_dict_discards_the_read_ahead(tmp_path):
+    # The forward that finishes a step starts reading the next step's state; a load that
+    # replaces the state must not let the next step use those stale reads.
+    ref, mine = _model(), _model()
+    a = torch.optim.AdamW(_groups(ref), **KW)
+    b = _opt(mine, tmp_path)
+    _train([(ref, a)], range(3))
+    _train([(mine, b)], range(2))
+    _loss(mine, 2)  # finishes step 1 and starts reading ahead for step 2
+    assert b._prefetch is not None
+    with torch.no_grad():
+        for p, r in zip(mine.parameters(), ref.parameters()):
+            p.copy_(r)
+    b.load_state_dict(a.state_dict())  # jump to the reference's state after step 2
+    assert b._prefetch is None
+    losses = []
+    for m, o in ((ref, a), (mine, b)):
+        loss = _loss(m, 3)
+        losses.append(loss.item())
+        loss.backward()
+        o.step()
+    assert losses[0] == losses[1]
+    assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b)
     b.close()

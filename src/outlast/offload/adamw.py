@@ -207,6 +207,13 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._attached = False
         self._fwd_trace: list[int] = []  # parameters in the order the attached forward reached them
         self._fwd_order: list[int] | None = None
+        self._fwd_chunks: list[int] = list(range(len(self.layout.chunks)))
+        self._prefetch: ChunkStream | None = None  # the next step's reads, started by the forward
+        self._prefetch_src = -1
+        self.prefetch = True
+        """With ``overlap_forward``: once the forward has updated every chunk, start reading the
+        next step's state into the pool (the larger ``pool_sets``, the more of the backward it
+        covers)."""
         self._chunks_of: list[list[int]] = [[] for _ in self._params]
         for c in self.layout.chunks:
             for pc in c.pieces:
@@ -390,10 +397,35 @@ class OffloadAdamW(torch.optim.Optimizer):
                 hook(self, (self,), {})
         src, dst = self.files.generation, self.files.next_generation()
         self._wait_unpinned(dst)
+        chunks = self.layout.chunks
+        if not self.overlap_backward:
+            order = self._forward_chunk_order()  # overlap_forward alone: the next forward needs them in this order
+        else:
+            order = self._backward_chunk_order()
+        stream, self._prefetch = self._prefetch, None
+        if stream is not None and self._prefetch_src != src:  # noqa: SIM114 - read another generation
+            _close_quietly(stream)
+            stream = None
+        prefetched = 0
+        if stream is not None:
+            prefetched = stream.started
+            stream.reorder(order)  # some chunks are read already: the backward or forward takes them first
+        else:
+            stream = ChunkStream(order, self.pool, *self._io(src, dst))
+        s = _Overlap(self, src, dst, [self._hyper(g) for g in self.param_groups], stream, time.perf_counter())
+        s.prefetched = prefetched
+        self._session = s
+        return s
+
+    def _io(self, src: int, dst: int, after: ChunkStream | None = None) -> tuple[Callable, Callable]:
+        """The read (from generation ``src``; once ``after`` has written the chunk, if given)
+        and write (to ``dst``) stages of a chunk stream."""
         kinds, chunks = self.kinds, self.layout.chunks
         nk = len(kinds)
 
         def read(c: int, bufs: list[torch.Tensor]) -> None:
+            if after is not None:
+                after.wait_written(c)
             n = chunks[c].numel * ITEMSIZE
             for k in range(nk):
                 self.files.read(kinds[k], src, chunks[c].start, bufs[k][:n])
@@ -403,17 +435,31 @@ class OffloadAdamW(torch.optim.Optimizer):
             for k in range(nk):
                 self.files.write(kinds[k], dst, chunks[c].start, bufs[k][:n])
 
+        return read, write
+
+    def _start_prefetch(self, s: "_Overlap") -> None:
+        """Every chunk of the deferred step ``s`` is updated (its writes may still run): start
+        reading the next step's state now, into the pool sets as they free up, so the disk
+        keeps working through the rest of the forward and the backward. Only reads: nothing
+        is written before the next step() has committed ``s``."""
+        order = self._fwd_chunks if not self.overlap_backward else self._backward_chunk_order()
+        self._prefetch = ChunkStream(order, self.pool, *self._io(s.dst, s.src, after=s.stream))
+        self._prefetch_src = s.dst
+
+    def _backward_chunk_order(self) -> list[int]:
+        """Chunks in the order their gradients were final in the last overlapped backward."""
+        chunks = self.layout.chunks
         if self._grad_order is None:
-            order = list(range(len(chunks)))[::-1]  # backward usually reaches the last parameters first
-        else:
-            rank = {p: r for r, p in enumerate(self._grad_order)}
-            last = len(self._params)
-            order = sorted(range(len(chunks)), key=lambda c: max(rank.get(pc.param, last) for pc in chunks[c].pieces)
-                           if chunks[c].pieces else last)
-        s = _Overlap(self, src, dst, [self._hyper(g) for g in self.param_groups],
-                     ChunkStream(order, self.pool, read, write), time.perf_counter())
-        self._session = s
-        return s
+            return list(range(len(chunks)))[::-1]  # backward usually reaches the last parameters first
+        rank = {p: r for r, p in enumerate(self._grad_order)}
+        last = len(self._params)
+        return sorted(range(len(chunks)), key=lambda c: max(rank.get(pc.param, last) for pc in chunks[c].pieces)
+                      if chunks[c].pieces else last)
+
+    def _cancel_prefetch(self) -> None:
+        stream, self._prefetch = self._prefetch, None
+        if stream is not None:
+            _close_quietly(stream)
 
     def _update_chunk(self, s: "_Overlap", c: int, bufs: list[torch.Tensor]) -> None:
         f = self._fviews[self._set_of[id(bufs[0])]]
@@ -467,7 +513,6 @@ class OffloadAdamW(torch.optim.Optimizer):
                     "backward() and step(), after the update had begun with the old values; change them before "
                     "backward() (LR schedulers stepped after step() already do)"
                 )
-            t1 = time.perf_counter()
             s.overlapped = s.stream.updated  # chunks updated inside backward()
             s.steps = [n + 1 if f else n for n, f in zip(self.files.steps, s.final)]
             s.backward_s = t0 - s.t0
@@ -481,23 +526,13 @@ class OffloadAdamW(torch.optim.Optimizer):
                 _PENDING.add(self)
                 self._grad_order = s.order
                 return
-            torch.set_num_threads(self.update_threads or max(1, threads - 1))
-            s.stream.drain(lambda c, b: self._update_chunk(s, c, b))
-            t2 = time.perf_counter()
-            self.files.flush(s.dst)
-            self.files.commit(s.dst, s.steps)
         except BaseException as e:
             self._abort(e, s)
             raise
         finally:
             torch.set_num_threads(threads)
-        t3 = time.perf_counter()
         self._grad_order = s.order
-        stats = dict(s.stream.stats)
-        stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
-                     drain_s=t2 - t1, commit_s=t3 - t2, step_s=t3 - t0, pipeline_s=t3 - s.t0, bytes=self.bytes_per_step)
-        self.last_step_stats = stats
-        self._refresh_state()
+        self._finish(s, t0)
 
     # ------------------------------------------------------------------ the step, finished in the next forward
     def attach(self, model: torch.nn.Module) -> "OffloadAdamW":
@@ -551,6 +586,11 @@ class OffloadAdamW(torch.optim.Optimizer):
             return
         self._deferred = None
         _PENDING.discard(self)
+        self._finish(s, None)
+
+    def _finish(self, s: "_Overlap", t_step: float | None) -> None:
+        """Update the chunks of ``s`` left (waiting for their reads), write, commit, and record
+        the step's stats. ``t_step``: when step() began, or None for a deferred step."""
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
         try:
@@ -568,9 +608,11 @@ class OffloadAdamW(torch.optim.Optimizer):
         t2 = time.perf_counter()
         stats = dict(s.stream.stats)
         stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
-                     deferred_chunks=s.deferred_chunks, forward_chunks=s.forward_chunks,
-                     forward_wait_s=s.forward_wait_s, drain_s=t1 - t0, commit_s=t2 - t1, step_s=s.step_s, deferred_s=t2 - s.t_deferred, pipeline_s=t2 - s.t0,
-                     bytes=self.bytes_per_step)
+                     prefetched_chunks=s.prefetched, drain_s=t1 - t0, commit_s=t2 - t1, pipeline_s=t2 - s.t0,
+                     step_s=s.step_s if t_step is None else t2 - t_step, bytes=self.bytes_per_step)
+        if t_step is None:
+            stats.update(deferred_chunks=s.deferred_chunks, forward_chunks=s.forward_chunks,
+                         forward_wait_s=s.forward_wait_s, deferred_s=t2 - s.t_deferred)
         self.last_step_stats = stats
         self._refresh_state()
 
@@ -582,8 +624,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         n = len(self._params)
         rank = {p: r for r, p in enumerate(self._fwd_order or range(n))}
         chunks = self.layout.chunks
-        return sorted(range(len(chunks)), key=lambda c: min((rank.get(pc.param, n + pc.param) for pc in chunks[c].pieces),
-                                                            default=2 * n))
+        self._fwd_chunks = sorted(range(len(chunks)),
+                                  key=lambda c: min((rank.get(pc.param, n + pc.param) for pc in chunks[c].pieces),
+                                                    default=2 * n))
+        return self._fwd_chunks
 
     def _on_forward(self, idxs: list[int], chunks: list[int]) -> None:
         """Forward pre-hook of a module that owns parameters ``idxs`` (stored in ``chunks``)."""
@@ -600,6 +644,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             with torch.no_grad():
                 s.stream.pull(chunks, lambda c, b: self._update_chunk(s, c, b))
             s.forward_chunks += s.stream.updated - before
+            if s.stream.remaining == 0 and self._prefetch is None and self.prefetch:
+                self._start_prefetch(s)
         except BaseException as e:
             self._deferred = None
             _PENDING.discard(self)
@@ -618,12 +664,14 @@ class OffloadAdamW(torch.optim.Optimizer):
         """Stop an overlapped step that failed; undo what it did, or say what cannot be undone."""
         s = s or self._session
         self._session = None
+        if s is not None:
+            try:
+                s.stream.close()  # first: a read-ahead of the next step may wait for its writes
+            except BaseException:  # noqa: BLE001 - the first error is the one raised
+                pass
+        self._cancel_prefetch()
         if s is None:
             return
-        try:
-            s.stream.close()
-        except BaseException:  # noqa: BLE001 - the first error is the one raised
-            pass
         if s.stream.updated == 0:
             return  # nothing changed yet: the parameters and state are those of the previous step
         self._after_failure(e, s.src)
@@ -757,6 +805,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         if self._closed:
             raise ValueError("OffloadAdamW is closed")
         self.synchronize()
+        self._cancel_prefetch()  # it read the files this load is about to write
         if self._session is not None:
             raise ValueError(
                 "OffloadAdamW(overlap_backward=True): a backward() has begun this step's update; call step() "
@@ -900,6 +949,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                     self.synchronize()  # finish the step: its state is committed, not lost
                 except BaseException:  # noqa: BLE001 - the files stay as the failure left them (the previous step)
                     pass
+            self._cancel_prefetch()
             if self._session is not None:
                 self._abort(ValueError("OffloadAdamW closed between backward() and step()"))
             for h in self._hook_handles:
@@ -915,6 +965,13 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_quietly(stream: ChunkStream) -> None:
+    try:
+        stream.close()
+    except BaseException:  # noqa: BLE001 - an abandoned read-ahead: nothing of it was used
+        pass
 
 
 def _append(e: BaseException, text: str) -> None:
@@ -936,6 +993,7 @@ class _Overlap:
         self.overlapped = 0
         self.backward_s = self.step_s = self.forward_wait_s = 0.0
         self.forward_chunks = 0
+        self.prefetched = 0  # chunks whose read had begun before this step began (the forward's read-ahead)
         self.t_deferred = t0
         # parameters of each chunk whose gradient is not final yet (a chunk with none is updatable)
         self.pending = [len({pc.param for pc in c.pieces}) for c in opt.layout.chunks]

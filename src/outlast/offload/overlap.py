@@ -86,6 +86,8 @@ class ChunkStream:
         self.order = list(order)
         self._unread = collections.deque(self.order)  # the reader takes from the left; reorder() may change it
         self._taken: set[int] = set()  # chunks handed to the update stage
+        self._written: set[int] = set()  # chunks whose write is done
+        self._finished = False
         self.pool = pool
         self._read, self._write = read, write
         self.timeout_s = timeout_s
@@ -157,6 +159,9 @@ class ChunkStream:
                     t0 = time.perf_counter()
                     self._write(c, self.pool.buffers(s))
                     self.stats["write_s"] += time.perf_counter() - t0
+                    with self._cond:
+                        self._written.add(c)
+                        self._cond.notify_all()
             except BaseException as e:  # noqa: BLE001
                 self._fail(e)
             finally:
@@ -221,6 +226,24 @@ class ChunkStream:
         if left:
             raise RuntimeError(f"offload chunks {left[:8]} were never read: they are not in this stream")
 
+    def wait_written(self, c: int) -> None:
+        """Block until chunk ``c``'s write is done (for a stream that reads what this one
+        writes: the next step's read-ahead). Raises if this stream failed or was closed first."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: c in self._written or self.failed.is_set() or self._finished,
+                                     self.timeout_s)
+            if c in self._written:
+                return
+        raise RuntimeError(
+            f"offload chunk {c} was not written by the step before (it failed or timed out after {self.timeout_s}s)"
+            if ok else f"waited {self.timeout_s}s for the step before to write offload chunk {c}")
+
+    @property
+    def started(self) -> int:
+        """Chunks whose read has begun."""
+        with self._cond:
+            return len(self.order) - len(self._unread)
+
     @property
     def remaining(self) -> int:
         """Chunks not handed to the update stage yet."""
@@ -260,5 +283,8 @@ class ChunkStream:
                 self._done.put((_STOP - 1, s))  # released by the writer without being written
             self._done.put((_STOP, -1))
             self._tw.join(self.timeout_s)
+            with self._cond:
+                self._finished = True  # every write that will happen has happened
+                self._cond.notify_all()
         if self.errors:
             raise self.errors[0]
