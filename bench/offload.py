@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--skip-fit", action="store_true")
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--big-rounds", type=int, default=1)
-    ap.add_argument("--overlap-pool-sets", type=int, default=16)
+    ap.add_argument("--overlap-pool-sets", type=int, default=64)
     ap.add_argument("--big-modes", default="plain,overlap,forward,both",
                     help="plain: step() after backward; overlap: overlap_backward; forward: overlap_forward; "
                          "both: overlap_backward + overlap_forward")

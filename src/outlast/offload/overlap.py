@@ -116,6 +116,9 @@ class ChunkStream:
         raise_io_priority()
         try:
             while True:
+                with self._cond:
+                    if not self._unread:
+                        return  # (finally: read_all) before waiting for a set no chunk needs
                 t0 = time.perf_counter()
                 while True:
                     if self.failed.is_set():
@@ -252,7 +255,7 @@ class ChunkStream:
     def drain(self, update: Callable[[int, list[torch.Tensor]], None]) -> None:
         """Update every chunk not updated yet, waiting for their reads; raises the first
         error of any stage (the step then must not be committed)."""
-        while True:
+        while len(self._taken) < len(self.order):
             with self._cond:
                 ok = self._cond.wait_for(lambda: self._ready or self._read_all or self.failed.is_set(), self.timeout_s)
                 if not ok:
