@@ -3,7 +3,8 @@
 Two measurements, one run, side by side:
 
 1. **A model that fits** (residual MLP, fp32, ``--fit-layers`` x 2048^2): step time of
-   ``OffloadAdamW`` (state files on ``--dir``) against ``torch.optim.AdamW`` in memory.
+   ``OffloadAdamW`` (state files on ``--dir``), plain and with ``overlap_forward``, against
+   ``torch.optim.AdamW`` in memory.
    The two modes run in fresh processes, interleaved for ``--rounds`` rounds with the
    order rotating, so drift of a shared machine hits both alike; a run's step time is the
    median of its steps after the first; the table shows the median over rounds.
@@ -117,7 +118,9 @@ def main() -> None:
 
     # ---- 1. fits: offload vs in-memory, interleaved fresh processes ------------------
     fit = ["--layers", str(a.fit_layers), "--width", str(width), "--dtype", "float32", "--steps", str(a.steps)]
-    modes = ["torch", "offload"]
+    modes = ["torch", "offload", "offload_fwd"]
+    margs = {"torch": ["--optim", "torch"], "offload": ["--optim", "offload"],
+             "offload_fwd": ["--optim", "offload", "--overlap-forward"]}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     result: dict = {}
     for r in range(0 if a.skip_fit else a.rounds):
@@ -125,12 +128,13 @@ def main() -> None:
         for m in order:
             d = os.path.join(a.dir, f"fit-{m}")
             shutil.rmtree(d, ignore_errors=True)
-            runs[m].append(_run(fit + ["--optim", m, "--dir", d]))
+            runs[m].append(_run(fit + margs[m] + ["--dir", d]))
             shutil.rmtree(d, ignore_errors=True)
     if not a.skip_fit:
         step = {m: statistics.median(_steady(x["step_s"]) for x in runs[m]) for m in modes}
-        per_round = [_steady(o["step_s"]) / _steady(t["step_s"]) for t, o in zip(runs["torch"], runs["offload"])]
-        losses_equal = all(t["losses"] == o["losses"] for t, o in zip(runs["torch"], runs["offload"]))
+        per_round = {m: [_steady(o["step_s"]) / _steady(t["step_s"]) for t, o in zip(runs["torch"], runs[m])]
+                     for m in modes[1:]}
+        losses_equal = all(t["losses"] == o["losses"] for m in modes[1:] for t, o in zip(runs["torch"], runs[m]))
         n_fit = runs["torch"][0]["params"]
         print(f"\n1. model that fits: {n_fit / 1e6:.0f}M fp32 params, AdamW state {8 * n_fit / 2**20:.0f} MiB, "
               f"{a.rounds} rounds x {a.steps} steps")
@@ -142,10 +146,13 @@ def main() -> None:
         ost = [s for x in runs["offload"] for s in x["stats"][1:]]
         stages = {k: statistics.median(s[k] for s in ost) for k in ("read_s", "update_s", "write_s", "pipeline_s")}
         print("offload step stages (median s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in stages.items()))
-        print(f"offload / in-memory: {step['offload'] / step['torch']:.2f}x (per round: "
-              f"{', '.join(f'{x:.2f}' for x in per_round)}); losses equal: {losses_equal}")
+        for m in modes[1:]:
+            print(f"{m} / in-memory: {step[m] / step['torch']:.2f}x (per round: "
+                  f"{', '.join(f'{x:.2f}' for x in per_round[m])})")
+        print(f"losses equal (all three): {losses_equal}")
         result["fit"] = {"params": n_fit, "torch_step_s": step["torch"], "offload_step_s": step["offload"],
-                          "ratio": step["offload"] / step["torch"], "ratio_per_round": per_round,
+                          "offload_fwd_step_s": step["offload_fwd"], "ratio": step["offload"] / step["torch"],
+                          "ratio_fwd": step["offload_fwd"] / step["torch"], "ratio_per_round": per_round,
                           "losses_equal": losses_equal, "offload_stages_s": stages}
 
     # ---- 2. does not fit: under a cgroup limit, against the disk's bound ---------------
