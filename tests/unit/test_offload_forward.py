@@ -225,3 +225,34 @@ def test_load_state_dict_discards_the_read_ahead(tmp_path):
     assert losses[0] == losses[1]
     assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b)
     b.close()
+
+
+def test_backward_hooks_wait_for_nothing_while_the_step_before_still_writes(tmp_path, monkeypatch):
+    # Both overlaps: the forward finishes step k, whose last writes may still run when the next
+    # backward's first gradient hooks fire. Those gradients are taken as final without waiting
+    # (committing step k would stall the backward) and updated once step k is committed.
+    real = files_mod._pwrite
+
+    def slow_pwrite(fd, mv, off):
+        time.sleep(0.002)  # a slow disk: writes lag behind the forward's updates
+        return real(fd, mv, off)
+
+    monkeypatch.setattr(files_mod, "_pwrite", slow_pwrite)
+    ref, mine = _model(), _model()
+    a = torch.optim.AdamW(_groups(ref), **KW)
+    b = _opt(mine, tmp_path, overlap_backward=True, master_params=True, pool_sets=64)
+    early = []
+    for step in range(5):
+        losses = []
+        for m, o in ((ref, a), (mine, b)):
+            loss = _loss(m, step)
+            losses.append(loss.item())
+            loss.backward()
+            o.step()
+            o.zero_grad()
+        assert losses[0] == losses[1], f"step {step}"
+        if step > 0:
+            early.append(b.last_step_stats["early_grads"])
+    assert sum(early) > 0, "no gradient hook ran while the step before was still writing: the path is not exercised"
+    assert_same_as_torch_adamw(ref.parameters(), a, mine.parameters(), b)
+    b.close()

@@ -204,6 +204,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """The longest a step waits for a checkpoint still reading the generation it is about to write."""
         self.overlap_forward = bool(overlap_forward)
         self._deferred: _Overlap | None = None  # a step that overlap_forward left running
+        self._early: list[int] = []  # final gradients seen before this step could begin (see _on_grad)
         self._attached = False
         self._fwd_trace: list[int] = []  # parameters in the order the attached forward reached them
         self._fwd_order: list[int] | None = None
@@ -371,6 +372,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             return
         s = self._session
         if s is None:
+            d = self._deferred
+            if d is not None and not d.stream.all_written() and i not in self._early:
+                # The step before (overlap_forward) still writes its last chunks; committing it now
+                # would stall this backward until they land. Take the gradient as final, update later.
+                self._early.append(i)
+                return
             s = self._begin(run_pre_hooks=True)
         if s.final[i]:
             e = ValueError(
@@ -383,6 +390,15 @@ class OffloadAdamW(torch.optim.Optimizer):
         g = self._params[i].grad
         s.mark_final(i, g)
         self._pump(s)
+
+    def _take_early(self, s: "_Overlap") -> None:
+        """Mark final the gradients whose hooks fired while the step before was still writing."""
+        early, self._early = self._early, []
+        s.early = len(early)
+        for j in early:
+            g = self._params[j].grad
+            if g is not None and not s.final[j]:
+                s.mark_final(j, g)
 
     def _begin(self, *, run_pre_hooks: bool) -> "_Overlap":
         """Start an overlapped step: from here on the optimizer changes parameters."""
@@ -414,6 +430,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             stream = ChunkStream(order, self.pool, *self._io(src, dst))
         s = _Overlap(self, src, dst, [self._hyper(g) for g in self.param_groups], stream, time.perf_counter())
         s.prefetched = prefetched
+        self._take_early(s)
         self._session = s
         return s
 
@@ -608,7 +625,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         t2 = time.perf_counter()
         stats = dict(s.stream.stats)
         stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
-                     prefetched_chunks=s.prefetched, drain_s=t1 - t0, commit_s=t2 - t1, pipeline_s=t2 - s.t0,
+                     prefetched_chunks=s.prefetched, early_grads=s.early, drain_s=t1 - t0, commit_s=t2 - t1, pipeline_s=t2 - s.t0,
                      step_s=s.step_s if t_step is None else t2 - t_step, bytes=self.bytes_per_step)
         if t_step is None:
             stats.update(deferred_chunks=s.deferred_chunks, forward_chunks=s.forward_chunks,
@@ -664,6 +681,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """Stop an overlapped step that failed; undo what it did, or say what cannot be undone."""
         s = s or self._session
         self._session = None
+        self._early = []
         if s is not None:
             try:
                 s.stream.close()  # first: a read-ahead of the next step may wait for its writes
@@ -994,6 +1012,7 @@ class _Overlap:
         self.backward_s = self.step_s = self.forward_wait_s = 0.0
         self.forward_chunks = 0
         self.prefetched = 0  # chunks whose read had begun before this step began (the forward's read-ahead)
+        self.early = 0  # gradients final before the step before had written its last chunks
         self.t_deferred = t0
         # parameters of each chunk whose gradient is not final yet (a chunk with none is updatable)
         self.pending = [len({pc.param for pc in c.pieces}) for c in opt.layout.chunks]

@@ -241,6 +241,11 @@ class ChunkStream:
             f"offload chunk {c} was not written by the step before (it failed or timed out after {self.timeout_s}s)"
             if ok else f"waited {self.timeout_s}s for the step before to write offload chunk {c}")
 
+    def all_written(self) -> bool:
+        """Every chunk's write is done (or the stream failed: nothing more will be written)."""
+        with self._cond:
+            return len(self._written) == len(self.order) or self.failed.is_set()
+
     @property
     def started(self) -> int:
         """Chunks whose read has begun."""
