@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -79,7 +80,7 @@ class StateFiles:
         >>> files.write("exp_avg", files.next_generation(), 0, buf)
         >>> files.flush(1); files.commit(1, [1]); files.generation
         1
-        >>> files.close()
+        >>> files.close(); shutil.rmtree(files.directory)
     """
 
     def __init__(self, directory: str, layout: StateLayout, kinds: Sequence[str], *, reopen: bool = False):
