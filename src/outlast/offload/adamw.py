@@ -20,6 +20,7 @@ this one loads there, so a run can move in and out of offload at any checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -207,18 +208,18 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._early: list[int] = []  # final gradients seen before this step could begin (see _on_grad)
         self._attached = False
         self._fwd_trace: list[int] = []  # parameters in the order the attached forward reached them
-        self._fwd_order: list[int] | None = None
-        self._fwd_chunks: list[int] = list(range(len(self.layout.chunks)))
+        self._fwd_chunks: list[int] = list(range(len(self.layout.chunks)))  # the layout is in parameter order
         self._prefetch: ChunkStream | None = None  # the next step's reads, started by the forward
         self._prefetch_src = -1
         self.prefetch = True
         """With ``overlap_forward``: once the forward has updated every chunk, start reading the
         next step's state into the pool (the larger ``pool_sets``, the more of the backward it
         covers)."""
-        self._chunks_of: list[list[int]] = [[] for _ in self._params]
+        self._chunks_of: list[list[int]] = [[] for _ in self._params]  # parameter -> its chunks
         for c in self.layout.chunks:
             for pc in c.pieces:
                 self._chunks_of[pc.param].append(c.index)
+        self._params_of = [sorted({pc.param for pc in c.pieces}) for c in self.layout.chunks]  # chunk -> parameters
         if self.overlap_backward:
             self._check_overlap_allowed()
             for i, p in enumerate(self._params):
@@ -303,15 +304,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         hyper = [self._hyper(g) for g in self.param_groups]
         src, dst = self.files.generation, self.files.next_generation()
         self._wait_unpinned(dst)
-        kinds = self.kinds
-        nk = len(kinds)
         chunks = self.layout.chunks
         sets_of = self._set_of
-
-        def read(c: int, bufs: list[torch.Tensor]) -> None:
-            n = chunks[c].numel * ITEMSIZE
-            for k in range(nk):
-                self.files.read(kinds[k], src, chunks[c].start, bufs[k][:n])
+        read, write = self._io(src, dst)
 
         def update(c: int, bufs: list[torch.Tensor]) -> None:
             f = self._fviews[sets_of[id(bufs[0])]]
@@ -319,25 +314,17 @@ class OffloadAdamW(torch.optim.Optimizer):
                 if active[pc.param]:
                     self._update_piece(pc, f, hyper[self._group_of[pc.param]], float(steps[pc.param]))
 
-        def write(c: int, bufs: list[torch.Tensor]) -> None:
-            n = chunks[c].numel * ITEMSIZE
-            for k in range(nk):
-                self.files.write(kinds[k], dst, chunks[c].start, bufs[k][:n])
-
         stats: dict = {}
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.update_threads or max(1, threads - 1))
         t0 = time.perf_counter()
         try:
-            run_pipeline(range(len(chunks)), self.pool, read, update, write, stats=stats)
+            with self._update_threads():
+                run_pipeline(range(len(chunks)), self.pool, read, update, write, stats=stats)
             t1 = time.perf_counter()
             self.files.flush(dst)
             self.files.commit(dst, steps)
         except BaseException as e:
             self._after_failure(e, src)
             raise
-        finally:
-            torch.set_num_threads(threads)
         t2 = time.perf_counter()
         stats.update(pipeline_s=t1 - t0, commit_s=t2 - t1, step_s=t2 - t0, bytes=self.bytes_per_step)
         self.last_step_stats = stats
@@ -413,7 +400,6 @@ class OffloadAdamW(torch.optim.Optimizer):
                 hook(self, (self,), {})
         src, dst = self.files.generation, self.files.next_generation()
         self._wait_unpinned(dst)
-        chunks = self.layout.chunks
         if not self.overlap_backward:
             order = self._forward_chunk_order()  # overlap_forward alone: the next forward needs them in this order
         else:
@@ -487,14 +473,21 @@ class OffloadAdamW(torch.optim.Optimizer):
                                    s.grads[pc.param])
         s.updated(c)
 
-    def _pump(self, s: "_Overlap") -> None:
+    @contextlib.contextmanager
+    def _update_threads(self):
+        """torch's intra-op threads for the update (``update_threads``), restored after it; and
+        no autograd (the hooks that update run inside forward or backward)."""
         threads = torch.get_num_threads()
         torch.set_num_threads(self.update_threads or max(1, threads - 1))
         try:
             with torch.no_grad():
-                s.stream.pump(lambda c: s.pending[c] == 0, lambda c, b: self._update_chunk(s, c, b))
+                yield
         finally:
             torch.set_num_threads(threads)
+
+    def _pump(self, s: "_Overlap") -> None:
+        with self._update_threads():
+            s.stream.pump(lambda c: s.pending[c] == 0, lambda c, b: self._update_chunk(s, c, b))
 
     def _step_overlapped(self) -> None:
         if self.overlap_forward and not self._attached:
@@ -508,7 +501,6 @@ class OffloadAdamW(torch.optim.Optimizer):
             s = self._begin(run_pre_hooks=False)
         self._session = None
         t0 = time.perf_counter()
-        threads = torch.get_num_threads()
         try:
             for i, p in enumerate(self._params):
                 if p.grad is not None and p.grad.is_sparse:
@@ -546,8 +538,6 @@ class OffloadAdamW(torch.optim.Optimizer):
         except BaseException as e:
             self._abort(e, s)
             raise
-        finally:
-            torch.set_num_threads(threads)
         self._grad_order = s.order
         self._finish(s, t0)
 
@@ -608,11 +598,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _finish(self, s: "_Overlap", t_step: float | None) -> None:
         """Update the chunks of ``s`` left (waiting for their reads), write, commit, and record
         the step's stats. ``t_step``: when step() began, or None for a deferred step."""
-        threads = torch.get_num_threads()
         t0 = time.perf_counter()
         try:
-            torch.set_num_threads(self.update_threads or max(1, threads - 1))
-            with torch.no_grad():
+            with self._update_threads():
                 s.stream.drain(lambda c, b: self._update_chunk(s, c, b))
             t1 = time.perf_counter()
             self.files.flush(s.dst)
@@ -620,8 +608,6 @@ class OffloadAdamW(torch.optim.Optimizer):
         except BaseException as e:
             self._abort(e, s)
             raise
-        finally:
-            torch.set_num_threads(threads)
         t2 = time.perf_counter()
         stats = dict(s.stream.stats)
         stats.update(overlapped_chunks=s.overlapped, chunks=len(self.layout.chunks), backward_s=s.backward_s,
@@ -636,14 +622,12 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _forward_chunk_order(self) -> list[int]:
         """Chunks in the order the last forward reached their parameters (parameter order at first)."""
         if self._fwd_trace:
-            self._fwd_order = list(dict.fromkeys(self._fwd_trace))
+            n = len(self._params)
+            rank = {p: r for r, p in enumerate(dict.fromkeys(self._fwd_trace))}
             self._fwd_trace = []
-        n = len(self._params)
-        rank = {p: r for r, p in enumerate(self._fwd_order or range(n))}
-        chunks = self.layout.chunks
-        self._fwd_chunks = sorted(range(len(chunks)),
-                                  key=lambda c: min((rank.get(pc.param, n + pc.param) for pc in chunks[c].pieces),
-                                                    default=2 * n))
+            chunks = self.layout.chunks
+            self._fwd_chunks = sorted(range(len(chunks)),
+                                      key=lambda c: min((rank.get(i, n + i) for i in self._params_of[c]), default=2 * n))
         return self._fwd_chunks
 
     def _on_forward(self, idxs: list[int], chunks: list[int]) -> None:
@@ -654,11 +638,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         if s is None:
             return
         t0 = time.perf_counter()
-        threads = torch.get_num_threads()
         try:
-            torch.set_num_threads(self.update_threads or max(1, threads - 1))
             before = s.stream.updated
-            with torch.no_grad():
+            with self._update_threads():
                 s.stream.pull(chunks, lambda c, b: self._update_chunk(s, c, b))
             s.forward_chunks += s.stream.updated - before
             if s.stream.remaining == 0 and self._prefetch is None and self.prefetch:
@@ -669,7 +651,6 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._abort(e, s)
             raise
         finally:
-            torch.set_num_threads(threads)
             s.forward_wait_s += time.perf_counter() - t0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -683,10 +664,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._session = None
         self._early = []
         if s is not None:
-            try:
-                s.stream.close()  # first: a read-ahead of the next step may wait for its writes
-            except BaseException:  # noqa: BLE001 - the first error is the one raised
-                pass
+            _close_quietly(s.stream)  # first: a read-ahead of the next step may wait for its writes
         self._cancel_prefetch()
         if s is None:
             return
@@ -988,7 +966,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 def _close_quietly(stream: ChunkStream) -> None:
     try:
         stream.close()
-    except BaseException:  # noqa: BLE001 - an abandoned read-ahead: nothing of it was used
+    except BaseException:  # noqa: BLE001 - a failed step's first error is the one raised; a read-ahead's is unused
         pass
 
 
@@ -1015,9 +993,9 @@ class _Overlap:
         self.early = 0  # gradients final before the step before had written its last chunks
         self.t_deferred = t0
         # parameters of each chunk whose gradient is not final yet (a chunk with none is updatable)
-        self.pending = [len({pc.param for pc in c.pieces}) for c in opt.layout.chunks]
+        self.pending = [len(ps) for ps in opt._params_of]
         self._chunks_of = opt._chunks_of
-        self._params_of = [sorted({pc.param for pc in c.pieces}) for c in opt.layout.chunks]
+        self._params_of = opt._params_of
         self._left = [len(cs) for cs in opt._chunks_of]  # chunks of each parameter not updated yet
         self._deferring = False
 

@@ -258,21 +258,12 @@ class ChunkStream:
         return len(self.order) - len(self._taken)
 
     def drain(self, update: Callable[[int, list[torch.Tensor]], None]) -> None:
-        """Update every chunk not updated yet, waiting for their reads; raises the first
-        error of any stage (the step then must not be committed)."""
-        while len(self._taken) < len(self.order):
-            with self._cond:
-                ok = self._cond.wait_for(lambda: self._ready or self._read_all or self.failed.is_set(), self.timeout_s)
-                if not ok:
-                    self._fail(TimeoutError(f"the offload read stage produced nothing for {self.timeout_s}s"))
-                if self.failed.is_set():
-                    break
-                if not self._ready:
-                    break  # every chunk read and updated
-                c = next(iter(self._ready))  # the oldest read first: writes follow the read order
-                s = self._ready.pop(c)
-            self._update(c, s, update)
-        self.close()
+        """Update every chunk not updated yet, waiting for their reads, then :meth:`close`;
+        raises the first error of any stage (the step then must not be committed)."""
+        try:
+            self.pull(self.order, update)
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Stop the threads (the writer finishes the chunks handed to it) and raise the first
