@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="OffloadAdamW(overlap_backward=True)")
     ap.add_argument("--overlap-forward", action="store_true",
                     help="OffloadAdamW(overlap_forward=True): the next forward finishes each step")
+    ap.add_argument("--fused", action="store_true", help="fused=True for either optimizer (torch's fused AdamW kernel)")
     ap.add_argument("--pool-sets", type=int, default=4)
     ap.add_argument("--save", default="", help="outlast.save the optimizer here after training")
     ap.add_argument("--save-async", default="", help="save the optimizer with an outlast.Checkpointer under this directory")
@@ -140,7 +141,7 @@ def main() -> None:
     sampler = Sampler()
     model = build(a.layers, a.width, dtype)
     n = sum(p.numel() for p in model.parameters())
-    kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    kw = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True if a.fused else None)
     if a.optim == "offload":
         from outlast.offload import OffloadAdamW
 

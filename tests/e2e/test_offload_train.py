@@ -37,9 +37,11 @@ def test_offload_needs_ddp():
 def test_overlap_forward_under_ddp_on_two_ranks_equals_in_memory(tmp_path):
     # Two gloo ranks: DDP's all-reduce happens in backward, step() starts after it, and each
     # rank's next forward finishes its own offloaded step; losses equal the in-memory run's.
+    # Both with optim.fused (torch's fused kernel, in memory and offloaded).
     a, b = tmp_path / "mem2", tmp_path / "off2"
-    check(run_train(tmp_path, small_config(a, steps=4), nproc=2, name="a2"))
-    check(run_train(tmp_path, small_config(b, steps=4, optim={"offload_dir": "offload", "offload_overlap_forward": True}),
+    check(run_train(tmp_path, small_config(a, steps=4, optim={"fused": True}), nproc=2, name="a2"))
+    check(run_train(tmp_path, small_config(b, steps=4, optim={"offload_dir": "offload", "offload_overlap_forward": True,
+                                                              "fused": True}),
                     nproc=2, name="b2"))
     assert os.path.exists(b / "offload" / "rank1" / "state.json")
     assert _losses(a) == _losses(b)

@@ -45,10 +45,13 @@ def _set(ps, grads, dtype=None):
         p.grad = None if g is None else g.clone().to(dtype or p.dtype)
 
 
+@pytest.mark.parametrize("fused", [None, True])
 @pytest.mark.parametrize("tier", ["disk", "host"])
 @pytest.mark.parametrize("amsgrad,maximize", [(False, False), (True, False), (False, True)])
-def test_equal_to_torch_adamw(tmp_path, tier, amsgrad, maximize):
-    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+def test_equal_to_torch_adamw(tmp_path, tier, amsgrad, maximize, fused):
+    """fused=True is compared with torch.optim.AdamW(fused=True), the default with the default."""
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize,
+              fused=fused)
     ref, mine = _params(), _params()
     a = torch.optim.AdamW(_groups(ref), **kw)
     # 8 KiB chunks: 2048 elements, so most parameters are cut into pieces and small ones share chunks.
@@ -70,10 +73,29 @@ def test_equal_to_torch_adamw(tmp_path, tier, amsgrad, maximize):
     b.close()
 
 
-def test_master_params_bf16_equal_to_fp32_adamw(tmp_path):
+def test_fused_is_the_fused_kernel(tmp_path):
+    """The two kernels round differently, so comparing fused=True with torch's fused (above)
+    would fail if the flag were ignored: check that these shapes do show the difference."""
+    ref, mine = _params(), _params()
+    a = torch.optim.AdamW(_groups(ref), lr=1e-2, weight_decay=0.1)
+    b = OffloadAdamW(_groups(mine), dir=str(tmp_path / "st"), chunk_bytes=8192, lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(3):
+        grads = _grads(ref, step)
+        _set(ref, grads)
+        _set(mine, grads)
+        a.step()
+        b.step()
+    assert any(not torch.equal(r, m) for r, m in zip(ref, mine))
+    assert all(torch.allclose(r, m, rtol=1e-6, atol=1e-7) for r, m in zip(ref, mine))
+    assert all(g["fused"] for g in b.state_dict()["param_groups"])
+    b.close()
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_master_params_bf16_equal_to_fp32_adamw(tmp_path, fused):
     """bf16 model, fp32 masters offloaded: the masters follow torch AdamW on fp32 copies of
     the parameters fed the bf16 gradients, and each parameter is its master rounded to bf16."""
-    kw = dict(lr=1e-2, weight_decay=0.1)
+    kw = dict(lr=1e-2, weight_decay=0.1, fused=fused)
     ref = _params()
     mine = [p.detach().to(torch.bfloat16).requires_grad_(True) for p in ref]
     with torch.no_grad():

@@ -59,15 +59,16 @@ def _opt(m, tmp_path, **kw):
     return OffloadAdamW(_groups(m), **args).attach(m)
 
 
-@pytest.mark.parametrize("tier,master,backward,clip", [
-    ("disk", False, False, True),    # the plain step left to the forward: clipping is allowed
-    ("disk", True, True, False),     # with overlap_backward: updates in backward, the rest in forward
-    ("host", False, True, False),
+@pytest.mark.parametrize("tier,master,backward,clip,fused", [
+    ("disk", False, False, True, None),    # the plain step left to the forward: clipping is allowed
+    ("disk", True, True, False, None),     # with overlap_backward: updates in backward, the rest in forward
+    ("host", False, True, False, None),
+    ("disk", False, True, False, True),    # torch's fused kernel, against torch.optim.AdamW(fused=True)
 ])
-def test_forward_overlapped_equal_to_torch_adamw(tmp_path, tier, master, backward, clip):
+def test_forward_overlapped_equal_to_torch_adamw(tmp_path, tier, master, backward, clip, fused):
     ref, mine = _model(), _model()
-    a = torch.optim.AdamW(_groups(ref), **KW)
-    b = _opt(mine, tmp_path, tier=tier, master_params=master, overlap_backward=backward)
+    a = torch.optim.AdamW(_groups(ref), **KW, fused=fused)
+    b = _opt(mine, tmp_path, tier=tier, master_params=master, overlap_backward=backward, fused=fused)
     sa = torch.optim.lr_scheduler.LambdaLR(a, lambda s: 1.0 / (1 + s))
     sb = torch.optim.lr_scheduler.LambdaLR(b, lambda s: 1.0 / (1 + s))
     in_forward, prefetched = [], []

@@ -109,6 +109,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             ``outlast.load``, ``state_dict()``, ``zero_grad(set_to_none=False)`` and the
             next ``step()`` do it themselves). Works with gradient clipping and DDP when
             ``overlap_backward`` is off. Same results, bit for bit.
+        fused: as torch.optim.AdamW's ``fused``: the update of each piece is torch's fused
+            AdamW kernel (one pass over the state instead of about ten), 2-3x faster, which
+            leaves more of the CPU to the I/O threads. Results equal
+            ``torch.optim.AdamW(fused=True)`` bit for bit; they differ from the default
+            (unfused) AdamW in the last bit of some parameters, since the kernel rounds its
+            final multiply-add differently. Per param group, like torch's.
 
     Example:
         >>> opt = OffloadAdamW(model.parameters(), lr=3e-4, dir="/nvme/run1/optim")  # doctest: +SKIP
@@ -136,6 +142,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         update_threads: int | None = None,
         overlap_backward: bool = False,
         overlap_forward: bool = False,
+        fused: bool | None = None,
     ):
         if not 0.0 <= float(lr):
             raise ValueError(f"OffloadAdamW: lr={lr} must be >= 0")
@@ -154,7 +161,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             raise ValueError(f"OffloadAdamW: update_threads={update_threads} must be >= 1 (or None)")
         self.update_threads = update_threads
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        **_TORCH_KEYS)
+                        **{**_TORCH_KEYS, "fused": fused})
         self._building = True
         super().__init__(params, defaults)
         self._building = False
@@ -677,25 +684,37 @@ class OffloadAdamW(torch.optim.Optimizer):
         lr = group["lr"]
         lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
         b1, b2 = (float(b.item()) if isinstance(b, torch.Tensor) else float(b) for b in group["betas"])
-        return lr, b1, b2, float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"])
+        return (lr, b1, b2, float(group["eps"]), float(group["weight_decay"]), bool(group["maximize"]),
+                bool(group.get("fused")))
 
     def _update_piece(self, pc, f: list[torch.Tensor], hyper: tuple, step: float,
                       grad_of: torch.Tensor | None = None) -> None:
-        # torch.optim.adam._single_tensor_adam (decoupled weight decay, not capturable), op for op.
-        lr, beta1, beta2, eps, wd, maximize = hyper
+        # torch.optim.adam._single_tensor_adam (decoupled weight decay, not capturable), op for op,
+        # or with fused, torch's fused kernel (what torch.optim.AdamW(fused=True) runs).
+        lr, beta1, beta2, eps, wd, maximize, fused = hyper
         n = pc.hi - pc.lo
         lo, hi, b = pc.lo, pc.hi, pc.buf_lo
         p = self._params[pc.param]
         grad = (p.grad if grad_of is None else grad_of).detach().reshape(-1)[lo:hi]
         if grad.device.type != "cpu" or grad.dtype != torch.float32:
             grad = self._gbuf[:n].copy_(grad)
-        if maximize:
-            grad = torch.neg(grad, out=self._gbuf[:n])
         exp_avg, exp_avg_sq = f[0][b : b + n], f[1][b : b + n]
         if self.master_params:
             param = f[len(self.kinds) - 1][b : b + n]
         else:
             param = p.detach().view(-1)[lo:hi]
+        if fused:
+            # The kernel splits its work at multiples of 32768 elements and pieces start at
+            # multiples of ALIGN_ELEMS from their parameter's start, so every element takes
+            # the same (vectorised or tail) path as on the whole tensor: same bits.
+            torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [f[2][b : b + n]] if self.amsgrad else [],
+                                [torch.tensor(step, dtype=torch.float32)], lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=wd, eps=eps, amsgrad=self.amsgrad, maximize=maximize)
+            if self.master_params:
+                p.detach().view(-1)[lo:hi].copy_(param)
+            return
+        if maximize:
+            grad = torch.neg(grad, out=self._gbuf[:n])
         if wd != 0:
             param.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)

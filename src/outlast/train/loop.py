@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     adamw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                 weight_decay=cfg.optim.weight_decay)
+                 weight_decay=cfg.optim.weight_decay, fused=True if cfg.optim.fused else None)
     if cfg.optim.offload_dir:
         from outlast.offload import OffloadAdamW
 
