@@ -44,7 +44,7 @@ after the rounds; its ops JIT-build on first use (about 20 minutes on 2 cores).
 
     PYTHONPATH=src python bench/offload.py [--dir /work/offload-scratch --rounds 3 --deepspeed]
     PYTHONPATH=src python bench/offload.py --skip-fit --fused --big-modes plain,forward,both \
-        --big-rounds 3 --big-steps 6 --overlap-pool-sets 16        # the 3x case, as in docs/offload.md
+        --big-rounds 3 --big-steps 6                                # the 3x case, as in docs/offload.md
 
 Prints a table and one JSON line.
 """
@@ -112,7 +112,9 @@ def main() -> None:
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--big-rounds", type=int, default=1)
     ap.add_argument("--big-steps", type=int, default=0, help="steps per run of the big case (default: max(3, --steps - 1))")
-    ap.add_argument("--overlap-pool-sets", type=int, default=64)
+    ap.add_argument("--overlap-pool-sets", type=int, default=0,
+                    help="buffer sets of the overlapped modes (default: 16 for the bf16 3x case, whose limit leaves "
+                         "~300 MiB beside the parameters and gradients and OOM-kills 64 sets; 64 for --big-dtype float32)")
     ap.add_argument("--big-modes", default="plain,overlap,forward,both",
                     help="plain: step() after backward; overlap: overlap_backward; forward: overlap_forward; "
                          "both: overlap_backward + overlap_forward")
@@ -179,7 +181,7 @@ def main() -> None:
         d = os.path.join(a.dir, "big")
         common = ["--layers", str(a.big_layers), "--width", str(width), "--dtype", a.big_dtype, "--master",
                   "--optim", "offload", "--dir", d, "--steps", str(a.big_steps or max(3, a.steps - 1)), "--chunk-mb", "2", "--raw-io", *fused]
-        ps = ["--pool-sets", str(a.overlap_pool_sets)]
+        ps = ["--pool-sets", str(a.overlap_pool_sets or (16 if a.big_dtype == "bfloat16" else 64))]
         bmodes = {"plain": [], "overlap": ["--overlap", *ps], "forward": ["--overlap-forward", *ps],
                   "both": ["--overlap", "--overlap-forward", *ps]}
         bmodes = {m: bmodes[m] for m in a.big_modes.split(",")}  # in the order given (round 2 reverses it)
