@@ -532,6 +532,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             s.overlapped = s.stream.updated  # chunks updated inside backward()
             s.steps = [n + 1 if f else n for n, f in zip(self.files.steps, s.final)]
             s.backward_s = t0 - s.t0
+            self._grad_order = s.order
             if self.overlap_forward:
                 # The rest runs in the next forward, in the order it needs the parameters.
                 s.stream.reorder(self._forward_chunk_order())
@@ -540,12 +541,10 @@ class OffloadAdamW(torch.optim.Optimizer):
                 s.step_s = s.t_deferred - t0
                 self._deferred = s
                 _PENDING.add(self)
-                self._grad_order = s.order
                 return
         except BaseException as e:
             self._abort(e, s)
             raise
-        self._grad_order = s.order
         self._finish(s, t0)
 
     # ------------------------------------------------------------------ the step, finished in the next forward
