@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--fit-batch", type=int, default=4,
                     help="rows per step of the model that fits (the forward and backward grow with it, the state's I/O does not)")
     a = ap.parse_args()
+    unknown = set(a.big_modes.split(",")) - {"plain", "overlap", "forward", "both"}
+    if unknown:
+        ap.error(f"--big-modes: unknown {sorted(unknown)}; choose from plain, overlap, forward, both")
     if "plain" not in a.big_modes.split(","):
         ap.error("--big-modes needs plain: the bound's compute is the plain run's fwd+bwd + update")
     if a.deepspeed and a.skip_fit:
