@@ -29,6 +29,13 @@ Two measurements, one run, side by side:
    raw``): this VM's disk moves between ~3.3 and ~2 GB/s from one minute to the next, and
    the fastest pass of the whole bench can come from a faster minute than a run's steps.
    ``--big-steps`` sets the steps per run (the first is not counted).
+   ``--raw-every K`` interleaves the bound with the steps in every process: after the first
+   step and then after every K steps, the step's deferred work is finished (``synchronize()``,
+   timed as part of that step, so ``overlap_forward`` loses its overlap there) and a raw pass
+   is timed; each block of K steps is divided by ``max(fwd+bwd + update, mean of the raw
+   passes on either side)`` (``x adj raw``: median over a process's blocks, then over rounds).
+   A slow minute of the disk then weighs on the steps and their bound alike. (With it, the
+   ``in bwd`` / ``in fwd`` columns are means over steps, the synchronized ones included.)
    ``--big-dtype float32 --big-layers 32`` is an I/O-bound variant: an fp32 model with
    fp32 masters offloaded, whose state (3 kinds) is read and written each step, under a
    limit of its parameters + gradients + 768 MiB (the state is then only ~1.15x the limit:
@@ -43,8 +50,8 @@ accelerator (bench/offload_deepspeed.py), the model that fits, once, in a fresh 
 after the rounds; its ops JIT-build on first use (about 20 minutes on 2 cores).
 
     PYTHONPATH=src python bench/offload.py [--dir /work/offload-scratch --rounds 3 --deepspeed]
-    PYTHONPATH=src python bench/offload.py --skip-fit --fused --big-modes plain,forward,both \
-        --big-rounds 3 --big-steps 6                                # the 3x case, as in docs/offload.md
+    PYTHONPATH=src python bench/offload.py --rounds 3 --steps 6 --fit-batch 512 --fused \
+        --big-modes plain,forward,both --big-rounds 3 --big-steps 10 --raw-every 3   # as in docs/offload.md
 
 Prints a table and one JSON line.
 """
@@ -100,6 +107,13 @@ def _steady(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
+def _adjacent_blocks(x: dict, compute_s: float) -> list[float]:
+    """Each block of ``raw_every`` steps over ``max(compute, mean of the raw passes on either side)``."""
+    k, raw, st = x["raw_every"], x["raw_between_s"], x["step_s"]
+    return [statistics.fmean(st[j * k + 1:(j + 1) * k + 1]) / max(compute_s, (raw[j] + raw[j + 1]) / 2)
+            for j in range(len(raw) - 1)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/work/offload-scratch", help="a directory on the local disk for state files")
@@ -118,6 +132,9 @@ def main() -> None:
     ap.add_argument("--big-modes", default="plain,overlap,forward,both",
                     help="plain: step() after backward; overlap: overlap_backward; forward: overlap_forward; "
                          "both: overlap_backward + overlap_forward")
+    ap.add_argument("--raw-every", type=int, default=0,
+                    help="big case: a raw pass after the first step and after every K steps, each block of K steps "
+                         "compared with the passes on either side (--big-steps must then be 1 + a multiple of K)")
     ap.add_argument("--deepspeed", action="store_true", help="also run the DeepSpeed ZeRO-3 NVMe peer")
     ap.add_argument("--fused", action="store_true",
                     help="fused=True for both optimizers (torch's fused AdamW kernel; in-memory torch too)")
@@ -129,6 +146,8 @@ def main() -> None:
         ap.error(f"--big-modes: unknown {sorted(unknown)}; choose from plain, overlap, forward, both")
     if "plain" not in a.big_modes.split(","):
         ap.error("--big-modes needs plain: the bound's compute is the plain run's fwd+bwd + update")
+    if a.raw_every and ((a.big_steps or max(3, a.steps - 1)) - 1) % a.raw_every:
+        ap.error("--raw-every K needs --big-steps = 1 + a multiple of K (whole blocks between raw passes)")
     if a.deepspeed and a.skip_fit:
         ap.error("--deepspeed compares with the model that fits: drop --skip-fit")
     os.makedirs(a.dir, exist_ok=True)
@@ -184,6 +203,8 @@ def main() -> None:
         d = os.path.join(a.dir, "big")
         common = ["--layers", str(a.big_layers), "--width", str(width), "--dtype", a.big_dtype, "--master",
                   "--optim", "offload", "--dir", d, "--steps", str(a.big_steps or max(3, a.steps - 1)), "--chunk-mb", "2", "--raw-io", *fused]
+        if a.raw_every:
+            common += ["--raw-every", str(a.raw_every)]
         ps = ["--pool-sets", str(a.overlap_pool_sets or (16 if a.big_dtype == "bfloat16" else 64))]
         bmodes = {"plain": [], "overlap": ["--overlap", *ps], "forward": ["--overlap-forward", *ps],
                   "both": ["--overlap", "--overlap-forward", *ps]}
@@ -208,8 +229,9 @@ def main() -> None:
               f"{limit / 2**30:.2f} GiB cgroup limit; {a.big_rounds} round(s), fused={a.fused}")
         print(f"bound = max(fwd+bwd {fb:.2f} + update {upd:.2f}, raw read+write {raw:.2f} s at {bw:.0f} MiB/s) = "
               f"{bound:.2f} s; engine bound without overlap fwd+bwd + max(update, raw) = {engine_bound:.2f} s")
-        print(f"{'mode':<9}{'step s':>8}{'x bound':>9}{'per round':>18}{'x own raw':>10}{'per round':>18}{'in bwd':>8}{'in fwd':>8}{'drain s':>9}"
-              f"{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
+        print(f"{'mode':<9}{'step s':>8}{'x bound':>9}{'per round':>18}{'x own raw':>10}{'per round':>18}"
+              + (f"{'x adj raw':>10}{'per round':>18}{'blocks min-max':>16}" if a.raw_every else "")
+              + f"{'in bwd':>8}{'in fwd':>8}{'drain s':>9}{'peak anon/(p+g+pool)':>22}{'cgroup peak GiB':>16}{'peak cache MiB':>15}")
         result["big"] = {"params": n, "dtype": a.big_dtype, "fused": a.fused, "limit_bytes": limit, "state_over_limit": state_bytes / limit,
                          "fwd_bwd_s": fb, "update_s": upd, "raw_io_s": raw, "bound_s": bound,
                          "engine_bound_s": engine_bound, "bytes_per_step": x0["bytes_per_step"], "disk_mib_s": bw}
@@ -221,14 +243,24 @@ def main() -> None:
             # the disk's throughput here moves by 1.5x within minutes, and the fastest pass of the
             # whole bench (the bound above) can come from a faster minute than a run's steps.
             own = [_steady(x["step_s"]) / max(fb + upd, min(x["raw_io_s"])) for x in xs]
+            adj_cols = ""
+            if a.raw_every:
+                blocks = [_adjacent_blocks(x, fb + upd) for x in xs]
+                adj = [statistics.median(b) for b in blocks]
+                flat = [v for b in blocks for v in b]
+                adj_cols = (f"{statistics.median(adj):>10.2f}{', '.join(f'{v:.2f}' for v in adj):>18}"
+                            f"{f'{min(flat):.2f}-{max(flat):.2f}':>16}")
             st = [s for x in xs for s in x["stats"][1:]]
-            ovl = statistics.median(s.get("overlapped_chunks", 0) / s.get("chunks", 1) for s in st)
-            infwd = statistics.median(s.get("forward_chunks", 0) / s.get("chunks", 1) for s in st)
+            # with --raw-every a block's last step is finished by synchronize() (no chunk in the
+            # forward): the mean over steps then says how much of the work overlapped, a median would not
+            avg = statistics.fmean if a.raw_every else statistics.median
+            ovl = avg(s.get("overlapped_chunks", 0) / s.get("chunks", 1) for s in st)
+            infwd = avg(s.get("forward_chunks", 0) / s.get("chunks", 1) for s in st)
             drain = statistics.median(s["drain_s"] for s in st) if m != "plain" else float("nan")
             mem = max(x["peak_anon_above_base"] / (x["params_grads_bytes"] + x["pool_bytes"]) for x in xs)
             cg = max(x["cgroup_peak_bytes"] for x in xs)
             cache = max(x["peak_cgroup_cache"] for x in xs)
-            print(f"{m:<9}{step_s:>8.2f}{step_s / bound:>9.2f}{', '.join(f'{v:.2f}' for v in per):>18}{statistics.median(own):>10.2f}{', '.join(f'{v:.2f}' for v in own):>18}{ovl:>8.0%}{infwd:>8.0%}"
+            print(f"{m:<9}{step_s:>8.2f}{step_s / bound:>9.2f}{', '.join(f'{v:.2f}' for v in per):>18}{statistics.median(own):>10.2f}{', '.join(f'{v:.2f}' for v in own):>18}{adj_cols}{ovl:>8.0%}{infwd:>8.0%}"
                   f"{drain:>9.2f}{mem:>22.2f}{cg / 2**30:>16.2f}{cache / 2**20:>15.0f}")
             result["big"][m] = {"step_s": step_s, "x_bound": step_s / bound, "x_bound_per_round": per,
                                 "x_own_bound": statistics.median(own), "x_own_bound_per_round": own,
@@ -237,6 +269,10 @@ def main() -> None:
                                 "forward_fraction": infwd, "drain_s": drain,
                                 "x_memory": mem, "cgroup_peak_bytes": cg, "peak_cgroup_cache": cache,
                                 "pool_bytes": xs[0]["pool_bytes"], "losses": xs[0]["losses"]}
+            if a.raw_every:
+                result["big"][m].update(x_adjacent_bound=statistics.median(adj), x_adjacent_bound_per_round=adj,
+                                        x_adjacent_bound_blocks=blocks,
+                                        raw_between_s=[x["raw_between_s"] for x in xs])
         losses = {m: bruns[m][0]["losses"] for m in bmodes}
         same = all(v == next(iter(losses.values())) for v in losses.values())
         print(f"losses equal ({', '.join(bmodes)}): {same}")

@@ -132,6 +132,9 @@ def main() -> None:
     ap.add_argument("--drop-save", action="store_true",
                     help="after --save, record the bytes it wrote and delete it (room on disk for --save-async)")
     ap.add_argument("--raw-io", action="store_true", help="also time a read+write pass of the same bytes")
+    ap.add_argument("--raw-every", type=int, default=0,
+                    help="interleave: after the first step and then after every K steps, finish the step "
+                         "(synchronize, timed as part of it) and time a raw pass (recorded in raw_between_s)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     import outlast.offload  # noqa: F401  - the baseline includes every library either mode imports
@@ -155,19 +158,24 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(a.batch, a.width, generator=g).to(dtype)
     y = torch.randn(a.batch, a.width, generator=g).to(dtype)
-    losses, step_s, compute_s, stats = [], [], [], []
-    for _ in range(a.steps):
+    losses, step_s, compute_s, stats, raw_between = [], [], [], [], []
+    for i in range(a.steps):
         t0 = time.perf_counter()
         loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
         loss.backward()
         t1 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        between = a.raw_every and a.optim == "offload" and i % a.raw_every == 0
+        if between:
+            opt.synchronize()  # the step's deferred work counts as the step's, before the raw pass
         t2 = time.perf_counter()
         losses.append(loss.item())
         compute_s.append(t1 - t0)
         step_s.append(t2 - t0)
         stats.append({k: round(v, 4) for k, v in getattr(opt, "last_step_stats", {}).items()})
+        if between:
+            raw_between.append(raw_io(opt))
     out = {"params": n, "losses": losses, "stats": stats, "step_s": step_s, "compute_s": compute_s,
            "fp32_params_grads_adamw_bytes": 16 * n,
            "params_grads_bytes": 2 * n * torch.empty((), dtype=dtype).element_size()}
@@ -175,6 +183,10 @@ def main() -> None:
         opt.synchronize()  # overlap_forward: the last step waits for a forward that will not come
     if a.raw_io and a.optim == "offload":
         out["raw_io_s"] = [raw_io(opt) for _ in range(2)]
+    if a.raw_every:
+        # raw_between_s[j] ran after step j * K: steps j*K+1 .. (j+1)*K lie between passes j and j+1
+        out["raw_every"] = a.raw_every
+        out["raw_between_s"] = raw_between
     peak = sampler.stop()
     out["peak_anon_above_base"] = peak["RssAnon"] - base.get("RssAnon", 0)
     out["peak_file_rss"] = peak["RssFile"]
