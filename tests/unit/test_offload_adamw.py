@@ -117,6 +117,40 @@ def test_master_params_bf16_equal_to_fp32_adamw(tmp_path, fused):
     b.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("tier", ["host", "disk"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_parameters_on_a_device_step_on_the_cpu(tmp_path, device, tier, dtype):
+    """The ZeRO-Offload shape: parameters (and their gradients) on the accelerator, fp32 masters
+    and moments in the tier, the update on the CPU. Each step copies the gradients device->host
+    and the updated parameters host->device; the masters follow torch AdamW on fp32 CPU copies
+    bit for bit and each parameter is its master in the parameter's dtype, on its device. The
+    CPU case runs the same test everywhere, so its logic is checked where no GPU is."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA: gradients device->host and parameters host->device")
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    ref = _params()
+    mine = [p.detach().to(dtype).to(device).requires_grad_(True) for p in ref]
+    with torch.no_grad():
+        for r, m in zip(ref, mine):
+            r.copy_(m.float().cpu())  # the masters start from the parameters' values
+    a = torch.optim.AdamW(_groups(ref), **kw)
+    b = OffloadAdamW(_groups(mine), dir=str(tmp_path / "st"), tier=tier, master_params=True, chunk_bytes=8192, **kw)
+    for step in range(4):
+        grads = [g.to(dtype) for g in _grads(ref, step)]
+        _set(ref, [g.float() for g in grads])
+        _set(mine, [g.to(device) for g in grads])
+        a.step()
+        b.step()
+        sd = b.state_dict()["state"]
+        for i, (r, m) in enumerate(zip(ref, mine)):
+            assert m.device.type == device, f"param {i} left {device}"
+            assert torch.equal(sd[i]["master"], r.detach()), f"master {i} at step {step}"
+            assert torch.equal(m.detach().cpu(), r.detach().to(dtype)), f"param {i} at step {step}"
+            assert torch.equal(sd[i]["exp_avg_sq"], a.state[r]["exp_avg_sq"])
+    b.close()
+
+
 def test_state_dict_round_trips_with_torch_adamw(tmp_path):
     """torch AdamW -> OffloadAdamW -> torch AdamW mid-run gives the run torch alone gives."""
     kw = dict(lr=5e-3, weight_decay=0.05)

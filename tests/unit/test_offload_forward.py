@@ -63,6 +63,7 @@ def _opt(m, tmp_path, **kw):
     ("disk", False, False, True, None),    # the plain step left to the forward: clipping is allowed
     ("disk", True, True, False, None),     # with overlap_backward: updates in backward, the rest in forward
     ("host", False, True, False, None),
+    ("host", True, True, False, None),     # fp32 masters in host memory (the ZeRO-Offload shape)
     ("disk", False, True, False, True),    # torch's fused kernel, against torch.optim.AdamW(fused=True)
 ])
 def test_forward_overlapped_equal_to_torch_adamw(tmp_path, tier, master, backward, clip, fused):

@@ -64,7 +64,8 @@ def _loss(m, step):
     return torch.nn.functional.mse_loss(m(x), y)
 
 
-@pytest.mark.parametrize("tier,master,amsgrad", [("disk", False, False), ("disk", True, True), ("host", False, False)])
+@pytest.mark.parametrize("tier,master,amsgrad", [("disk", False, False), ("disk", True, True), ("host", False, False),
+                                                     ("host", True, False)])  # the ZeRO-Offload shape
 def test_overlapped_equal_to_torch_adamw(tmp_path, tier, master, amsgrad):
     ref, mine = _model(), _model()
     _slow_first_layer(mine)

@@ -71,5 +71,9 @@ class HostState:
     def mapped(self, kind: str, generation: int) -> torch.Tensor:
         return self._t[kind]
 
+    def release(self, kind: str, generation: int) -> None:
+        """Nothing to drop: the disk tier frees a file's mapping and page cache here, host memory
+        is the state itself."""
+
     def close(self) -> None:
         self._t = {}
