@@ -325,6 +325,10 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
               help="The layers' GEMMs: onednn (weights packed once; one more copy of them in memory), numpy "
                    "(OpenBLAS) or torch (MKL) [default: onednn where torch has it; else torch on Intel CPUs, "
                    "numpy elsewhere].")
+@click.option("--engine-process", is_flag=True,
+              help="Run the engine in a process of its own (no GIL shared with HTTP; steps on torch's OpenMP "
+                   "threads unless --compute-threads is given): faster under concurrent load; not with --watch "
+                   "or --replicas.")
 @click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True),
               help="config.json for an outlast checkpoint without serve_config.")
@@ -348,7 +352,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
               no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemv_threads: int,
-              gemm_backend: str | None,
+              gemm_backend: str | None, engine_process: bool,
               prefix: str, config_path: str | None, tokenizer: str | None,
               served_model_name: str | None, watch: str | None, no_follow: bool, reload_io: str,
               no_reload_buffers: bool,
@@ -384,6 +388,10 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
     if watch and os.path.dirname(os.path.abspath(model)) == os.path.abspath(watch):
         start_step = step_of(model)
     name = served_model_name or os.path.basename(os.path.normpath(watch if watch and start_step is not None else model))
+    if engine_process and (watch or replicas is not None):
+        click.echo("error: --engine-process does not work with --watch (hot reload swaps weights in this process) "
+                   "or --replicas; drop one of them", err=True)
+        sys.exit(EXIT_BAD)
     if replicas is not None:
         _serve_replicas(model, name, host, port, replicas, policy, watch, start_step, token_from(admin_token),
                         [("--max-num-seqs", max_num_seqs), ("--token-budget", token_budget),
@@ -402,12 +410,18 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                           max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching,
                           blas_threads=blas_threads, compute_threads=compute_threads, gemv_blas_threads=gemv_threads,
                           gemm_backend=gemm_backend)
-        engine = load_engine(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer)
+        if engine_process:
+            from .serve.proc import ProcessEngineLoop
+
+            loop = ProcessEngineLoop(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer)
+            loop.start()
+        else:
+            loop = EngineLoop(load_engine(model, ec, prefix=prefix, config=config_path, tokenizer=tokenizer))
+            loop.start()
+        engine = loop.engine
     except (ServeError, CheckpointError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD)
-    loop = EngineLoop(engine)
-    loop.start()
     weights = None
     if watch:
         from .serve.reload import WeightsManager

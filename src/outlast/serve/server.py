@@ -22,6 +22,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from .admin import require_token
 from .errors import AdminAuthError, BadRequestError, ModelLoadError, OverloadedError, ServeError, StepNotFoundError
@@ -182,7 +183,8 @@ def create_app(loop: EngineLoop, model_name: str, weights=None, admin_token: str
 
     @app.get("/metrics")
     async def metrics():
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # off the event loop: with the engine in its own process, rendering waits for its answer
+        return Response(await run_in_threadpool(engine.metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     async def admin(request: Request):
         require_token(request.headers.get("authorization"), admin_token)
