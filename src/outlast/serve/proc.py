@@ -33,7 +33,14 @@ __all__ = ["ProcessEngineLoop"]
 
 
 def _child(conn, source: str, ec: EngineConfig, load_kw: dict) -> None:
-    """The engine process: load, say hello, then step while there is work, reading messages between steps."""
+    """The engine process: load, say hello, then step while there is work, reading messages between steps.
+
+    It ends on a ``stop`` message or when the parent's end of the pipe closes (the parent died:
+    ``recv`` raises EOFError), so it never outlives the server. Ctrl-C reaches the whole process
+    group; the parent decides, so the child ignores it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from . import load_engine
 
