@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -117,3 +118,19 @@ def assert_each_response_equals_its_step(run_dir, out, tokenizer, steps, prompts
         want = {p: eng.tokenizer.decode(eng.generate([eng.tokenizer.encode(p)], params)[0]) for p in prompts}
         got = [(x[0], x[1]) for x in out if x[2] == f"step-{step}"]
         assert got and all(text == want[p] for p, text in got), (step, [x for x in got if x[1] != want[x[0]]][:3])
+
+
+@contextlib.contextmanager
+def streaming_completion(url: str, model: str, prompt: str, events: int = 3, max_tokens: int = 400):
+    """A greedy streamed completion, entered once ``events`` data events have arrived; yields the
+    line iterator (close it to disconnect). Keep the iterator referenced until the check that
+    needs the request alive: a ``for`` loop left with ``break`` drops it, and closing that
+    generator can close the response (a disconnect) before the check runs (seen once in CI)."""
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                            "ignore_eos": True, "stream": True}) as resp:
+        lines = resp.iter_lines()
+        got = 0
+        while got < events:
+            got += next(lines).startswith("data: ")
+        yield lines

@@ -11,12 +11,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
+from fleet_helpers import streaming_completion, wait_for
 from serve_data import PROMPTS
 
 MODEL = "smollm2"
@@ -27,15 +27,6 @@ def _metric(url: str, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))
-
-
-def _wait_until(pred, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _start(gguf_path, **kw):
@@ -92,16 +83,10 @@ def test_bad_input_gets_400_in_the_front_and_the_engine_carries_on(server):
 
 def test_disconnect_mid_stream_frees_the_blocks_in_the_child(server):
     """The abort crosses to the child; /metrics (rendered by the child) shows its blocks free again."""
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 400, "temperature": 0,
-                            "ignore_eos": True, "stream": True}) as resp:
-        lines = resp.iter_lines()
-        got = 0
-        while got < 3:
-            got += next(lines).startswith("data: ")
+    with streaming_completion(server.url, MODEL, PROMPTS[7]) as lines:
         assert _metric(server.url, "outlast_serve_kv_cache_usage_ratio") > 0  # it holds blocks now
         lines.close()
-    assert _wait_until(lambda: _metric(server.url, "outlast_serve_kv_cache_usage_ratio") == 0.0)
+    wait_for(lambda: _metric(server.url, "outlast_serve_kv_cache_usage_ratio") == 0.0, 60, "the blocks to be freed")
     assert _metric(server.url, "outlast_serve_requests_running") == 0
     assert _metric(server.url, 'outlast_serve_requests_finished_total{reason="abort"}') >= 1
 
@@ -109,11 +94,7 @@ def test_disconnect_mid_stream_frees_the_blocks_in_the_child(server):
 def test_a_killed_engine_process_fails_requests_with_503_and_health(gguf_path):
     srv = _start(gguf_path)
     try:
-        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
-                          json={"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 400, "temperature": 0,
-                                "ignore_eos": True, "stream": True}) as resp:
-            lines = resp.iter_lines()
-            assert next(lines).startswith("data: ")
+        with streaming_completion(srv.url, MODEL, PROMPTS[3], events=1) as lines:
             os.kill(srv.loop.pid, signal.SIGKILL)
             rest = "\n".join(lines)  # the stream ends with an error event instead of hanging
         assert '"server_error"' in rest and "engine process exited" in rest

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from fleet_helpers import streaming_completion
 from serve_data import PROMPTS
 
 MODEL = "smollm2"
@@ -158,16 +159,7 @@ def test_openai_client_raises_bad_request_for_bad_values(client):
 
 def test_disconnect_mid_stream_frees_the_kv_blocks(server):
     eng = server.loop.engine
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
-                      json={"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 400, "temperature": 0,
-                            "ignore_eos": True, "stream": True}) as resp:
-        # Keep the line iterator referenced until the check: a ``for`` loop left with ``break`` drops
-        # it, and closing that generator can close the response (a disconnect) before the check runs;
-        # the server then frees the blocks first and the check fails (seen once in CI).
-        lines = resp.iter_lines()
-        got = 0
-        while got < 3:
-            got += next(lines).startswith("data: ")
+    with streaming_completion(server.url, MODEL, PROMPTS[7]) as lines:
         assert server.loop.call(lambda e: e.kv.pool.num_free) < eng.kv.num_blocks  # it holds blocks now
         lines.close()
     # The client has gone: its request is aborted and every block is free again.
