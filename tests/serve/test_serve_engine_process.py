@@ -113,3 +113,17 @@ def test_cli_refuses_engine_process_with_watch(gguf_path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "outlast.cli", "serve", gguf_path, "--engine-process",
                         "--watch", str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "--engine-process does not work with --watch" in r.stderr
+
+
+def test_a_model_the_child_cannot_load_raises_in_the_parent_and_leaves_no_child(tmp_path):
+    from outlast.serve.errors import ModelLoadError
+    from outlast.serve.proc import ProcessEngineLoop
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    loop = ProcessEngineLoop(str(bad), start_timeout=120)
+    with pytest.raises(ModelLoadError) as e:  # the front (tokenizer) or the child (weights), whichever says first
+        loop.start()
+    assert "model.gguf" in str(e.value)
+    assert not loop._proc.is_alive()
+    loop.close()  # safe after a failed start

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import multiprocessing as mp
 import threading
 import time
@@ -140,9 +141,8 @@ class ProcessEngineLoop(EngineLoop):
                                  daemon=True)
         self._child_end = child
         self._send_lock = threading.Lock()
-        self._metrics_lock = threading.Lock()
         self._metrics_box: dict[int, tuple[threading.Event, list]] = {}
-        self._metrics_ids = iter(range(1 << 62))
+        self._metrics_ids = itertools.count()  # next() on it is atomic
         self.engine = None  # set by start()
         super().__init__(self.engine)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=self._forward, name="outlast-engine-send", daemon=True)
@@ -158,19 +158,22 @@ class ProcessEngineLoop(EngineLoop):
 
         self._proc.start()
         self._child_end.close()
-        tok = load_tokenizer(self._tok_src)  # while the child loads the weights
-        if not self._conn.poll(self._start_timeout):
-            self._proc.kill()
-            raise ServeError(f"the engine process did not load {self._source} within {self._start_timeout:.0f} s")
         try:
-            kind, arg = self._conn.recv()
-        except (EOFError, OSError):
+            tok = load_tokenizer(self._tok_src)  # while the child loads the weights
+            if not self._conn.poll(self._start_timeout):
+                raise ServeError(f"the engine process did not load {self._source} within {self._start_timeout:.0f} s")
+            try:
+                kind, arg = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(5)
+                raise ServeError(f"the engine process exited (code {self._proc.exitcode}) while loading "
+                                 f"{self._source}; its error is above in this log") from None
+            if kind == "fail":
+                raise ModelLoadError(arg)
+        except BaseException:
+            self._proc.kill()  # no child left behind when starting fails
             self._proc.join(5)
-            raise ServeError(f"the engine process exited (code {self._proc.exitcode}) while loading "
-                             f"{self._source}; its error is above in this log") from None
-        if kind == "fail":
-            self._proc.join(5)
-            raise ModelLoadError(arg)
+            raise
         self.engine = _RemoteEngine(self, tok, self._ec, arg)
         self._thread.start()
         self._reader.start()
@@ -178,24 +181,22 @@ class ProcessEngineLoop(EngineLoop):
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         try:
-            with self._send_lock:
-                self._conn.send(("stop", None))
+            self._send(("stop", None))
         except (OSError, ValueError):
             pass
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout)
-        self._reader.join(timeout)
+        if self._reader.ident is not None:
+            self._reader.join(timeout)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self._proc.is_alive() and self.error is None
-
-    def num_queued(self) -> int:
-        return (self.engine.num_waiting if self.engine is not None else 0) + self._pending
 
     def call(self, fn, timeout: float = 30.0):
         raise ServeError("call() runs on the engine's thread; with the engine in its own process it is not available")
@@ -219,7 +220,7 @@ class ProcessEngineLoop(EngineLoop):
                         continue  # the client left before the request reached the engine
                 if kind in ("add", "abort"):
                     self._send((kind, arg))
-        except (OSError, ValueError, BrokenPipeError) as e:
+        except (OSError, ValueError) as e:  # the pipe broke: the child is gone
             self._died(e)
 
     def _read(self) -> None:
@@ -255,8 +256,7 @@ class ProcessEngineLoop(EngineLoop):
     def _ask_metrics(self, timeout: float = 10.0) -> bytes:
         if not self.alive:
             raise ServeError(f"the engine process has stopped: {self.error!r}")
-        with self._metrics_lock:
-            key = next(self._metrics_ids)
+        key = next(self._metrics_ids)
         done, box = threading.Event(), []
         self._metrics_box[key] = (done, box)
         try:
