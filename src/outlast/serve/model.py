@@ -245,6 +245,25 @@ def _both(f, a, b):
     return f(*a), fut.result()
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias) v`` over a batch: q ``[b, G, D]``, k/v ``[b, L, D]`` (any batch
+    stride), bias ``[b, G, L]`` or None; into ``out`` (``[b, G, D]``, contiguous) when given.
+
+    The two batched products are numpy's (OpenBLAS, one GEMM per batch item, the GIL released);
+    torch's ``bmm`` went through MKL, which on the AMD EPYC ran this at about half the speed:
+    30 layers of 16 sequences x 3 KV heads x 320 positions on one thread, 18.5 against 32.9 ms."""
+    s = torch.from_numpy(np.matmul(q.numpy(), k.numpy().transpose(0, 2, 1)))
+    s.mul_(scale)
+    if bias is not None:
+        s.add_(bias)
+    p = torch.softmax(s, -1).numpy()
+    if out is None:
+        return torch.from_numpy(np.matmul(p, v.numpy()))
+    np.matmul(p, v.numpy(), out=out.numpy())
+    return out
+
+
 def _in_inference_mode(f, args):
     with torch.inference_mode():  # thread-local: the worker enters it as the engine thread has
         return f(*args)
@@ -740,8 +759,6 @@ class LlamaRuntime:
         inter = c.intermediate_size
         sdpa = F.scaled_dot_product_attention
 
-        def attend(q, k, v, bias):  # q [b, G, D], k/v [b, L, D], bias [b, G, L]
-            return torch.bmm(torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale), -1), v)
 
         for li, L in enumerate(self.layers):
             h = self._rms(x, L["attn_norm"])
@@ -768,12 +785,11 @@ class LlamaRuntime:
                 def run(share):
                     (lo, hi), *longs = share
                     a, b = lo * KVH, hi * KVH
-                    o[a:b] = attend(qs[a:b], kk[a:b], vv[a:b], bias[a:b])
+                    _attend(qs[a:b], kk[a:b], vv[a:b], bias[a:b], scale, o[a:b])
                     done = []
                     for slot, n in longs:  # exact length, no mask; written after both threads' passes
                         a = slot * KVH
-                        w = torch.bmm(qs[a:a + KVH], dk[slot, :, :n].transpose(1, 2)).mul_(scale)
-                        done.append((a, torch.bmm(torch.softmax(w, -1), dv[slot, :, :n])))
+                        done.append((a, _attend(qs[a:a + KVH], dk[slot, :, :n], dv[slot, :, :n], None, scale)))
                     return done
 
                 for a, r in itertools.chain(*(_both(run, (shares[0],), (shares[1],)) if shares[1]
@@ -785,7 +801,7 @@ class LlamaRuntime:
                 torch.index_select(kc, 1, flat, out=kbuf)
                 torch.index_select(vc, 1, flat, out=vbuf)
                 qq = q[rows].view(B, KVH, G, D).transpose(0, 1).reshape(KVH * B, G, D)
-                o = attend(qq, kbuf.view(KVH * B, nb * bs, D), vbuf.view(KVH * B, nb * bs, D), bias)
+                o = _attend(qq, kbuf.view(KVH * B, nb * bs, D), vbuf.view(KVH * B, nb * bs, D), bias, scale)
                 out[rows] = o.view(KVH, B, G, D).transpose(0, 1).reshape(B, H, D)
             if pre:
                 ctxs = [(kc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len], vc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len])
