@@ -369,16 +369,17 @@ def main() -> None:
                "load_avg_start": os.getloadavg()[0], "hf_threads": a.hf_threads, "blas_threads": a.blas_threads}
     gemm = gemm_table() if a.gemm else None
 
-    hf = None
-    if not a.no_hf:
+    hf = loaded = None
+    if not a.no_hf or a.vllm:  # vLLM reads the model from an HF directory written from transformers' copy
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
 
         logging.disable_progress_bar()
         torch.set_num_threads(a.hf_threads)
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                  dtype=torch.float32).eval()
-    weight_bytes = sum(p.numel() * 4 for p in hf.parameters()) if hf is not None else 134_515_008 * 4
+        loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                                      dtype=torch.float32).eval()
+        hf = None if a.no_hf else loaded
+    weight_bytes = sum(p.numel() * 4 for p in loaded.parameters()) if loaded is not None else 134_515_008 * 4
 
     proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
                                      "--blas-threads", str(a.blas_threads)] + a.outlast_args.split())
@@ -387,7 +388,7 @@ def main() -> None:
     try:
         if a.vllm:
             try:
-                hf_dir = write_hf_dir(hf, tok, tempfile.mkdtemp(prefix="bench-hf-"))
+                hf_dir = write_hf_dir(loaded, tok, tempfile.mkdtemp(prefix="bench-hf-"))
                 atexit.register(shutil.rmtree, hf_dir, True)  # vLLM's copy of the model, gone with the run
                 vproc, vurl = start_vllm(a.vllm, hf_dir)
                 asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up

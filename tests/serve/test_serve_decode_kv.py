@@ -259,3 +259,33 @@ def test_engine_config_rejects_bad_thread_counts():
         EngineConfig(compute_threads=3)
     with pytest.raises(ValueError, match="decode_kv_gib"):
         EngineConfig(decode_kv_gib=-1)
+
+
+def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer, prompts, monkeypatch):
+    """The engine process' setting (steps on torch's two OpenMP threads, a lone decode's GEMVs on two
+    OpenBLAS threads): torch runs that step on one thread and gets its two back after it."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = torch.get_num_threads()
+    try:
+        ref = _engine(tokenizer, compute_threads=1, decode_kv_gib=0)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        want = ref.generate([prompts[2]], params)[0]
+        eng = _engine(tokenizer, compute_threads=1, torch_threads=2, gemv_blas_threads=2)
+        assert torch.get_num_threads() == 2 and eng.runtime.single_row_blas_threads == 2
+        seen, orig_forward = [], eng.runtime._forward
+
+        def forward(step, k, v):
+            seen.append((int(step.token_ids.shape[0]), torch.get_num_threads(), blas_threads()))
+            return orig_forward(step, k, v)
+
+        monkeypatch.setattr(eng.runtime, "_forward", forward)
+        assert eng.generate([prompts[2]], params)[0] == want
+        assert seen[0] == (len(prompts[2]), 2, {1})  # the prefill on torch's two threads
+        assert seen[1:] == [(1, 1, {2})] * 7  # each lone decode: torch on one, BLAS on two
+        assert torch.get_num_threads() == 2 and blas_threads() == {1}  # both given back
+    finally:
+        torch.set_num_threads(before)

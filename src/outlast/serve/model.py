@@ -246,17 +246,24 @@ def _both(f, a, b):
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, omp: bool = False) -> torch.Tensor:
     """``softmax(q k^T * scale + bias) v`` over a batch: q ``[b, G, D]``, k/v ``[b, L, D]`` (any batch
     stride), bias ``[b, G, L]`` or None; into ``out`` (``[b, G, D]``, contiguous) when given.
 
-    The two batched products are numpy's (OpenBLAS, one GEMM per batch item, the GIL released);
-    torch's ``bmm`` went through MKL, which on the AMD EPYC ran this at about half the speed:
-    30 layers of 16 sequences x 3 KV heads x 320 positions on one thread, 18.5 against 32.9 ms."""
-    s = torch.from_numpy(np.matmul(q.numpy(), k.numpy().transpose(0, 2, 1)))
-    s.mul_(scale)
-    if bias is not None:
-        s.add_(bias)
+    The batched products are numpy's (OpenBLAS, one GEMM per batch item, the GIL released), except
+    the scores when ``omp`` (the step runs on torch's OpenMP threads, and nothing else splits
+    it): there ``torch.baddbmm`` on both threads was the faster. torch's ``bmm`` goes through MKL,
+    which on the AMD EPYC ran these shapes slower. Measured there, 30 layers of 32 sequences x 3
+    KV heads x 320 positions (data in DRAM), ms: scores numpy 20.2 on one thread, torch 27.2 on
+    one and 14.9-16.1 on two; values numpy 14.7 on one thread, torch 43.4 on one and 22.1 on two."""
+    if omp:
+        s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale) if bias is not None else \
+            torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    else:
+        s = torch.from_numpy(np.matmul(q.numpy(), k.numpy().transpose(0, 2, 1)))
+        s.mul_(scale)
+        if bias is not None:
+            s.add_(bias)
     p = torch.softmax(s, -1).numpy()
     if out is None:
         return torch.from_numpy(np.matmul(p, v.numpy()))
@@ -687,12 +694,19 @@ class LlamaRuntime:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
         if self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1:
+            # torch down to one thread for the step: OpenBLAS' two threads beside torch's spinning
+            # OpenMP workers made one-row steps 330 ms instead of 40.
+            omp = torch.get_num_threads()
+            if omp > 1:
+                torch.set_num_threads(1)
             _set_blas_threads(self.single_row_blas_threads)
             self._step_gemm = _np_mm  # GEMVs on BLAS' threads
             try:
                 return self._forward(step, k_cache, v_cache)
             finally:
                 _set_blas_threads(1)
+                if omp > 1:
+                    torch.set_num_threads(omp)
         self._step_gemm = self.gemm
         return self._forward(step, k_cache, v_cache)
 
@@ -703,6 +717,7 @@ class LlamaRuntime:
         T = int(step.token_ids.shape[0])
         num_blocks, bs = k_cache.shape[2], k_cache.shape[3]
         par = self.parallel
+        omp = not par and torch.get_num_threads() > 1  # the step's ops on torch's OpenMP threads
         x = self.embed[step.token_ids]
         cos = self.cos[step.positions][:, None, :]
         sin = self.sin[step.positions][:, None, :]
@@ -785,11 +800,11 @@ class LlamaRuntime:
                 def run(share):
                     (lo, hi), *longs = share
                     a, b = lo * KVH, hi * KVH
-                    _attend(qs[a:b], kk[a:b], vv[a:b], bias[a:b], scale, o[a:b])
+                    _attend(qs[a:b], kk[a:b], vv[a:b], bias[a:b], scale, o[a:b], omp)
                     done = []
                     for slot, n in longs:  # exact length, no mask; written after both threads' passes
                         a = slot * KVH
-                        done.append((a, _attend(qs[a:a + KVH], dk[slot, :, :n], dv[slot, :, :n], None, scale)))
+                        done.append((a, _attend(qs[a:a + KVH], dk[slot, :, :n], dv[slot, :, :n], None, scale, omp=omp)))
                     return done
 
                 for a, r in itertools.chain(*(_both(run, (shares[0],), (shares[1],)) if shares[1]
@@ -801,7 +816,7 @@ class LlamaRuntime:
                 torch.index_select(kc, 1, flat, out=kbuf)
                 torch.index_select(vc, 1, flat, out=vbuf)
                 qq = q[rows].view(B, KVH, G, D).transpose(0, 1).reshape(KVH * B, G, D)
-                o = _attend(qq, kbuf.view(KVH * B, nb * bs, D), vbuf.view(KVH * B, nb * bs, D), bias, scale)
+                o = _attend(qq, kbuf.view(KVH * B, nb * bs, D), vbuf.view(KVH * B, nb * bs, D), bias, scale, omp=omp)
                 out[rows] = o.view(KVH, B, G, D).transpose(0, 1).reshape(B, H, D)
             if pre:
                 ctxs = [(kc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len], vc[:, bt].view(KVH, -1, D)[None, :, : s.ctx_len])
