@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -325,10 +326,11 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
               help="The layers' GEMMs: onednn (weights packed once; one more copy of them in memory), numpy "
                    "(OpenBLAS) or torch (MKL) [default: onednn where torch has it; else torch on Intel CPUs, "
                    "numpy elsewhere].")
-@click.option("--engine-process", is_flag=True,
+@click.option("--engine-process/--in-process", "engine_process", default=None,
               help="Run the engine in a process of its own (no GIL shared with HTTP; steps on torch's OpenMP "
-                   "threads unless --compute-threads is given): faster under concurrent load; not with --watch "
-                   "or --replicas.")
+                   "threads and a lone decode's GEMVs on two OpenBLAS threads, unless --compute-threads is "
+                   "given), or in the server's process [default: its own process, except with --watch or "
+                   "--replicas, which need it in the server's].")
 @click.option("--prefix", default="model", show_default=True, help="The model's sub-tree in an outlast checkpoint.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True),
               help="config.json for an outlast checkpoint without serve_config.")
@@ -352,7 +354,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
               no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemv_threads: int,
-              gemm_backend: str | None, engine_process: bool,
+              gemm_backend: str | None, engine_process: bool | None,
               prefix: str, config_path: str | None, tokenizer: str | None,
               served_model_name: str | None, watch: str | None, no_follow: bool, reload_io: str,
               no_reload_buffers: bool,
@@ -392,6 +394,8 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
         click.echo("error: --engine-process does not work with --watch (hot reload swaps weights in this process) "
                    "or --replicas; drop one of them", err=True)
         sys.exit(EXIT_BAD)
+    if engine_process is None:
+        engine_process = not watch and replicas is None
     if replicas is not None:
         _serve_replicas(model, name, host, port, replicas, policy, watch, start_step, token_from(admin_token),
                         [("--max-num-seqs", max_num_seqs), ("--token-budget", token_budget),
@@ -431,12 +435,29 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                                  direct_io=reload_io == "direct").start()
     click.echo(f"serving {name} ({engine.weights_version}) on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV "
                f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
+    # uvicorn shuts down on SIGTERM, then raises the signal again once its own handler is gone: with
+    # the default action the process would die there, before closing the engine (its process too).
+    terminated = False
+
+    def on_term(signum, frame):
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         serve(loop, name, host, port, weights=weights, admin_token=token_from(admin_token))
+    except _Terminated:
+        terminated = True
     finally:
         if weights is not None:
             weights.close()
         loop.close()
+    if terminated:  # the exit status still says SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where ``outlast serve`` can still close its engine."""
 
 
 def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy: str, watch: str | None,
@@ -449,7 +470,7 @@ def _serve_replicas(model: str, name: str, host: str, port: int, n: int, policy:
     from .serve.router_app import run_router
     from .serve.supervisor import Supervisor, free_port, replica_argv
 
-    opts = [x for k, v in options if v is not None for x in (k, str(v))]
+    opts = [x for k, v in options if v is not None for x in (k, str(v))] + ["--in-process"]
     if no_prefix_caching:
         opts.append("--no-prefix-caching")
     if watch:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -18,16 +19,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_outlast_serve_answers_and_stops(gguf_path, tmp_path):
+def _spawned_children(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (not its resource tracker)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            for c in f.read().split():
+                with open(f"/proc/{c}/cmdline", "rb") as g:
+                    if b"spawn_main" in g.read():
+                        out.append(int(c))
+    return out
+
+
+@pytest.mark.parametrize("where", ["default", "--in-process"])
+def test_outlast_serve_answers_and_stops(gguf_path, tmp_path, where):
+    """By default the engine runs in a child process of the server; ``--in-process`` keeps it in the server's."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf_path, "--host", "127.0.0.1",
                              "--port", str(port), "--kv-cache-gib", "0.1", "--kv-disk", str(tmp_path / "kv"),
-                             "--served-model-name", "m", "--gemm-backend", "onednn"],
+                             "--served-model-name", "m", "--gemm-backend", "onednn"]
+                            + ([where] if where != "default" else []),
                             stdout=log, stderr=subprocess.STDOUT, env=env)
-    killed = False
+    killed, engines = False, []
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -42,6 +58,8 @@ def test_outlast_serve_answers_and_stops(gguf_path, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
                        json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        engines = _spawned_children(proc.pid)
+        assert len(engines) == (1 if where == "default" else 0), engines
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -53,3 +71,5 @@ def test_outlast_serve_answers_and_stops(gguf_path, tmp_path):
         log.close()
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells it.
     assert not killed and proc.returncode in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()
+    for pid in engines:  # the engine process ends with the server
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -71,11 +71,17 @@ def _child(conn, source: str, ec: EngineConfig, load_kw: dict) -> None:
             return False
         return True
 
+    def recv():
+        try:
+            return conn.recv()
+        except (EOFError, OSError):  # the server is gone: stop, as on a stop message
+            return ("stop", None)
+
     while True:
-        if not eng.has_work() and not handle(conn.recv()):
+        if not eng.has_work() and not handle(recv()):
             return
         while conn.poll():
-            if not handle(conn.recv()):
+            if not handle(recv()):
                 return
         if eng.has_work():
             outs = eng.step()
