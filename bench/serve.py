@@ -265,9 +265,11 @@ def stop(proc: subprocess.Popen) -> None:
 def start_llama_server(binary: str, gguf: str, slots: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     # llama-server splits -c evenly over its slots: give each room for a 1,024-token prompt and its output.
+    log = open(os.path.join(tempfile.gettempdir(), f"bench-serve-llama-{port}.log"), "wb")  # kept: why it failed
     proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2",
                              "-c", str(max(4096, 1280 * slots)), "-np", str(slots), "-cb", "--no-cache-prompt"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     wait_health(f"http://127.0.0.1:{port}", proc)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -452,8 +454,9 @@ def main() -> None:
         for lg in a.llama_gguf or [gguf]:
             name = "llama-server " + os.path.basename(lg).rsplit(".", 2)[-2]  # e.g. "llama-server F32"
             for c in conc:
-                lp, lurl = start_llama_server(a.llama_server, lg, max(c, 1))
+                lp = None
                 try:
+                    lp, lurl = start_llama_server(a.llama_server, lg, max(c, 1))
                     asyncio.run(run_load(lurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
                     for rnd in range(a.rounds):
                         reqs = runs[rnd, c]
@@ -461,8 +464,15 @@ def main() -> None:
                         results.setdefault(name, {}).setdefault(f"c={c}", []).append(r)
                         print(f"[round {rnd}] {name} c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 "
                               f"{r['ttft_p50']:.2f}s, {r['errors']} errors", file=sys.stderr, flush=True)
+                except (httpx.HTTPError, SystemExit) as e:  # a peer that fails is reported, not fatal
+                    alive = "running" if lp is not None and lp.poll() is None else \
+                        f"exited with {lp.returncode if lp is not None else 'no start'}"
+                    print(f"{name} c={c} failed: {e!r} (server {alive}; its log: "
+                          f"{tempfile.gettempdir()}/bench-serve-llama-*.log)", file=sys.stderr, flush=True)
+                    results.setdefault("peer_errors", []).append(f"{name} c={c}: {e!r}; server {alive}")
                 finally:
-                    stop(lp)
+                    if lp is not None:
+                        stop(lp)
 
     def med(rows, key):
         vals = [r[key] for r in rows if key in r and r[key] == r[key]]
@@ -495,7 +505,7 @@ def main() -> None:
     summary["ratio_vs_best_peer"] = {k: {"peer": n, "ratio": ours[k]["output_tok_s"] / v} for k, (n, v) in best_peer.items()}
     read_s = weight_bytes / (machine["mem_gbs"]["read"] * 1e9)
     step = ours.get("c=1", {}).get("itl_p50", float("nan"))
-    summary.update({"ratio_vs_transformers": ratios, "prefix": prefix,
+    summary.update({"ratio_vs_transformers": ratios, "prefix": prefix, "peer_errors": results.get("peer_errors", []),
                     "decode_step_b1_s": step, "weight_read_s": read_s, "decode_step_over_weight_read": step / read_s})
     print()
     for k, v in ratios.items():
