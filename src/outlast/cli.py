@@ -448,11 +448,11 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
     except _Terminated:
         terminated = True
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while closing ends the process
         if weights is not None:
             weights.close()
         loop.close()
     if terminated:  # the exit status still says SIGTERM
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

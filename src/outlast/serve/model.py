@@ -696,8 +696,8 @@ class LlamaRuntime:
         if self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1:
             # torch down to one thread for the step: OpenBLAS' two threads beside torch's spinning
             # OpenMP workers made one-row steps 330 ms instead of 40.
-            omp = torch.get_num_threads()
-            if omp > 1:
+            torch_threads = torch.get_num_threads()
+            if torch_threads > 1:
                 torch.set_num_threads(1)
             _set_blas_threads(self.single_row_blas_threads)
             self._step_gemm = _np_mm  # GEMVs on BLAS' threads
@@ -705,8 +705,8 @@ class LlamaRuntime:
                 return self._forward(step, k_cache, v_cache)
             finally:
                 _set_blas_threads(1)
-                if omp > 1:
-                    torch.set_num_threads(omp)
+                if torch_threads > 1:
+                    torch.set_num_threads(torch_threads)
         self._step_gemm = self.gemm
         return self._forward(step, k_cache, v_cache)
 
@@ -773,7 +773,6 @@ class LlamaRuntime:
         scale = D ** -0.5
         inter = c.intermediate_size
         sdpa = F.scaled_dot_product_attention
-
 
         for li, L in enumerate(self.layers):
             h = self._rms(x, L["attn_norm"])
