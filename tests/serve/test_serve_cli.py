@@ -33,14 +33,16 @@ def _spawned_children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("where", ["default", "--in-process"])
 def test_outlast_serve_answers_and_stops(gguf_path, tmp_path, where):
-    """By default the engine runs in a child process of the server; ``--in-process`` keeps it in the server's."""
+    """By default the engine runs in a child process of the server; ``--in-process`` keeps it in the server's.
+    The child one serves bf16 weights (``--dtype bfloat16``), the in-process one fp32."""
+    dtype = "bfloat16" if where == "default" else "float32"
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "outlast.cli", "serve", gguf_path, "--host", "127.0.0.1",
                              "--port", str(port), "--kv-cache-gib", "0.1", "--kv-disk", str(tmp_path / "kv"),
-                             "--served-model-name", "m", "--gemm-backend", "onednn"]
+                             "--served-model-name", "m", "--gemm-backend", "onednn", "--dtype", dtype]
                             + ([where] if where != "default" else []),
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     killed, engines = False, []
@@ -59,6 +61,7 @@ def test_outlast_serve_answers_and_stops(gguf_path, tmp_path, where):
                        json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         engines = _spawned_children(proc.pid)
+        assert f"{dtype} weights" in (tmp_path / "serve.log").read_text()
         assert len(engines) == (1 if where == "default" else 0), engines
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -147,3 +147,47 @@ def test_outlast_checkpoint_and_hf_dir_serve_the_same_weights(make_engine, weigh
     assert cfg2.rope_theta == cfg.rope_theta and cfg2.num_kv_heads == cfg.num_kv_heads
     for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight"):
         assert torch.equal(sd2[name], sd[name])
+
+
+def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_ties(weights, tokenizer, prompt_ids,
+                                                                                   alone_outputs, hf_model):
+    import pytest
+
+    from outlast.serve.config import EngineConfig
+    from outlast.serve.engine import LLMEngine
+
+    cfg, sd = weights
+    with pytest.raises(ValueError, match="weight_dtype"):
+        EngineConfig(weight_dtype="float16")
+    with pytest.raises(ValueError, match="oneDNN"):
+        EngineConfig(weight_dtype="bfloat16", gemm_backend="numpy")
+    # gemv_blas_threads=2 as the engine process sets it: bf16 GEMVs are oneDNN's, so it must not apply.
+    eng = LLMEngine(cfg, sd, tokenizer, EngineConfig(weight_dtype="bfloat16", num_blocks=256, token_budget=512,
+                                                     gemv_blas_threads=2))
+    rt = eng.runtime
+    assert len(rt.packed) == 1 + 4 * cfg.num_layers  # the LM head and every layer's four matrices
+    assert all(t.dtype == torch.bfloat16 for p in rt.packed.values() for t in p.parts)
+    assert rt.single_row_blas_threads == 0
+    assert eng.kv.salt != eng.identity  # fp32 and bf16 K/V never share prefix-cache entries
+
+    def fp32_gemm(*args, **kw):
+        raise AssertionError("a GEMM fell back to fp32 numpy")
+
+    rt.gemm = fp32_gemm  # prefill chunks, batched and one-row decode steps must all take the packed bf16 path
+    alone = [eng.generate([ids], GREEDY)[0] for ids in prompt_ids]
+    batched = eng.generate(prompt_ids, GREEDY)
+    assert batched == alone
+    same = 0
+    for ids, ours, ref in zip(prompt_ids, alone, alone_outputs):
+        assert len(ours) == MAX_NEW
+        if ours == ref:
+            same += 1
+            continue
+        d = next(i for i, (a, b) in enumerate(zip(ours, ref)) if a != b)
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids + ref[:d]])).logits[0, -1]
+        top = logits.topk(3)
+        margin = float(top.values[0] - top.values[1])
+        # bf16's rounding may flip a near tie of fp32's logits, never a clear winner
+        assert margin < 0.5 and ours[d] in top.indices.tolist(), (d, margin, ours[d], top.indices.tolist())
+    assert same >= len(prompt_ids) // 2, same  # 16 of 21 on the AVX512-BF16 EPYC

@@ -189,6 +189,12 @@ class EngineConfig:
     unpacked). None: onednn where torch has it, else torch on Intel CPUs and numpy elsewhere (see
     ``outlast.serve.model.default_gemm_backend`` for what was measured). All give the same results up
     to float rounding."""
+    weight_dtype: str = "float32"
+    """The dtype the GEMMs read their weights in: ``"float32"``, or ``"bfloat16"`` (oneDNN only: every
+    GEMM, one-row steps included, on weights packed in bf16, its input rounded to bf16; the norms,
+    attention, KV cache and residual stream stay fp32). bf16 halves the bytes a decode reads and,
+    on CPUs with AVX512-BF16 or AMX, doubles the GEMMs' arithmetic rate; the logits move by the
+    rounding (greedy tokens may differ from an fp32 run's after a near tie)."""
     decode_kv_gib: float = 2.0
     """Memory for the decode copy of running sequences' K/V (contiguous per sequence, so decode
     attention reads it in place instead of gathering blocks every step); 0 turns it off. A step
@@ -201,6 +207,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.gemv_blas_threads must be 1 or 2, got {self.gemv_blas_threads!r}")
         if self.gemm_backend not in (None, "numpy", "torch", "onednn"):
             raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch', 'onednn' or None, got {self.gemm_backend!r}")
+        if self.weight_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"EngineConfig.weight_dtype must be 'float32' or 'bfloat16', got {self.weight_dtype!r}")
+        if self.weight_dtype == "bfloat16" and self.gemm_backend not in (None, "onednn"):
+            raise ValueError(f"EngineConfig.weight_dtype 'bfloat16' needs the oneDNN GEMMs; drop gemm_backend="
+                             f"{self.gemm_backend!r} or serve float32")
         if self.decode_kv_gib < 0:
             raise ValueError(f"EngineConfig.decode_kv_gib must be >= 0, got {self.decode_kv_gib}")
         for f in ("max_num_seqs", "token_budget", "block_size", "max_waiting"):

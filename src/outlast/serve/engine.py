@@ -78,7 +78,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.identity = weights_identity(config, state_dict)
         self.weights_version = "weights-" + self.identity.hex()[:12]
-        self.runtime = LlamaRuntime(config, state_dict, pack=self.pack_mode())
+        self.runtime = LlamaRuntime(config, state_dict, pack=self.pack_mode(), pack_dtype=self.pack_dtype())
         self.metrics = metrics or ServeMetrics()
         block_bytes = 2 * config.num_layers * ec.block_size * config.num_kv_heads * config.head_dim * 4
         num_blocks = ec.num_blocks or max(2, int(ec.kv_cache_gib * (1 << 30)) // block_bytes)
@@ -87,7 +87,7 @@ class LLMEngine:
             disk = DiskKVTier(ec.kv_disk_dir, int(ec.kv_disk_gib * (1 << 30)),
                               (config.num_layers, ec.block_size, config.num_kv_heads, config.head_dim))
         self.kv = KVCacheManager(config.num_layers, config.num_kv_heads, config.head_dim, num_blocks=num_blocks,
-                                 block_size=ec.block_size, salt=self.identity,
+                                 block_size=ec.block_size, salt=self._salt(self.identity),
                                  enable_prefix_caching=ec.enable_prefix_caching, disk=disk)
         self.scheduler = Scheduler(self.kv, max_num_seqs=ec.max_num_seqs, token_budget=ec.token_budget)
         self.max_model_len = min(ec.max_model_len or config.max_position, config.max_position,
@@ -106,8 +106,20 @@ class LLMEngine:
         built with it (:class:`LlamaRuntime`'s ``pack``: packing from the weights as given, while
         it builds, reorders contiguous rows, twice as fast as packing the built arrays)."""
         if (self.config.gemm_backend or default_gemm_backend()) != "onednn":
+            if self.config.weight_dtype != "float32":
+                raise ModelLoadError(f"weight_dtype {self.config.weight_dtype!r} needs oneDNN, which this torch build "
+                                     f"({torch.__version__}) lacks; serve float32")
             return None
         return self._threads() >= 2
+
+    def pack_dtype(self) -> torch.dtype:
+        """The packed weights' dtype (``EngineConfig.weight_dtype``)."""
+        return torch.bfloat16 if self.config.weight_dtype == "bfloat16" else torch.float32
+
+    def _salt(self, identity: bytes) -> bytes:
+        """The prefix cache's root: the weights' identity, and the GEMMs' dtype when it is not fp32
+        (K/V computed through bf16 GEMMs are not the fp32 run's, so neither tier mixes them)."""
+        return identity if self.config.weight_dtype == "float32" else identity + b"/" + self.config.weight_dtype.encode()
 
     def prepare(self, runtime: LlamaRuntime) -> LlamaRuntime:
         """Pack ``runtime``'s weights for oneDNN when that is the GEMM backend and it was not built
@@ -116,7 +128,7 @@ class LLMEngine:
         between two steps, nor the new weights' first response waits for it."""
         mode = self.pack_mode()
         if mode is not None:
-            runtime.pack(halves=mode)
+            runtime.pack(halves=mode, dtype=self.pack_dtype())
         return runtime
 
     def _threads(self) -> int:
@@ -126,7 +138,8 @@ class LLMEngine:
         ec = self.config
         threads = self._threads()
         # A lone decode's GEMVs on more BLAS threads when asked, where BLAS is otherwise held at one.
-        gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 else 0
+        # (Not with bf16 weights: their GEMVs are oneDNN's, on torch's threads.)
+        gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 and ec.weight_dtype == "float32" else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
                                  gemm=ec.gemm_backend or default_gemm_backend(),
@@ -154,7 +167,7 @@ class LLMEngine:
                                  f"a hot reload keeps the architecture: restart the server for another model")
         self.runtime = self._configure(runtime, replaces=self.runtime)
         self.identity = identity
-        self.kv.salt = identity
+        self.kv.salt = self._salt(identity)
         self.weights_version = version
         self.scheduler.admit_new = True
 

@@ -148,29 +148,36 @@ class _Packed:
     numpy's OpenBLAS was the faster) and a reload's buffer reuse still use.
     """
 
-    __slots__ = ("parts", "cut")
+    __slots__ = ("parts", "cut", "dtype")
 
-    def __init__(self, parts: tuple[torch.Tensor, ...], halves: bool):
+    def __init__(self, parts: tuple[torch.Tensor, ...], halves: bool, dtype: torch.dtype = torch.float32):
         n = sum(int(t.shape[0]) for t in parts)
         self.cut = (n // 2 + 15) // 16 * 16 if halves and n >= 32 else n
+        self.dtype = dtype
         bounds = [(0, self.cut)] + ([(self.cut, n)] if self.cut < n else [])
-        self.parts = [torch.ops.mkldnn._reorder_linear_weight(_rows(parts, a, b), PACK_ROWS_HINT)
+        self.parts = [torch.ops.mkldnn._reorder_linear_weight(_rows(parts, a, b).to(dtype), PACK_ROWS_HINT)
                       for a, b in bounds]
 
     @classmethod
-    def from_array(cls, w: np.ndarray, halves: bool) -> "_Packed":
+    def from_array(cls, w: np.ndarray, halves: bool, dtype: torch.dtype = torch.float32) -> "_Packed":
         """From a ``[in, out]`` serving-layout array (its transposed view)."""
-        return cls((torch.from_numpy(w).t(),), halves)
+        return cls((torch.from_numpy(w).t(),), halves, dtype)
 
     def __call__(self, x: torch.Tensor, parallel: bool) -> torch.Tensor:
+        """``x @ w``, fp32 in and out; bf16 weights take ``x`` rounded to bf16 and give bf16
+        products, widened back to fp32 (oneDNN accumulates in fp32)."""
         lin = torch.ops.mkldnn._linear_pointwise
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
         if len(self.parts) == 1:
-            return lin(x, self.parts[0], None, "none", [], "")
-        if not parallel:
-            return torch.cat([lin(x, p, None, "none", [], "") for p in self.parts], 1)
-        fut = _worker().submit(lin, x, self.parts[1], None, "none", [], "")
-        first = lin(x, self.parts[0], None, "none", [], "")
-        return torch.cat([first, fut.result()], 1)
+            y = lin(x, self.parts[0], None, "none", [], "")
+        elif not parallel:
+            y = torch.cat([lin(x, p, None, "none", [], "") for p in self.parts], 1)
+        else:
+            fut = _worker().submit(lin, x, self.parts[1], None, "none", [], "")
+            first = lin(x, self.parts[0], None, "none", [], "")
+            y = torch.cat([first, fut.result()], 1)
+        return y if y.dtype == torch.float32 else y.float()
 
 
 @functools.cache
@@ -447,6 +454,11 @@ class LlamaRuntime:
         pack: also pack every matrix for oneDNN (:class:`_Packed`) from the parts as given, on the
             build's threads: True in halves of the output columns (steps on two threads), False
             whole, None not at all (:meth:`pack` can do it later, from the built arrays).
+        pack_dtype: the packed copies' dtype. ``torch.bfloat16`` halves the bytes every GEMM reads
+            and runs them on the CPU's bf16 dot products where it has them (AVX512-BF16, AMX): the
+            GEMMs of every step, one-row steps included, then go through oneDNN, their inputs
+            rounded to bf16; everything else (norms, attention, the KV cache, the residual
+            stream) stays fp32.
 
     Example:
         >>> rt = LlamaRuntime(cfg, sd)
@@ -454,7 +466,7 @@ class LlamaRuntime:
     """
 
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], *,
-                 into: dict | None = None, pack: bool | None = None):
+                 into: dict | None = None, pack: bool | None = None, pack_dtype: torch.dtype = torch.float32):
         self.nbytes = sum(int(t.numel()) * 4 for t in state_dict.values())
         into = into or {}
 
@@ -505,11 +517,13 @@ class LlamaRuntime:
         with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="outlast-build") as pool:
             built = pool.map(lambda kv: _fuse_t(*kv[1], out=into.get(kv[0])), jobs.items())
             # oneDNN's packing from the same parts, on the same threads (``pack``: halves or not)
-            packs = pool.map(lambda parts: _Packed(parts, pack), jobs.values()) if pack is not None else None
+            packs = pool.map(lambda parts: _Packed(parts, pack, pack_dtype), jobs.values()) if pack is not None else None
             built = dict(zip(jobs, built))
             self.packed: dict[int, _Packed] = {}
             """oneDNN's packed copy of each matrix, by ``id`` of its numpy array (see :meth:`pack`)."""
             self._packed_halves = None
+            self.pack_dtype = pack_dtype
+            """The packed copies' dtype: fp32, or bf16 (every GEMM, one-row steps too, on oneDNN)."""
             if packs is not None:
                 self.packed = {id(built[k]): p for k, p in zip(jobs, packs)}
                 self._packed_halves = pack
@@ -574,22 +588,24 @@ class LlamaRuntime:
             self.decode_kv = old.reset() if old is not None and old.args == args else _DecodeKV(*args)
         return self
 
-    def pack(self, halves: bool) -> "LlamaRuntime":
+    def pack(self, halves: bool, dtype: torch.dtype = torch.float32) -> "LlamaRuntime":
         """Pack every layer matrix and the LM head for the ``"onednn"`` backend (:class:`_Packed`),
-        in halves of their columns when steps run on two threads, from the built arrays; done once.
+        in halves of their columns when steps run on two threads, from the built arrays, as
+        ``dtype`` (see the class's ``pack_dtype``); done once.
 
         It may run on another thread while this runtime serves: the packed copies are put in place
         in one assignment, and steps use numpy's GEMMs until then. A hot reload does that after
         its swap: packing 540 MB took 0.25-2.3 s on the 2-core EPYC (into new memory, with the
         host's load), which before the swap would have delayed the new weights. The time it took
         is ``pack_seconds``."""
-        if self.packed and self._packed_halves == halves:
+        if self.packed and self._packed_halves == halves and self.pack_dtype == dtype:
             return self
         ws = [self.lm_head] + [L[n] for L in self.layers for n in ("wqkv", "wo", "wgu", "wdown")]
         t0 = time.monotonic()
         with ThreadPoolExecutor(max(1, min(2, _usable_cpus())), thread_name_prefix="outlast-pack") as pool:
-            self.packed = dict(zip(map(id, ws), pool.map(lambda w: _Packed.from_array(w, halves), ws)))
+            self.packed = dict(zip(map(id, ws), pool.map(lambda w: _Packed.from_array(w, halves, dtype), ws)))
         self._packed_halves = halves
+        self.pack_dtype = dtype
         self.pack_seconds = time.monotonic() - t0
         return self
 
@@ -669,7 +685,7 @@ class LlamaRuntime:
         return x * cos + rot * sin
 
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-        if self.packed and x.shape[0] > 1:  # packed only with the "onednn" backend (configure)
+        if self.packed and (x.shape[0] > 1 or self.pack_dtype != torch.float32):  # "onednn" only (configure)
             packed = self.packed.get(id(w))
             if packed is not None:
                 return packed(x.contiguous(), self.parallel)
