@@ -186,9 +186,12 @@ async def one_request(client: httpx.AsyncClient, body: dict, rec: list) -> None:
 
 
 async def run_load(url: str, model: str, reqs: list, *, concurrency: int | None = None, rate: float | None = None,
-                   fixed_out: int | None = None, seed: int = 0) -> dict:
+                   fixed_out: int | None = None, seed: int = 0, keepalive: bool = True) -> dict:
+    """``keepalive=False``: a new connection per request. llama-server (cpp-httplib) closes a connection
+    after its 5th request, and httpx then sent the 6th on the closed one ("Server disconnected without
+    sending a response"): at one slot every request shares one connection, so c=1 always failed."""
     rec: list = []
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256 if keepalive else 0)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         def body(r):
             return {"model": model, "messages": r["messages"], "max_tokens": fixed_out or r["out"], "temperature": 0,
@@ -464,10 +467,10 @@ def main() -> None:
                 lp = None
                 try:
                     lp, lurl = start_llama_server(a.llama_server, lg, max(c, 1))
-                    asyncio.run(run_load(lurl, "m", pool[:4], concurrency=2, fixed_out=8))  # warm-up
+                    asyncio.run(run_load(lurl, "m", pool[:4], concurrency=2, fixed_out=8, keepalive=False))  # warm-up
                     for rnd in range(a.rounds):
                         reqs = runs[rnd, c]
-                        r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len))
+                        r = asyncio.run(run_load(lurl, "m", reqs, concurrency=c, fixed_out=a.out_len, keepalive=False))
                         results.setdefault(name, {}).setdefault(f"c={c}", []).append(r)
                         print(f"[round {rnd}] {name} c={c}: {r['output_tok_s']:.1f} tok/s, ttft p50 "
                               f"{r['ttft_p50']:.2f}s, {r['errors']} errors", file=sys.stderr, flush=True)
