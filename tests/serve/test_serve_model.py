@@ -191,3 +191,12 @@ def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_tie
         # bf16's rounding may flip a near tie of fp32's logits, never a clear winner
         assert margin < 0.5 and ours[d] in top.indices.tolist(), (d, margin, ours[d], top.indices.tolist())
     assert same >= len(prompt_ids) // 2, same  # 16 of 21 on the AVX512-BF16 EPYC
+    # A hot reload packs the new runtime after its swap (LLMEngine.prepare -> LlamaRuntime.pack): bf16
+    # there too. Packed the other way (whole <-> halves of the columns), the tokens stay the same.
+    halves = rt._packed_halves
+    eng.prepare(rt)  # already packed as the engine wants: kept
+    assert rt._packed_halves == halves
+    rt.pack(halves=not halves, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for p in rt.packed.values() for t in p.parts)
+    assert any(len(p.parts) == (1 if halves else 2) for p in rt.packed.values())
+    assert eng.generate(prompt_ids[:4], GREEDY) == alone[:4]
