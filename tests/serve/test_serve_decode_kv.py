@@ -289,3 +289,14 @@ def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer
         assert torch.get_num_threads() == 2 and blas_threads() == {1}  # both given back
     finally:
         torch.set_num_threads(before)
+
+
+def test_decode_copy_memory_starts_zeroed_writable_and_sized():
+    """The decode copy's buffers come from ``_lazy_zeros`` (pages mapped on first write)."""
+    kv = model._DecodeKV(num_layers=2, num_kv_heads=3, head_dim=8, max_bytes=1 << 20, slots=4, max_len=300)
+    assert kv.k.shape == kv.v.shape == (2, 4, 3, 512, 8) and kv.k.dtype == torch.float32
+    assert not kv.k.any() and not kv.v.any()
+    kv.k[1, 3, 2, 511] = 7.0  # the last element: the whole buffer is writable memory
+    assert float(kv.k.sum()) == 56.0 and not kv.v.any()
+    empty = model._lazy_zeros((2, 0, 5))  # a decode copy with no room (cap 0) still builds
+    assert empty.shape == (2, 0, 5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import mmap
 import os
 import threading
 import time
@@ -296,6 +297,25 @@ def _empty(shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+def _lazy_zeros(shape: tuple) -> torch.Tensor:
+    """A zeroed fp32 tensor whose pages are mapped as they are first written, from an anonymous
+    ``mmap`` advised for transparent huge pages (``MADV_HUGEPAGE``), for large buffers filled bit by bit.
+
+    numpy's ``zeros`` (calloc) made those first writes the slowest part of a first burst on the
+    2-core EPYC VM: giving 32 new sequences of 160 positions their place in the decode copy
+    (:class:`_DecodeKV`, 2 GiB) took 0.58-1.14 s against 0.05-0.07 s this way, and a fresh
+    engine's first six steps of a burst of 32 requests took 5.2-6.7 s against 3.4-3.8 s; decode
+    steps over the mapped memory ran as fast as before. Falls back to numpy where ``mmap`` cannot do
+    this (not Linux)."""
+    n = int(np.prod(shape))
+    try:
+        m = mmap.mmap(-1, max(n, 1) * 4)
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):
+        return torch.from_numpy(np.zeros(shape, np.float32))
+    return torch.from_numpy(np.frombuffer(m, np.float32, count=n).reshape(shape))  # the array keeps m alive
+
+
 def _fuse_t(*parts: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
     """``[out_i, in]`` parts (any float dtype) -> one C-contiguous fp32 ``[in, sum(out_i)]``: fuses,
     converts and transposes in one pass, into ``out`` when it has that shape (a retired runtime's
@@ -394,9 +414,9 @@ class _DecodeKV:
         cap = min(-(-max_len // 256) * 256, max_bytes // per_position // 256 * 256)
         # Sized once, from the budget: growing it copied the whole copy (up to 2 GiB) while the
         # contexts grew, which made the first minute of serving at 32 sequences ~30% slower.
-        # numpy's zeros come from calloc: pages are taken as slots first use them.
-        self.k = torch.from_numpy(np.zeros((num_layers, slots, num_kv_heads, max(cap, 0), head_dim), np.float32))
-        self.v = torch.from_numpy(np.zeros((num_layers, slots, num_kv_heads, max(cap, 0), head_dim), np.float32))
+        # Pages are mapped as slots first use them (see _lazy_zeros).
+        self.k = _lazy_zeros((num_layers, slots, num_kv_heads, max(cap, 0), head_dim))
+        self.v = _lazy_zeros((num_layers, slots, num_kv_heads, max(cap, 0), head_dim))
         self.slot_of: dict[object, int] = {}
         self.lens: list[int] = [0] * slots  # tokens held per slot (0 = free)
         self.fallbacks = 0  # steps whose decodes did not fit and gathered instead
