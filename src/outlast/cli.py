@@ -440,7 +440,8 @@ def serve_cmd(model: str | None, host: str, port: int, max_num_seqs: int, token_
                                  step=start_step, keep_buffers=not no_reload_buffers,
                                  direct_io=reload_io == "direct").start()
     click.echo(f"serving {name} ({engine.weights_version}) on http://{host}:{port}/v1 ({engine.kv.num_blocks} KV "
-               f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len}, {weight_dtype} weights)", err=True)
+               f"blocks of {engine.kv.block_size} tokens, context {engine.max_model_len}, {weight_dtype} weights)",
+               err=True)
     # uvicorn shuts down on SIGTERM, then raises the signal again once its own handler is gone: with
     # the default action the process would die there, before closing the engine (its process too).
     terminated = False

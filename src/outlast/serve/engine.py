@@ -119,7 +119,8 @@ class LLMEngine:
     def _salt(self, identity: bytes) -> bytes:
         """The prefix cache's root: the weights' identity, and the GEMMs' dtype when it is not fp32
         (K/V computed through bf16 GEMMs are not the fp32 run's, so neither tier mixes them)."""
-        return identity if self.config.weight_dtype == "float32" else identity + b"/" + self.config.weight_dtype.encode()
+        dtype = self.config.weight_dtype
+        return identity if dtype == "float32" else identity + b"/" + dtype.encode()
 
     def prepare(self, runtime: LlamaRuntime) -> LlamaRuntime:
         """Pack ``runtime``'s weights for oneDNN when that is the GEMM backend and it was not built
@@ -139,7 +140,8 @@ class LLMEngine:
         threads = self._threads()
         # A lone decode's GEMVs on more BLAS threads when asked, where BLAS is otherwise held at one.
         # (Not with bf16 weights: their GEMVs are oneDNN's, on torch's threads.)
-        gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 and ec.weight_dtype == "float32" else 0
+        gemv = ec.gemv_blas_threads if (ec.gemv_blas_threads > 1 and ec.blas_threads == 1
+                                        and ec.weight_dtype == "float32") else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
                                  gemm=ec.gemm_backend or default_gemm_backend(),
