@@ -238,10 +238,10 @@ def test_new_weights_serve_before_their_onednn_packing_ends(tmp_path, tokenizer,
     release, packing = threading.Event(), threading.Event()
     orig = model.LlamaRuntime.pack
 
-    def slow_pack(self, halves):
+    def slow_pack(self, halves, **kw):
         packing.set()
         assert release.wait(60)
-        return orig(self, halves)
+        return orig(self, halves, **kw)
 
     monkeypatch.setattr(model.LlamaRuntime, "pack", slow_pack)
     used = []
