@@ -150,7 +150,8 @@ def test_outlast_checkpoint_and_hf_dir_serve_the_same_weights(make_engine, weigh
 
 
 def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_ties(weights, tokenizer, prompt_ids,
-                                                                                   alone_outputs, hf_model):
+                                                                                   alone_outputs, hf_model,
+                                                                                   monkeypatch):
     import pytest
 
     from outlast.serve.config import EngineConfig
@@ -161,13 +162,16 @@ def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_tie
         EngineConfig(weight_dtype="float16")
     with pytest.raises(ValueError, match="oneDNN"):
         EngineConfig(weight_dtype="bfloat16", gemm_backend="numpy")
-    # gemv_blas_threads=2 as the engine process sets it: bf16 GEMVs are oneDNN's, so it must not apply.
+    # Two torch threads and gemv_blas_threads=2, as the engine process sets them: bf16 GEMVs are oneDNN's,
+    # on torch's threads, so a lone decode must not drop torch to one thread for BLAS' sake.
+    threads = torch.get_num_threads()
     eng = LLMEngine(cfg, sd, tokenizer, EngineConfig(weight_dtype="bfloat16", num_blocks=256, token_budget=512,
-                                                     gemv_blas_threads=2))
+                                                     gemv_blas_threads=2, torch_threads=2))
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
     rt = eng.runtime
     assert len(rt.packed) == 1 + 4 * cfg.num_layers  # the LM head and every layer's four matrices
     assert all(t.dtype == torch.bfloat16 for p in rt.packed.values() for t in p.parts)
-    assert rt.single_row_blas_threads == 0
     assert eng.kv.salt != eng.identity  # fp32 and bf16 K/V never share prefix-cache entries
 
     def fp32_gemm(*args, **kw):
@@ -175,6 +179,9 @@ def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_tie
 
     rt.gemm = fp32_gemm  # prefill chunks, batched and one-row decode steps must all take the packed bf16 path
     alone = [eng.generate([ids], GREEDY)[0] for ids in prompt_ids]
+    assert set_to == []
+    monkeypatch.undo()
+    torch.set_num_threads(threads)
     batched = eng.generate(prompt_ids, GREEDY)
     assert batched == alone
     same = 0

@@ -139,9 +139,7 @@ class LLMEngine:
         ec = self.config
         threads = self._threads()
         # A lone decode's GEMVs on more BLAS threads when asked, where BLAS is otherwise held at one.
-        # (Not with bf16 weights: their GEMVs are oneDNN's, on torch's threads.)
-        gemv = ec.gemv_blas_threads if (ec.gemv_blas_threads > 1 and ec.blas_threads == 1
-                                        and ec.weight_dtype == "float32") else 0
+        gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
                                  gemm=ec.gemm_backend or default_gemm_backend(),

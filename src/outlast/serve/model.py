@@ -542,8 +542,6 @@ class LlamaRuntime:
             self.packed: dict[int, _Packed] = {}
             """oneDNN's packed copy of each matrix, by ``id`` of its numpy array (see :meth:`pack`)."""
             self._packed_halves = None
-            self.pack_dtype = pack_dtype
-            """The packed copies' dtype: fp32, or bf16 (every GEMM, one-row steps too, on oneDNN)."""
             if packs is not None:
                 self.packed = {id(built[k]): p for k, p in zip(jobs, packs)}
                 self._packed_halves = pack
@@ -583,7 +581,7 @@ class LlamaRuntime:
         which our own worker cannot speed up, the hand-off costing what the split saves) runs its
         GEMVs on that many of numpy's BLAS threads (whatever ``gemm`` says), and sets BLAS back to
         one thread after it (``EngineConfig.gemv_blas_threads`` says when this pays). 0 leaves
-        numpy's BLAS alone.
+        numpy's BLAS alone. Not with bf16 packed weights, whose GEMVs are oneDNN's on torch's threads.
 
         ``gemm``: the GEMM backend of steps of two tokens or more, a key of :data:`GEMM_BACKENDS`.
         ``"onednn"`` uses the packed weights once there are some (the constructor's ``pack``, or
@@ -611,21 +609,20 @@ class LlamaRuntime:
     def pack(self, halves: bool, dtype: torch.dtype = torch.float32) -> "LlamaRuntime":
         """Pack every layer matrix and the LM head for the ``"onednn"`` backend (:class:`_Packed`),
         in halves of their columns when steps run on two threads, from the built arrays, as
-        ``dtype`` (see the class's ``pack_dtype``); done once.
+        ``dtype`` (see the class's ``pack_dtype``); done once for each way of packing.
 
         It may run on another thread while this runtime serves: the packed copies are put in place
         in one assignment, and steps use numpy's GEMMs until then. A hot reload does that after
         its swap: packing 540 MB took 0.25-2.3 s on the 2-core EPYC (into new memory, with the
         host's load), which before the swap would have delayed the new weights. The time it took
         is ``pack_seconds``."""
-        if self.packed and self._packed_halves == halves and self.pack_dtype == dtype:
+        if self.packed and self._packed_halves == halves and self._packed_dtype() == dtype:
             return self
         ws = [self.lm_head] + [L[n] for L in self.layers for n in ("wqkv", "wo", "wgu", "wdown")]
         t0 = time.monotonic()
         with ThreadPoolExecutor(max(1, min(2, _usable_cpus())), thread_name_prefix="outlast-pack") as pool:
             self.packed = dict(zip(map(id, ws), pool.map(lambda w: _Packed.from_array(w, halves, dtype), ws)))
         self._packed_halves = halves
-        self.pack_dtype = dtype
         self.pack_seconds = time.monotonic() - t0
         return self
 
@@ -704,11 +701,15 @@ class LlamaRuntime:
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin
 
+    def _packed_dtype(self) -> torch.dtype | None:
+        """The packed copies' dtype (None: not packed). bf16 copies serve one-row steps too: there
+        is no bf16 GEMV to fall back on, and the fp32 arrays would change the numerics."""
+        return next(iter(self.packed.values())).dtype if self.packed else None
+
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-        if self.packed and (x.shape[0] > 1 or self.pack_dtype != torch.float32):  # "onednn" only (configure)
-            packed = self.packed.get(id(w))
-            if packed is not None:
-                return packed(x.contiguous(), self.parallel)
+        packed = self.packed.get(id(w)) if self.packed else None  # "onednn" only (configure)
+        if packed is not None and (x.shape[0] > 1 or packed.dtype != torch.float32):
+            return packed(x.contiguous(), self.parallel)
         return _linear(x, w, self.parallel, self._step_gemm)
 
     @torch.inference_mode()
@@ -729,7 +730,8 @@ class LlamaRuntime:
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
-        if self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1:
+        if (self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1
+                and self._packed_dtype() in (None, torch.float32)):  # bf16 GEMVs run on torch's threads
             # torch down to one thread for the step: OpenBLAS' two threads beside torch's spinning
             # OpenMP workers made one-row steps 330 ms instead of 40.
             torch_threads = torch.get_num_threads()
