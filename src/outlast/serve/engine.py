@@ -143,7 +143,8 @@ class LLMEngine:
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
                                  gemm=ec.gemm_backend or default_gemm_backend(),
-                                 reuse_decode_kv=replaces.decode_kv if replaces is not None else None)
+                                 reuse_decode_kv=replaces.decode_kv if replaces is not None else None,
+                                 kernels=ec.compiled_kernels)
 
     def swap_ready(self) -> bool:
         """True when no request is computing on the current weights (a swap may happen now)."""

@@ -1,0 +1,98 @@
+"""Compiled kernels of the serve runtime, built on first use and cached.
+
+:func:`decode_attention` is decode attention over the decode copy (one call per layer, parallel
+on torch's threads, K/V read once per KV head at each sequence's exact length), which the
+runtime's torch ops did as a padded batched GEMM, a softmax and a second batched GEMM. It is
+built with torch's C++ extension tooling, so it needs a C++ compiler and ``ninja`` (in the serve
+and test extras); the build (~30 s on 2 cores) happens once per machine and is cached under
+``$OUTLAST_KERNEL_DIR`` or ``~/.cache/outlast/kernels``, keyed by the source, torch's version and
+the CPU's flags (it is compiled for this CPU). Where it cannot build, :func:`decode_attention`
+returns None, says why in a warning once, and the runtime keeps its torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SRC = os.path.join(os.path.dirname(__file__), "decode_attn.cpp")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def kernel_dir() -> str:
+    """Where the built kernels are cached (``$OUTLAST_KERNEL_DIR`` or ``~/.cache/outlast/kernels``)."""
+    return os.environ.get("OUTLAST_KERNEL_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "outlast", "kernels")
+
+
+HEAD_DIMS = (8, 16, 32, 64, 128, 256)
+"""The head sizes the kernel is built for."""
+MAX_GROUP = 16
+"""The most query heads per KV head it takes."""
+
+
+def supports(head_dim: int, group: int) -> bool:
+    """Whether :func:`decode_attention` takes this head size and query heads per KV head."""
+    return head_dim in HEAD_DIMS and 1 <= group <= MAX_GROUP
+
+
+@functools.cache
+def decode_attention():
+    """The compiled ``decode_attention(q, k, v, lens, scale, out)``, or None where it cannot build.
+
+    ``q``: ``[slots * kv_heads, G, D]`` fp32 (G query heads per KV head); ``k``, ``v``: ``[slots,
+    kv_heads, capacity, D]`` fp32, rows contiguous; ``lens``: ``[slots]`` int64, each >= 1;
+    ``out``: like ``q``, written with ``softmax(q k[:n]^T * scale) v[:n]`` per slot and head.
+
+    Example:
+        >>> kern = decode_attention()
+        >>> if kern is not None:
+        ...     kern(q, k, v, lens, 0.125, out)
+    """
+    if sys.platform != "linux":
+        return None
+    with open(_SRC, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(src + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()).hexdigest()[:16]
+    name = f"outlast_decode_attn_{key}"
+    build = os.path.join(kernel_dir(), name)
+    path = os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
+
+        if shutil.which("ninja") is None:  # pip's ninja, where its venv's bin is not on PATH
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+            except ImportError:
+                pass
+        os.makedirs(build, exist_ok=True)
+        if not any(n.endswith(".so") for n in os.listdir(build)):
+            log.warning("building the decode attention kernel into %s (once per machine, ~30 s)", build)
+        mod = load(name=name, sources=[_SRC], build_directory=build, verbose=False,
+                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        return mod.decode_attention
+    except Exception as e:  # no compiler, no ninja, a read-only cache...: torch ops instead
+        warnings.warn(f"outlast: the decode attention kernel did not build ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); decode attention runs on "
+                      f"torch ops, slower. Install a C++ compiler and `pip install ninja`, or set "
+                      f"OUTLAST_KERNEL_DIR to a writable directory.", RuntimeWarning, stacklevel=2)
+        return None
+    finally:
+        os.environ["PATH"] = path
