@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -39,11 +40,16 @@ template <int D, int GMAX>
 void run(const float* q, const float* k, const float* v, const int64_t* lens, float* out, int64_t slots,
          int64_t kvh, int64_t G, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2,
          float scale) {
-  at::parallel_for(0, slots * kvh, 1, [&](int64_t begin, int64_t end) {
+  // (slot, head) pairs dealt out round robin, not in halves: lengths differ, and neighbouring
+  // slots tend to be alike (they started together), so halves could give one thread the long ones.
+  const int64_t items = slots * kvh;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> s;
     float acc[GMAX][D];
     float mx[GMAX], inv[GMAX];
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t part = pbegin; part < pend; ++part)
+    for (int64_t i = part; i < items; i += parts) {
       const int64_t slot = i / kvh, h = i % kvh, n = lens[slot];
       const float* kb = k + slot * ks0 + h * ks1;
       const float* vb = v + slot * vs0 + h * vs1;
