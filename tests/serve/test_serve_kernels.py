@@ -30,67 +30,76 @@ def kern():
     return k
 
 
-def _reference(q, k, v, lens, scale):
-    out = torch.empty_like(q)
-    kvh = k.shape[1]
-    for i in range(q.shape[0]):
-        s, h = divmod(i, kvh)
-        n = int(lens[s])
-        p = torch.softmax((q[i].double() @ k[s, h, :n].double().T) * scale, -1)
-        out[i] = (p @ v[s, h, :n].double()).float()
+def _reference(q, k, v, rows, slots, lens, scale):
+    T, H, D = q.shape
+    G = H // k.shape[1]
+    out = torch.zeros(T, H, D)
+    for r, s, n in zip(rows.tolist(), slots.tolist(), lens.tolist()):
+        for j in range(H):
+            p = torch.softmax((q[r, j].double() @ k[s, j // G, :n].double().T) * scale, -1)
+            out[r, j] = (p @ v[s, j // G, :n].double()).float()
     return out
 
 
 @pytest.mark.parametrize("D,G,kvh", [(64, 3, 3), (128, 4, 2), (32, 1, 4), (8, 2, 2), (16, 16, 1)])
-def test_kernel_equals_softmax_attention_at_each_slots_length(kern, D, G, kvh):
+def test_kernel_equals_softmax_attention_at_each_sequences_length(kern, D, G, kvh):
     g = torch.Generator().manual_seed(D + G)
-    slots, cap = 6, 80
-    # a larger copy, sliced: slot, head and position strides are not those of a dense tensor
-    big_k = torch.randn(slots + 2, kvh, cap + 16, D, generator=g)
-    big_v = torch.randn(slots + 2, kvh, cap + 16, D, generator=g)
-    k, v = big_k[:slots, :, :cap], big_v[:slots, :, :cap]
-    q = torch.randn(slots * kvh, G, D, generator=g) * 2
-    lens = torch.tensor([1, 80, 17, 5, 64, 33], dtype=torch.int64)
-    out = torch.full_like(q, float("nan"))
-    kern(q, k, v, lens, D ** -0.5, out)
-    torch.testing.assert_close(out, _reference(q, k, v, lens, D ** -0.5), rtol=2e-5, atol=2e-5)
-    # positions past a slot's length never count: garbage there changes nothing
+    H, cap = G * kvh, 80
+    # K/V: a larger copy, sliced, so slot, head and position strides are not a dense tensor's
+    k = torch.randn(8, kvh, cap + 16, D, generator=g)[:, :, :cap]
+    v = torch.randn(8, kvh, cap + 16, D, generator=g)[:, :, :cap]
+    # q: the query heads of a fused [T, H + kvh, D] projection, as the step hands them over
+    q = (torch.randn(9, H + kvh, D, generator=g) * 2)[:, :H]
+    rows = torch.tensor([0, 2, 3, 5, 6, 8])  # rows 1, 4 and 7 are another sequence's (prefill)
+    slots = torch.tensor([5, 0, 7, 2, 1, 3])  # in any order, with slots 4 and 6 unused
+    lens = torch.tensor([1, 80, 17, 5, 64, 33])
+    out = torch.full((9, H, D), 7.0)
+    kern(q, k, v, rows, slots, lens, D ** -0.5, out)
+    want = _reference(q, k, v, rows, slots, lens, D ** -0.5)
+    torch.testing.assert_close(out[rows], want[rows], rtol=2e-5, atol=2e-5)
+    assert (out[[1, 4, 7]] == 7.0).all()  # other rows untouched
+    # positions past a sequence's length, and unused slots, are never read
     k2, v2 = k.clone(), v.clone()
-    for s, n in enumerate(lens.tolist()):
+    for s, n in zip(slots.tolist(), lens.tolist()):
         k2[s, :, n:] = 1e4
         v2[s, :, n:] = float("nan")
-    out2 = torch.empty_like(q)
-    kern(q, k2, v2, lens, D ** -0.5, out2)
+    k2[[4, 6]] = float("nan")
+    out2 = torch.full((9, H, D), 7.0)
+    kern(q, k2, v2, rows, slots, lens, D ** -0.5, out2)
     assert torch.equal(out, out2)
 
 
 def test_kernel_keeps_large_scores_finite(kern):
     # scores far apart (a softmax without the max subtracted would overflow)
-    q = torch.full((2, 3, 64), 40.0)
+    q = torch.full((1, 6, 64), 40.0)
     k = torch.randn(1, 2, 10, 64)
     k[0, :, 3] = 5.0
     v = torch.randn(1, 2, 10, 64)
     out = torch.empty_like(q)
-    kern(q, k, v, torch.tensor([10]), 1.0, out)
+    zero, ten = torch.tensor([0]), torch.tensor([10])
+    kern(q, k, v, zero, zero, ten, 1.0, out)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, _reference(q, k, v, torch.tensor([10]), 1.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, _reference(q, k, v, zero, zero, ten, 1.0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(lens=torch.tensor([0, 4])), "length out of range"),
     (dict(lens=torch.tensor([4, 11])), "length out of range"),
+    (dict(rows=torch.tensor([0, 3])), "row out of range"),
+    (dict(slots=torch.tensor([-1, 1])), "slot out of range"),
     (dict(lens=torch.tensor([4, 4], dtype=torch.int32)), "int64"),
-    (dict(q=torch.zeros(4, 2, 64, dtype=torch.float64)), "fp32"),
-    (dict(q=torch.zeros(4, 2, 48)), "shapes disagree|head_dim"),
-    (dict(q=torch.zeros(3, 2, 64)), "shapes disagree"),
+    (dict(lens=torch.tensor([4, 4, 4])), "one length"),
+    (dict(q=torch.zeros(3, 4, 64, dtype=torch.float64)), "fp32"),
+    (dict(q=torch.zeros(3, 4, 48)), "shapes disagree"),
+    (dict(q=torch.zeros(3, 5, 64)), "shapes disagree"),
 ])
 def test_kernel_refuses_bad_input_with_a_message(kern, bad, match):
-    args = dict(q=torch.zeros(4, 2, 64), k=torch.zeros(2, 2, 10, 64), v=torch.zeros(2, 2, 10, 64),
-                lens=torch.tensor([4, 10]))
+    args = dict(q=torch.zeros(3, 4, 64), k=torch.zeros(2, 2, 10, 64), v=torch.zeros(2, 2, 10, 64),
+                rows=torch.tensor([0, 2]), slots=torch.tensor([1, 0]), lens=torch.tensor([4, 10]))
     args.update(bad)
     out = torch.zeros(args["q"].shape, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=match):
-        kern(args["q"], args["k"], args["v"], args["lens"], 0.125, out)
+        kern(args["q"], args["k"], args["v"], args["rows"], args["slots"], args["lens"], 0.125, out)
 
 
 def _greedy(eng, prompts, n=12):
@@ -115,7 +124,7 @@ def test_engine_on_one_thread_uses_the_kernel_with_the_torch_ops_tokens(kern, to
     calls = []
 
     def counted(*a):
-        calls.append(int(a[3].numel()))
+        calls.append(int(a[4].numel()))
         return kern(*a)
 
     monkeypatch.setattr(eng.runtime, "attention_kernel", counted)

@@ -794,10 +794,10 @@ class LlamaRuntime:
                 lens_now = [s.ctx_len for s in decodes]
                 pos = torch.tensor([n - 1 for n in lens_now])
                 if self.attention_kernel is not None and not par:
-                    # The compiled kernel: each slot at its exact length (a free slot below the
-                    # highest in use attends to one stale position and is dropped).
-                    exact = torch.tensor(self.decode_kv.lens[:top], dtype=torch.int64).clamp_(min=1)
-                    resident = (rows, slot_idx, pos, top, exact)
+                    # The compiled kernel: each decode's row of q and of the output in place, its
+                    # slot at its exact length.
+                    exact = (torch.tensor(starts, dtype=torch.int64), torch.tensor(lens_now, dtype=torch.int64))
+                    resident = (rows, slot_idx, pos, top, None, exact)
                 else:
                     pad = _pad_length(top, lens_now)
                     lens = torch.tensor(self.decode_kv.lens[:top]).clamp_(1, pad)
@@ -812,7 +812,7 @@ class LlamaRuntime:
                         t = 0 if not shares[1] or work[0] <= work[1] else 1
                         shares[t].append((slot, n))
                         work[t] += n + PAD_COST
-                    resident = (rows, slot_idx, pos, top, (pad, bias, shares))
+                    resident = (rows, slot_idx, pos, top, (pad, bias, shares), None)
             else:
                 # Padded block index and additive mask built once per step; the gather buffers
                 # are reused by every layer.
@@ -845,18 +845,18 @@ class LlamaRuntime:
             vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
             out = torch.empty(T, H, D)
             if resident is not None:
-                rows, slot_idx, pos, top, how = resident
+                rows, slot_idx, pos, top, padded, exact = resident
                 dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
                 dk[slot_idx, :, pos] = k[rows]
                 dv[slot_idx, :, pos] = v[rows]
-                qs = torch.zeros(top, H, D)
-                qs[slot_idx] = q[rows]
-                qs = qs.view(top * KVH, G, D)
-                o = torch.empty(top * KVH, G, D)
-                if isinstance(how, torch.Tensor):  # exact lengths, for the compiled kernel
-                    self.attention_kernel(qs, dk, dv, how, scale, o)
+                if exact is not None:
+                    self.attention_kernel(q, dk, dv, exact[0], slot_idx, exact[1], scale, out)
                 else:
-                    pad, bias, shares = how
+                    pad, bias, shares = padded
+                    qs = torch.zeros(top, H, D)
+                    qs[slot_idx] = q[rows]
+                    qs = qs.view(top * KVH, G, D)
+                    o = torch.empty(top * KVH, G, D)
                     kk = dk[:top, :, :pad].reshape(top * KVH, pad, D)  # views: no copy
                     vv = dv[:top, :, :pad].reshape(top * KVH, pad, D)
 
@@ -874,7 +874,7 @@ class LlamaRuntime:
                     for a, r in itertools.chain(*(_both(run, (shares[0],), (shares[1],)) if shares[1]
                                                   else (run(shares[0]),))):
                         o[a:a + KVH] = r
-                out[rows] = o.view(top, H, D)[slot_idx]
+                    out[rows] = o.view(top, H, D)[slot_idx]
             elif gathered is not None:
                 B, rows, flat, bias, nb, kbuf, vbuf = gathered
                 torch.index_select(kc, 1, flat, out=kbuf)

@@ -53,16 +53,19 @@ def supports(head_dim: int, group: int) -> bool:
 
 @functools.cache
 def decode_attention():
-    """The compiled ``decode_attention(q, k, v, lens, scale, out)``, or None where it cannot build.
+    """The compiled ``decode_attention(q, k, v, rows, slots, lens, scale, out)``, or None where it
+    cannot build.
 
-    ``q``: ``[slots * kv_heads, G, D]`` fp32 (G query heads per KV head); ``k``, ``v``: ``[slots,
-    kv_heads, capacity, D]`` fp32, rows contiguous; ``lens``: ``[slots]`` int64, each >= 1;
-    ``out``: like ``q``, written with ``softmax(q k[:n]^T * scale) v[:n]`` per slot and head.
+    For each decoding sequence ``b``: ``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over
+    ``k``/``v`` ``[slots[b], h, :lens[b]]``, query heads ``h*G .. h*G+G-1`` sharing KV head ``h``.
+    ``q``, ``out``: ``[T, H, D]`` fp32 (each head's values contiguous, e.g. a view of the step's
+    fused QKV); ``k``, ``v``: ``[slots, kv_heads, capacity, D]`` fp32; ``rows``, ``slots``,
+    ``lens``: ``[B]`` int64, each length >= 1. Out-of-range indices raise ``RuntimeError``.
 
     Example:
         >>> kern = decode_attention()
         >>> if kern is not None:
-        ...     kern(q, k, v, lens, 0.125, out)
+        ...     kern(q, k, v, rows, slots, lens, 0.125, out)
     """
     if sys.platform != "linux":
         return None

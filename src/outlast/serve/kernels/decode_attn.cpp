@@ -1,15 +1,15 @@
 // Decode attention over the decode copy, one call per layer (outlast.serve.kernels).
 //
-// For every (sequence slot, KV head): scores of its G query heads against the slot's first n
-// positions, softmax, and the weighted sum of values; the slots' K/V are read once for all G
-// query heads (grouped-query attention) and at their exact length (no padding, no mask).
-// Parallel over (slot, head) pairs on ATen's thread pool (torch's OpenMP threads).
+// For every (decoding sequence, KV head): scores of its G query heads against its slot's first n
+// positions, softmax, and the weighted sum of values; the K/V are read once for all G query heads
+// (grouped-query attention) and at the exact length (no padding, no mask). Parallel over
+// (sequence, head) pairs on ATen's thread pool (torch's OpenMP threads).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -37,88 +37,100 @@ inline float exp_nonpositive(float x) {
 }
 
 template <int D, int GMAX>
-void run(const float* q, const float* k, const float* v, const int64_t* lens, float* out, int64_t slots,
-         int64_t kvh, int64_t G, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2,
-         float scale) {
-  // (slot, head) pairs dealt out round robin, not in halves: lengths differ, and neighbouring
-  // slots tend to be alike (they started together), so halves could give one thread the long ones.
-  const int64_t items = slots * kvh;
+void run(const float* q, const float* k, const float* v, float* out, const int64_t* rows, const int64_t* slots,
+         const int64_t* lens, int64_t B, int64_t kvh, int64_t G, int64_t qs0, int64_t qs1, int64_t os0,
+         int64_t os1, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2, float scale) {
+  // (sequence, KV head) pairs dealt out round robin, not in halves: lengths differ, and
+  // neighbouring sequences tend to be alike (they started together), so halves could give one
+  // thread the long ones.
+  const int64_t items = B * kvh;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     std::vector<float> s;
     float acc[GMAX][D];
     float mx[GMAX], inv[GMAX];
-    for (int64_t part = pbegin; part < pend; ++part)
-    for (int64_t i = part; i < items; i += parts) {
-      const int64_t slot = i / kvh, h = i % kvh, n = lens[slot];
-      const float* kb = k + slot * ks0 + h * ks1;
-      const float* vb = v + slot * vs0 + h * vs1;
-      const float* qi = q + i * G * D;
-      float* oi = out + i * G * D;
-      s.resize(static_cast<size_t>(G * n));
-      for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
-      for (int64_t l = 0; l < n; ++l) {
-        const float* __restrict__ kr = kb + l * ks2;
-        for (int64_t g = 0; g < G; ++g) {
-          const float* __restrict__ qg = qi + g * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int d = 0; d < D; ++d) dot += qg[d] * kr[d];
-          dot *= scale;
-          s[g * n + l] = dot;
-          mx[g] = dot > mx[g] ? dot : mx[g];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = s.data() + g * n;
-        const float m = mx[g];
-        float z = 0.f;
-#pragma omp simd reduction(+ : z)
+    for (int64_t part = pbegin; part < pend; ++part) {
+      for (int64_t i = part; i < items; i += parts) {
+        const int64_t b = i / kvh, h = i % kvh, n = lens[b];
+        const float* kb = k + slots[b] * ks0 + h * ks1;
+        const float* vb = v + slots[b] * vs0 + h * vs1;
+        const float* qi = q + rows[b] * qs0 + h * G * qs1;  // query heads h*G .. h*G+G-1 share KV head h
+        float* oi = out + rows[b] * os0 + h * G * os1;
+        s.resize(static_cast<size_t>(G * n));
+        for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY;
         for (int64_t l = 0; l < n; ++l) {
-          const float e = exp_nonpositive(sg[l] - m);
-          sg[l] = e;
-          z += e;
+          const float* __restrict__ kr = kb + l * ks2;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* __restrict__ qg = qi + g * qs1;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; ++d) dot += qg[d] * kr[d];
+            dot *= scale;
+            s[g * n + l] = dot;
+            mx[g] = dot > mx[g] ? dot : mx[g];
+          }
         }
-        inv[g] = 1.f / z;
-        for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
-      }
-      for (int64_t l = 0; l < n; ++l) {
-        const float* __restrict__ vr = vb + l * vs2;
         for (int64_t g = 0; g < G; ++g) {
-          const float p = s[g * n + l];
-#pragma omp simd
-          for (int d = 0; d < D; ++d) acc[g][d] += p * vr[d];
+          float* sg = s.data() + g * n;
+          const float m = mx[g];
+          float z = 0.f;
+#pragma omp simd reduction(+ : z)
+          for (int64_t l = 0; l < n; ++l) {
+            const float e = exp_nonpositive(sg[l] - m);
+            sg[l] = e;
+            z += e;
+          }
+          inv[g] = 1.f / z;
+          for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
         }
+        for (int64_t l = 0; l < n; ++l) {
+          const float* __restrict__ vr = vb + l * vs2;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * n + l];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) acc[g][d] += p * vr[d];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int d = 0; d < D; ++d) oi[g * os1 + d] = acc[g][d] * inv[g];
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int d = 0; d < D; ++d) oi[g * D + d] = acc[g][d] * inv[g];
     }
   });
 }
 
 }  // namespace
 
-// q [slots * kvh, G, D] contiguous fp32; k, v [slots, kvh, >= max(lens), D] fp32 with the last dim
-// contiguous; lens [slots] int64, each >= 1; out [slots * kvh, G, D] contiguous fp32.
+// For each decoding sequence b: q[rows[b]] ([H, D], query heads of KV head h at h*G .. h*G+G-1)
+// attends over k/v[slots[b], h, :lens[b]], written to out[rows[b]]. q, out: [T, H, D] fp32, each
+// head's D values contiguous; k, v: [slots, kvh, capacity, D] fp32, rows contiguous; rows, slots,
+// lens: [B] int64. Reads the step's rows and writes its output in place: no gather, no scatter.
 void decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                      const torch::Tensor& lens, double scale, torch::Tensor& out) {
+                      const torch::Tensor& rows, const torch::Tensor& slots, const torch::Tensor& lens, double scale,
+                      torch::Tensor& out) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32 &&
               out.dtype() == torch::kFloat32, "decode_attention: fp32 tensors only");
-  TORCH_CHECK(lens.dtype() == torch::kInt64 && lens.is_contiguous(), "decode_attention: lens must be contiguous int64");
+  for (const torch::Tensor* t : {&rows, &slots, &lens})
+    TORCH_CHECK(t->dtype() == torch::kInt64 && t->is_contiguous() && t->dim() == 1 && t->size(0) == lens.size(0),
+                "decode_attention: rows, slots and lens must be contiguous int64 of one length");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4 && out.sizes() == q.sizes(), "decode_attention: bad ranks");
-  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "decode_attention: q and out must be contiguous");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: K/V rows must be contiguous");
-  const int64_t slots = lens.size(0), kvh = k.size(1), G = q.size(1), D = q.size(2);
-  TORCH_CHECK(k.size(0) >= slots && v.size(0) >= slots && v.size(1) == kvh && k.size(3) == D && v.size(3) == D &&
-              q.size(0) == slots * kvh, "decode_attention: shapes disagree");
-  const int64_t* ln = lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < slots; ++i)
-    TORCH_CHECK(ln[i] >= 1 && ln[i] <= k.size(2) && ln[i] <= v.size(2), "decode_attention: length out of range");
-  TORCH_CHECK(G >= 1 && G <= 16, "decode_attention: 1 to 16 query heads per KV head");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: each head's values must be contiguous");
+  const int64_t B = lens.size(0), T = q.size(0), H = q.size(1), D = q.size(2), kvh = k.size(1);
+  TORCH_CHECK(kvh >= 1 && H % kvh == 0 && v.sizes() == k.sizes() && k.size(3) == D,
+              "decode_attention: shapes disagree");
+  const int64_t G = H / kvh;
+  TORCH_CHECK(G <= 16, "decode_attention: 1 to 16 query heads per KV head");
+  const int64_t *rw = rows.data_ptr<int64_t>(), *sl = slots.data_ptr<int64_t>(), *ln = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rw[b] >= 0 && rw[b] < T, "decode_attention: row out of range");
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < k.size(0), "decode_attention: slot out of range");
+    TORCH_CHECK(ln[b] >= 1 && ln[b] <= k.size(2), "decode_attention: length out of range");
+  }
   const float sc = static_cast<float>(scale);
-#define OUTLAST_RUN(DD)                                                                                          \
-  run<DD, 16>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), ln, out.data_ptr<float>(), slots, \
-              kvh, G, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sc)
+#define OUTLAST_RUN(DD)                                                                                               \
+  run<DD, 16>(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), out.data_ptr<float>(), rw, sl, ln, B, \
+              kvh, G, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k.stride(0), k.stride(1), k.stride(2), \
+              v.stride(0), v.stride(1), v.stride(2), sc)
   switch (D) {
     case 8: OUTLAST_RUN(8); break;
     case 16: OUTLAST_RUN(16); break;
