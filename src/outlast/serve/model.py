@@ -625,7 +625,7 @@ class LlamaRuntime:
     def pack(self, halves: bool, dtype: torch.dtype = torch.float32) -> "LlamaRuntime":
         """Pack every layer matrix and the LM head for the ``"onednn"`` backend (:class:`_Packed`),
         in halves of their columns when steps run on two threads, from the built arrays, as
-        ``dtype`` (see the class's ``pack_dtype``); done once for each way of packing.
+        ``dtype`` (see the constructor's ``pack_dtype``); done once for each way of packing.
 
         It may run on another thread while this runtime serves: the packed copies are put in place
         in one assignment, and steps use numpy's GEMMs until then. A hot reload does that after
