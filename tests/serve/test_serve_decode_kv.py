@@ -261,9 +261,12 @@ def test_engine_config_rejects_bad_thread_counts():
         EngineConfig(decode_kv_gib=-1)
 
 
-def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer, prompts, monkeypatch):
+@pytest.mark.parametrize("gemm", ["onednn", "panel"])
+def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer, prompts, monkeypatch, gemm):
     """The engine process' setting (steps on torch's two OpenMP threads, a lone decode's GEMVs on two
-    OpenBLAS threads): torch runs that step on one thread and gets its two back after it."""
+    OpenBLAS threads): torch runs that step on one thread and gets its two back after it. With the
+    panel GEMMs (the engine process's default) a lone decode's GEMVs are theirs, on torch's two
+    threads, and BLAS is left alone."""
     from threadpoolctl import threadpool_info
 
     def blas_threads():
@@ -274,8 +277,9 @@ def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer
         ref = _engine(tokenizer, compute_threads=1, decode_kv_gib=0)
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         want = ref.generate([prompts[2]], params)[0]
-        eng = _engine(tokenizer, compute_threads=1, torch_threads=2, gemv_blas_threads=2)
+        eng = _engine(tokenizer, compute_threads=1, torch_threads=2, gemv_blas_threads=2, gemm_backend=gemm)
         assert torch.get_num_threads() == 2 and eng.runtime.single_row_blas_threads == 2
+        assert eng.runtime._packed_halves == ("panel" if gemm == "panel" else False)
         seen, orig_forward = [], eng.runtime._forward
 
         def forward(step, k, v):
@@ -285,7 +289,8 @@ def test_a_lone_decode_beside_openmp_threads_drops_torch_to_one_thread(tokenizer
         monkeypatch.setattr(eng.runtime, "_forward", forward)
         assert eng.generate([prompts[2]], params)[0] == want
         assert seen[0] == (len(prompts[2]), 2, {1})  # the prefill on torch's two threads
-        assert seen[1:] == [(1, 1, {2})] * 7  # each lone decode: torch on one, BLAS on two
+        # each lone decode: torch on one, BLAS on two; with panels, torch on two
+        assert seen[1:] == [(1, 1, {2}) if gemm == "onednn" else (1, 2, {1})] * 7
         assert torch.get_num_threads() == 2 and blas_threads() == {1}  # both given back
     finally:
         torch.set_num_threads(before)

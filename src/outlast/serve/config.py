@@ -184,11 +184,15 @@ class EngineConfig:
     1.3x faster on an idle host (57 -> 44 ms; ~1.1x through the server), but 2.1x *slower* with the
     other core busy (OpenBLAS' second thread spins and waits for a core). Off (1) by default."""
     gemm_backend: str | None = None
-    """The layers' GEMMs: ``"onednn"`` (oneDNN on weights packed once, a second copy of them in
-    memory; one-row steps stay on numpy's GEMV), ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL,
-    unpacked). None: onednn where torch has it, else torch on Intel CPUs and numpy elsewhere (see
-    ``outlast.serve.model.default_gemm_backend`` for what was measured). All give the same results up
-    to float rounding."""
+    """The layers' GEMMs: ``"panel"`` (the compiled GEMM of :mod:`outlast.serve.kernels` on weights
+    packed in panels of 32 columns, a second copy of them in memory; every step, one-row steps
+    included, on torch's threads; needs ``compute_threads=1`` and ``compiled_kernels``),
+    ``"onednn"`` (oneDNN on weights packed once, a second copy; one-row steps stay on numpy's
+    GEMV), ``"numpy"`` (OpenBLAS) or ``"torch"`` (MKL, unpacked). None: panel where it applies and
+    the kernels build (fp32 weights on one compute thread, the engine process's set-up), else onednn
+    where torch has it, else torch on Intel CPUs and numpy elsewhere (see
+    ``outlast.serve.model._Panel`` and ``default_gemm_backend`` for what was measured). All give the
+    same results up to float rounding."""
     weight_dtype: str = "float32"
     """The dtype the GEMMs read their weights in: ``"float32"``, or ``"bfloat16"`` (oneDNN only: every
     GEMM, one-row steps included, on weights packed in bf16, its input rounded to bf16; the norms,
@@ -209,8 +213,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.compute_threads must be 1, 2 or None, got {self.compute_threads!r}")
         if self.gemv_blas_threads not in (1, 2):
             raise ValueError(f"EngineConfig.gemv_blas_threads must be 1 or 2, got {self.gemv_blas_threads!r}")
-        if self.gemm_backend not in (None, "numpy", "torch", "onednn"):
-            raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch', 'onednn' or None, got {self.gemm_backend!r}")
+        if self.gemm_backend not in (None, "numpy", "torch", "onednn", "panel"):
+            raise ValueError(f"EngineConfig.gemm_backend must be 'numpy', 'torch', 'onednn', 'panel' or None, "
+                             f"got {self.gemm_backend!r}")
         if self.weight_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"EngineConfig.weight_dtype must be 'float32' or 'bfloat16', got {self.weight_dtype!r}")
         if self.weight_dtype == "bfloat16" and self.gemm_backend not in (None, "onednn"):

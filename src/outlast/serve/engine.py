@@ -92,7 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=ec.max_num_seqs, token_budget=ec.token_budget)
         self.max_model_len = min(ec.max_model_len or config.max_position, config.max_position,
                                  num_blocks * ec.block_size)
-        self._configure(self.runtime)
+        self.prepare(self._configure(self.runtime))  # packs in panels ("panel"; oneDNN packs as it builds)
         eos = set(config.eos_token_ids) | set(tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
@@ -105,12 +105,31 @@ class LLMEngine:
         step) or whole; None when the GEMM backend is not oneDNN. The engine's first runtime is
         built with it (:class:`LlamaRuntime`'s ``pack``: packing from the weights as given, while
         it builds, reorders contiguous rows, twice as fast as packing the built arrays)."""
-        if (self.config.gemm_backend or default_gemm_backend()) != "onednn":
+        if self.gemm_backend() != "onednn":
             if self.config.weight_dtype != "float32":
                 raise ModelLoadError(f"weight_dtype {self.config.weight_dtype!r} needs oneDNN, which this torch build "
                                      f"({torch.__version__}) lacks; serve float32")
             return None
         return self._threads() >= 2
+
+    def gemm_backend(self) -> str:
+        """The layers' GEMMs (a key of :data:`outlast.serve.model.GEMM_BACKENDS`): the config's; or,
+        where it names none, ``"panel"`` (the compiled GEMM, :class:`outlast.serve.model._Panel`)
+        for fp32 weights on one compute thread (the engine process) when the compiled kernels
+        build, else :func:`outlast.serve.model.default_gemm_backend`."""
+        ec = self.config
+        if ec.gemm_backend:
+            return ec.gemm_backend
+        if ec.compiled_kernels and ec.weight_dtype == "float32" and self._threads() < 2:
+            from . import kernels
+
+            if kernels.load() is not None:  # cached: built once per machine, loaded once per process
+                return "panel"
+        return default_gemm_backend()
+
+    def packs(self) -> bool:
+        """Whether runtimes for this engine pack their weights (:meth:`prepare` does it)."""
+        return self.gemm_backend() in ("onednn", "panel")
 
     def pack_dtype(self) -> torch.dtype:
         """The packed weights' dtype (``EngineConfig.weight_dtype``)."""
@@ -127,6 +146,8 @@ class LLMEngine:
         packed (:meth:`LlamaRuntime.pack`). Safe on another thread before or after
         :meth:`swap_weights` (until it is done, steps use numpy's GEMMs), so neither the swap,
         between two steps, nor the new weights' first response waits for it."""
+        if self.gemm_backend() == "panel":
+            return runtime.pack_panels()
         mode = self.pack_mode()
         if mode is not None:
             runtime.pack(halves=mode, dtype=self.pack_dtype())
@@ -142,7 +163,7 @@ class LLMEngine:
         gemv = ec.gemv_blas_threads if ec.gemv_blas_threads > 1 and ec.blas_threads == 1 else 0
         return runtime.configure(parallel=threads >= 2, decode_kv_bytes=int(ec.decode_kv_gib * (1 << 30)),
                                  max_seqs=ec.max_num_seqs, max_len=self.max_model_len, single_row_blas_threads=gemv,
-                                 gemm=ec.gemm_backend or default_gemm_backend(),
+                                 gemm=self.gemm_backend(),
                                  reuse_decode_kv=replaces.decode_kv if replaces is not None else None,
                                  kernels=ec.compiled_kernels)
 

@@ -104,11 +104,12 @@ def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np
     return out
 
 
-GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm, "onednn": _np_mm}
-"""The GEMMs a step can use: numpy's (OpenBLAS), torch's (MKL), and oneDNN's on weights packed once
+GEMM_BACKENDS = {"numpy": _np_mm, "torch": _torch_mm, "onednn": _np_mm, "panel": _np_mm}
+"""The GEMMs a step can use: numpy's (OpenBLAS), torch's (MKL), oneDNN's on weights packed once
 into its blocked layout (:class:`_Packed`, which :meth:`LlamaRuntime._mm` takes wherever a runtime
-holds packed copies; where it does not yet, and for one-row steps, ``"onednn"`` is numpy's GEMM).
-Which is faster depends on the CPU: see :func:`default_gemm_backend`."""
+holds packed copies; where it does not yet, and for one-row steps, ``"onednn"`` is numpy's GEMM),
+and the compiled GEMM on weights packed in panels (:class:`_Panel`; numpy's until they are packed).
+Which is faster depends on the CPU: see :func:`default_gemm_backend` and :class:`_Panel`."""
 
 PACK_ROWS_HINT = 32
 """The row count oneDNN's packed layout is chosen for. Measured on the 2-core AVX-512 EPYC (one
@@ -164,6 +165,11 @@ class _Packed:
         """From a ``[in, out]`` serving-layout array (its transposed view)."""
         return cls((torch.from_numpy(w).t(),), halves, dtype)
 
+    @property
+    def one_row(self) -> bool:
+        """Whether one-row steps use it: bf16 copies only (fp32 GEMVs were faster on numpy's)."""
+        return self.dtype != torch.float32
+
     def __call__(self, x: torch.Tensor, parallel: bool) -> torch.Tensor:
         """``x @ w``, fp32 in and out; bf16 weights take ``x`` rounded to bf16 and give bf16
         products, widened back to fp32 (oneDNN accumulates in fp32)."""
@@ -179,6 +185,32 @@ class _Packed:
             first = lin(x, self.parts[0], None, "none", [], "")
             y = torch.cat([first, fut.result()], 1)
         return y if y.dtype == torch.float32 else y.float()
+
+
+class _Panel:
+    """A weight packed in panels of 32 columns for the compiled GEMM (``panel_mm`` of
+    :func:`outlast.serve.kernels.load`), the ``"panel"`` backend: every step's GEMMs, one-row
+    steps included, on torch's threads.
+
+    Measured on the 2-core AVX-512 EPYC, SmolLM2-135M's 120 layer matrices from DRAM (best of 2 x 5,
+    ms at 1 / 2 / 8 / 16 / 32 / 512 rows): panels 10.2 / 13.0 / 11.0 / 18.9 / 34.5 / 542, oneDNN's
+    packed GEMMs 23.2 / 26.0 / 20.6 / 25.3 / 41.5 / 548, numpy's (OpenBLAS) 19.4 / 38.8 / 43.9 / 53.5
+    / 70.2 / 652. Up to 32 rows that is 180-197 GFLOP/s, the two cores' fp32 FMA peak, and a lone
+    decode's GEMVs read the weights at ~40 GB/s: each panel is streamed once per 8 rows, against
+    16 vector accumulators.
+    """
+
+    __slots__ = ("w", "n", "mm")
+    dtype = torch.float32
+    one_row = True
+
+    def __init__(self, w: np.ndarray, ops):
+        self.w = ops.pack_panels(torch.from_numpy(w))
+        self.n = int(w.shape[1])
+        self.mm = ops.panel_mm
+
+    def __call__(self, x: torch.Tensor, parallel: bool) -> torch.Tensor:
+        return self.mm(x, self.w, self.n)
 
 
 @functools.cache
@@ -567,6 +599,10 @@ class LlamaRuntime:
         """The compiled decode attention (:func:`outlast.serve.kernels.decode_attention`), used
         over the decode copy in steps that do not split work with the compute worker; None: torch
         ops. Set by :meth:`configure`."""
+        self.layer_ops = None
+        """The compiled module (:func:`outlast.serve.kernels.load`) whose fused norms, RoPE with
+        the K/V writes, and SiLU-and-multiply replace the layers' small torch ops, in the same
+        steps as :attr:`attention_kernel`; None: torch ops."""
 
     def arrays(self) -> dict:
         """Every weight buffer this runtime owns, keyed as ``LlamaRuntime(into=...)`` takes them."""
@@ -590,7 +626,9 @@ class LlamaRuntime:
         ``gemm``: the GEMM backend of steps of two tokens or more, a key of :data:`GEMM_BACKENDS`.
         ``"onednn"`` uses the packed weights once there are some (the constructor's ``pack``, or
         :meth:`pack`, which can run on another thread while this runtime serves); until then its
-        GEMMs are numpy's. Any other backend drops the packed copies.
+        GEMMs are numpy's. ``"panel"`` likewise with :meth:`pack_panels`, for every step, one-row
+        ones included; it needs the compiled kernels and steps on torch's threads (``parallel``
+        False, ``kernels``), else its GEMMs stay numpy's. Any other backend drops the packed copies.
 
         ``reuse_decode_kv``: the decode copy of the runtime this one replaces, taken over (emptied)
         when it has the size asked for, so a weight swap maps no new memory for it.
@@ -606,15 +644,16 @@ class LlamaRuntime:
         self.parallel = parallel
         self.single_row_blas_threads = single_row_blas_threads
         self.gemm = GEMM_BACKENDS[gemm]
-        if gemm != "onednn":
-            self.packed = {}
+        if (gemm == "panel") != (self._packed_halves == "panel") or gemm not in ("onednn", "panel"):
+            self.packed, self._packed_halves = {}, None  # packed for another backend
         c = self.config
-        self.attention_kernel = None
+        self.attention_kernel = self.layer_ops = None
         if kernels and not parallel:
-            from .kernels import decode_attention, supports
+            from . import kernels as kern
 
-            if supports(c.head_dim, c.num_heads // c.num_kv_heads):
-                self.attention_kernel = decode_attention()
+            if kern.supports(c.head_dim, c.num_heads // c.num_kv_heads):
+                self.layer_ops = kern.load()
+                self.attention_kernel = None if self.layer_ops is None else self.layer_ops.decode_attention
         self.decode_kv = None
         if decode_kv_bytes > 0:
             args = (c.num_layers, c.num_kv_heads, c.head_dim, decode_kv_bytes, max_seqs, max_len)
@@ -639,6 +678,26 @@ class LlamaRuntime:
         with ThreadPoolExecutor(max(1, min(2, _usable_cpus())), thread_name_prefix="outlast-pack") as pool:
             self.packed = dict(zip(map(id, ws), pool.map(lambda w: _Packed.from_array(w, halves, dtype), ws)))
         self._packed_halves = halves
+        self.pack_seconds = time.monotonic() - t0
+        return self
+
+    def pack_panels(self) -> "LlamaRuntime":
+        """Pack every layer matrix and the LM head in panels for the ``"panel"`` backend
+        (:class:`_Panel`), from the built arrays, once; a no-op where the compiled kernels cannot
+        build (steps keep numpy's GEMMs). Like :meth:`pack`, it may run on another thread while
+        this runtime serves; ``pack_seconds`` is the time it took."""
+        if self.packed and self._packed_halves == "panel":
+            return self
+        from . import kernels
+
+        ops = kernels.load()
+        if ops is None:
+            return self
+        ws = [self.lm_head] + [L[n] for L in self.layers for n in ("wqkv", "wo", "wgu", "wdown")]
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max(1, min(2, _usable_cpus())), thread_name_prefix="outlast-pack") as pool:
+            packed = dict(zip(map(id, ws), pool.map(lambda w: _Panel(w, ops), ws)))
+        self.packed, self._packed_halves = packed, "panel"
         self.pack_seconds = time.monotonic() - t0
         return self
 
@@ -723,8 +782,8 @@ class LlamaRuntime:
         return next(iter(self.packed.values())).dtype if self.packed else None
 
     def _mm(self, x: torch.Tensor, w: np.ndarray) -> torch.Tensor:
-        packed = self.packed.get(id(w)) if self.packed else None  # "onednn" only (configure)
-        if packed is not None and (x.shape[0] > 1 or packed.dtype != torch.float32):
+        packed = self.packed.get(id(w)) if self.packed else None  # "onednn" or "panel" (configure)
+        if packed is not None and (x.shape[0] > 1 or packed.one_row):
             return packed(x.contiguous(), self.parallel)
         return _linear(x, w, self.parallel, self._step_gemm)
 
@@ -747,7 +806,8 @@ class LlamaRuntime:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
         if (self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1
-                and self._packed_dtype() in (None, torch.float32)):  # bf16 GEMVs run on torch's threads
+                and not any(p.one_row for p in itertools.islice(self.packed.values(), 1))):
+            # (bf16 and panel GEMVs run on torch's threads)
             # torch down to one thread for the step: OpenBLAS' two threads beside torch's spinning
             # OpenMP workers made one-row steps 330 ms instead of 40.
             torch_threads = torch.get_num_threads()
@@ -834,21 +894,38 @@ class LlamaRuntime:
         inter = c.intermediate_size
         sdpa = F.scaled_dot_product_attention
 
+        ops = self.layer_ops
+        eps = c.rms_norm_eps
+        if ops is not None:
+            # The fused path: one call each for the residual add with the next norm, RoPE with
+            # every K/V write, and SiLU-and-multiply (see outlast.serve.kernels.load).
+            h = ops.rms_norm(x, self.layers[0]["attn_norm"], eps)
+            none, dnone = torch.empty(0, dtype=torch.int64), torch.empty(0)
+            # the decodes' rows, slots and positions in the decode copy (kept with the kernel)
+            dwrite = (resident[5][0], resident[1], resident[2]) if resident is not None else (none, none, none)
         for li, L in enumerate(self.layers):
-            h = self._rms(x, L["attn_norm"])
-            qkv = self._mm(h, L["wqkv"])
-            qk = self._rope(qkv[:, : (H + KVH) * D].view(T, H + KVH, D), cos, sin)
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
             kc, vc = k_cache[li], v_cache[li]  # [KVH, blocks, bs, D]
-            kc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, k.transpose(0, 1))
-            vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
+            if ops is None:
+                h = self._rms(x, L["attn_norm"])
+            qkv = self._mm(h, L["wqkv"])
+            if ops is not None:
+                dk, dv = (self.decode_kv.k[li], self.decode_kv.v[li]) if dwrite[0].numel() else (dnone, dnone)
+                ops.rope_kv_write(qkv, self.cos, self.sin, step.positions, H, KVH, kc, vc, slots, dk, dv, *dwrite)
+                q = qkv[:, : H * D].view(T, H, D)
+                v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
+            else:
+                qk = self._rope(qkv[:, : (H + KVH) * D].view(T, H + KVH, D), cos, sin)
+                q, k = qk[:, :H], qk[:, H:]
+                v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
+                kc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, k.transpose(0, 1))
+                vc.view(KVH, num_blocks * bs, D).index_copy_(1, slots, v.transpose(0, 1))
             out = torch.empty(T, H, D)
             if resident is not None:
                 rows, slot_idx, pos, top, padded, exact = resident
                 dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
-                dk[slot_idx, :, pos] = k[rows]
-                dv[slot_idx, :, pos] = v[rows]
+                if ops is None:
+                    dk[slot_idx, :, pos] = k[rows]
+                    dv[slot_idx, :, pos] = v[rows]
                 if exact is not None:
                     self.attention_kernel(q, dk, dv, exact[0], slot_idx, exact[1], scale, out)
                 else:
@@ -898,9 +975,18 @@ class LlamaRuntime:
                     _both(run, (pre_jobs[0],), (pre_jobs[1],))
                 else:
                     run(pre_jobs[0])
+            if ops is not None:
+                h = ops.add_rms_norm(x, self._mm(out.view(T, H * D), L["wo"]), L["mlp_norm"], eps)
+                d = self._mm(ops.silu_mul(self._mm(h, L["wgu"])), L["wdown"])
+                if li + 1 < len(self.layers):
+                    h = ops.add_rms_norm(x, d, self.layers[li + 1]["attn_norm"], eps)
+                else:
+                    x += d
+                continue
             x = x + self._mm(out.view(T, H * D), L["wo"])
             h = self._rms(x, L["mlp_norm"])
             gu = self._mm(h, L["wgu"])
             x = x + self._mm(F.silu(gu[:, :inter]) * gu[:, inter:], L["wdown"])
-        h = self._rms(x[step.logits_rows], self.final_norm)
+        x = x[step.logits_rows]
+        h = ops.rms_norm(x, self.final_norm, eps) if ops is not None else self._rms(x, self.final_norm)
         return self._mm(h.contiguous(), self.lm_head)

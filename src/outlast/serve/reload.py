@@ -249,11 +249,11 @@ class WeightsManager:
         return path
 
     def _pack_after_swap(self, runtime) -> None:
-        """Pack the weights just swapped in for oneDNN on a thread of its own (when that is the
-        GEMM backend): they serve at once on numpy's GEMMs, and on oneDNN's from the step after the
-        packing is done (``pack_s`` in the timings). Packing before the swap took 0.25-2.3 s on
+        """Pack the weights just swapped in for oneDNN or in panels on a thread of its own (when
+        that is the GEMM backend): they serve at once on numpy's GEMMs, and on the packed ones from
+        the step after the packing is done (``pack_s`` in the timings). Packing before the swap took 0.25-2.3 s on
         the 2-core EPYC, which every reload's first response would have waited for."""
-        if self.loop.engine.pack_mode() is None:
+        if not self.loop.engine.packs():
             return
         timings = self.timings
 
@@ -262,7 +262,7 @@ class WeightsManager:
             try:
                 self.loop.engine.prepare(runtime)
             except Exception:  # costs speed only: the runtime keeps numpy's GEMMs
-                log.exception("outlast serve: packing the new weights for oneDNN failed; serving on numpy's GEMMs")
+                log.exception("outlast serve: packing the new weights failed; serving on numpy's GEMMs")
                 return
             timings["pack_s"] = round(time.monotonic() - t, 3)
 

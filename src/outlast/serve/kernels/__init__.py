@@ -24,7 +24,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = os.path.join(os.path.dirname(__file__), "decode_attn.cpp")
+_SRCS = [os.path.join(os.path.dirname(__file__), n) for n in ("decode_attn.cpp", "layer_ops.cpp")]
+_HEADERS = [os.path.join(os.path.dirname(__file__), "vexp.h")]
 
 
 def _cpu_flags() -> str:
@@ -52,9 +53,64 @@ def supports(head_dim: int, group: int) -> bool:
 
 
 @functools.cache
+def load():
+    """The compiled module, or None where it cannot build (a ``RuntimeWarning`` says why, once).
+
+    Besides :func:`decode_attention`'s op it holds the element-wise parts of a decoder layer,
+    fused (each replaces 3-12 small torch ops, whose dispatch cost more than their arithmetic at a
+    decode step's few rows):
+
+    - ``rms_norm(x, w, eps)``: RMSNorm of each row of ``x`` (``[rows, hidden]`` fp32), a new tensor;
+    - ``add_rms_norm(x, d, w, eps)``: ``x += d`` in place (the residual add), then its RMSNorm;
+    - ``silu_mul(gu)``: ``silu(gate) * up`` of ``[rows, 2 * inter]`` (gate first), a new tensor;
+    - ``rope_kv_write(qkv, cos, sin, positions, H, kvh, kpool, vpool, slot_mapping, dk, dv, drows,
+      dslots, dpos)``: RoPE on the query and key heads of the fused QKV in place, then every row's
+      key and value heads to its slot of one layer's paged pool, and decode ``b``'s (row
+      ``drows[b]``) to position ``dpos[b]`` of slot ``dslots[b]`` of one layer's decode copy
+      (empty index tensors: no decode copy).
+
+    Indices out of range raise ``RuntimeError`` before anything is written.
+
+    Example:
+        >>> ops = load()
+        >>> if ops is not None:
+        ...     h = ops.rms_norm(x, w, 1e-5)
+    """
+    if sys.platform != "linux":
+        return None
+    src = b"".join(open(p, "rb").read() for p in _SRCS + _HEADERS)
+    key = hashlib.sha256(src + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()).hexdigest()[:16]
+    name = f"outlast_serve_kernels_{key}"
+    build = os.path.join(kernel_dir(), name)
+    path = os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load as build_extension
+
+        if shutil.which("ninja") is None:  # pip's ninja, where its venv's bin is not on PATH
+            try:
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+            except ImportError:
+                pass
+        os.makedirs(build, exist_ok=True)
+        if not any(n.endswith(".so") for n in os.listdir(build)):
+            log.warning("building the serve kernels into %s (once per machine, ~30-40 s)", build)
+        return build_extension(name=name, sources=_SRCS, build_directory=build, verbose=False,
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache...: torch ops instead
+        warnings.warn(f"outlast: the serve kernels did not build ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); decode attention and the "
+                      f"layers' element-wise ops run on torch ops, slower. Install a C++ compiler and `pip install "
+                      f"ninja`, or set OUTLAST_KERNEL_DIR to a writable directory.", RuntimeWarning, stacklevel=2)
+        return None
+    finally:
+        os.environ["PATH"] = path
+
+
 def decode_attention():
     """The compiled ``decode_attention(q, k, v, rows, slots, lens, scale, out)``, or None where it
-    cannot build.
+    cannot build (see :func:`load`).
 
     For each decoding sequence ``b``: ``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over
     ``k``/``v`` ``[slots[b], h, :lens[b]]``, query heads ``h*G .. h*G+G-1`` sharing KV head ``h``.
@@ -67,35 +123,5 @@ def decode_attention():
         >>> if kern is not None:
         ...     kern(q, k, v, rows, slots, lens, 0.125, out)
     """
-    if sys.platform != "linux":
-        return None
-    with open(_SRC, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(src + torch.__version__.encode() + _cpu_flags().encode() + sys.version.encode()).hexdigest()[:16]
-    name = f"outlast_decode_attn_{key}"
-    build = os.path.join(kernel_dir(), name)
-    path = os.environ.get("PATH", "")
-    try:
-        from torch.utils.cpp_extension import load
-
-        if shutil.which("ninja") is None:  # pip's ninja, where its venv's bin is not on PATH
-            try:
-                import ninja
-
-                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
-            except ImportError:
-                pass
-        os.makedirs(build, exist_ok=True)
-        if not any(n.endswith(".so") for n in os.listdir(build)):
-            log.warning("building the decode attention kernel into %s (once per machine, ~30 s)", build)
-        mod = load(name=name, sources=[_SRC], build_directory=build, verbose=False,
-                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        return mod.decode_attention
-    except Exception as e:  # no compiler, no ninja, a read-only cache...: torch ops instead
-        warnings.warn(f"outlast: the decode attention kernel did not build ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); decode attention runs on "
-                      f"torch ops, slower. Install a C++ compiler and `pip install ninja`, or set "
-                      f"OUTLAST_KERNEL_DIR to a writable directory.", RuntimeWarning, stacklevel=2)
-        return None
-    finally:
-        os.environ["PATH"] = path
+    mod = load()
+    return None if mod is None else mod.decode_attention

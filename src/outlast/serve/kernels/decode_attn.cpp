@@ -13,28 +13,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vexp.h"
+
 namespace {
 
-// exp(x) for the softmax's x <= 0 (scores minus their maximum): Cody-Waite range reduction and a
-// degree-6 polynomial (Cephes' expf), written so that `omp simd` vectorizes it; within ~2 ulp of
-// expf. Inputs below -87 give exp(-87) ~ 1.6e-38 instead of a denormal or 0.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
+using outlast_kernels::exp_clamped;
 
 template <int D, int GMAX>
 void run(const float* q, const float* k, const float* v, float* out, const int64_t* rows, const int64_t* slots,
@@ -76,7 +59,7 @@ void run(const float* q, const float* k, const float* v, float* out, const int64
           float z = 0.f;
 #pragma omp simd reduction(+ : z)
           for (int64_t l = 0; l < n; ++l) {
-            const float e = exp_nonpositive(sg[l] - m);
+            const float e = exp_clamped(sg[l] - m);
             sg[l] = e;
             z += e;
           }
@@ -143,6 +126,26 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torc
 #undef OUTLAST_RUN
 }
 
+// layer_ops.cpp
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& d, const at::Tensor& w, double eps);
+at::Tensor silu_mul(const at::Tensor& gu);
+void rope_kv_write(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                   int64_t H, int64_t kvh, at::Tensor& kpool, at::Tensor& vpool, const at::Tensor& slot_mapping,
+                   at::Tensor& dk, at::Tensor& dv, const at::Tensor& drows, const at::Tensor& dslots,
+                   const at::Tensor& dpos);
+at::Tensor pack_panels(const at::Tensor& w);
+at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& wp, int64_t n);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "Decode attention over contiguous per-slot K/V (fp32)");
+  // None of them touches a Python object: the GIL is released while they run.
+  using nogil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("decode_attention", &decode_attention, "Decode attention over contiguous per-slot K/V (fp32)", nogil());
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, as a new tensor", nogil());
+  m.def("add_rms_norm", &add_rms_norm, "x += d in place, then RMSNorm of each row, as a new tensor", nogil());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [rows, 2 * inter]", nogil());
+  m.def("pack_panels", &pack_panels, "A [in, out] matrix as panels of 32 columns, for panel_mm", nogil());
+  m.def("panel_mm", &panel_mm, "x @ w on panels packed by pack_panels", nogil());
+  m.def("rope_kv_write", &rope_kv_write, "RoPE on the fused QKV's query and key heads in place, then the K/V writes",
+        nogil());
 }
