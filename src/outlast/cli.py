@@ -322,10 +322,12 @@ def convert_cmd(src: str, dst: str, src_format: str, dst_format: str, prefix: st
                    "rather than spins [default: 2 when 2 CPUs are usable; with --replicas, the CPUs shared out].")
 @click.option("--gemv-threads", default=1, show_default=True, type=click.IntRange(1, 2),
               help="BLAS threads of a lone decode's GEMVs; 2 is faster only on an otherwise idle host.")
-@click.option("--gemm-backend", default=None, type=click.Choice(["onednn", "numpy", "torch"]),
-              help="The layers' GEMMs: onednn (weights packed once; one more copy of them in memory), numpy "
-                   "(OpenBLAS) or torch (MKL) [default: onednn where torch has it; else torch on Intel CPUs, "
-                   "numpy elsewhere].")
+@click.option("--gemm-backend", default=None, type=click.Choice(["panel", "onednn", "numpy", "torch"]),
+              help="The layers' GEMMs: panel (outlast's compiled GEMM on weights packed once in panels, one more "
+                   "copy of them in memory; one compute thread only), onednn (weights packed once, one more copy), "
+                   "numpy (OpenBLAS) or torch (MKL) [default: panel for fp32 on one compute thread, as in the "
+                   "engine process, where the kernels build; else onednn where torch has it; else torch on Intel "
+                   "CPUs, numpy elsewhere].")
 @click.option("--dtype", "weight_dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16"]),
               help="The dtype the GEMMs read the weights in. bfloat16 (oneDNN only) halves the bytes a decode reads "

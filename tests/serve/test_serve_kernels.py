@@ -302,3 +302,10 @@ def test_a_kernel_that_cannot_build_warns_once_and_torch_ops_serve(tokenizer, mo
         assert _greedy(eng, [[5, 6, 7, 8]], n=4)["r0"]  # serves on torch ops
     finally:
         kernels.load.cache_clear()
+
+
+def test_the_panel_backend_refuses_the_two_thread_split(tokenizer):
+    with pytest.raises(ValueError, match="compute_threads=1"):
+        LLMEngine(tiny_config(), tiny_state(5), tokenizer, EngineConfig(compute_threads=2, gemm_backend="panel"))
+    with pytest.raises(ValueError, match="gemm_backend"):
+        EngineConfig(gemm_backend="blas")

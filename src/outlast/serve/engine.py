@@ -118,6 +118,9 @@ class LLMEngine:
         for fp32 weights on one compute thread (the engine process) when the compiled kernels
         build, else :func:`outlast.serve.model.default_gemm_backend`."""
         ec = self.config
+        if ec.gemm_backend == "panel" and self._threads() >= 2:
+            raise ValueError("gemm_backend 'panel' runs each step on torch's threads, not outlast's two-thread "
+                             "split: set compute_threads=1 (--compute-threads 1), or pick another backend")
         if ec.gemm_backend:
             return ec.gemm_backend
         if ec.compiled_kernels and ec.weight_dtype == "float32" and self._threads() < 2:

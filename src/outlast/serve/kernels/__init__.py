@@ -1,13 +1,15 @@
 """Compiled kernels of the serve runtime, built on first use and cached.
 
-:func:`decode_attention` is decode attention over the decode copy (one call per layer, parallel
-on torch's threads, K/V read once per KV head at each sequence's exact length), which the
-runtime's torch ops did as a padded batched GEMM, a softmax and a second batched GEMM. It is
+:func:`load` gives the module: decode attention over the decode copy (:func:`decode_attention`:
+one call per layer, K/V read once per KV head at each sequence's exact length), the layers' GEMMs
+on weights packed in panels (``pack_panels``, ``panel_mm``), and the element-wise ops fused
+(``rms_norm``, ``add_rms_norm``, ``rope_kv_write``, ``silu_mul``). The runtime uses them in steps on
+torch's threads (the engine process), in place of oneDNN and ~40 small torch ops per layer. It is
 built with torch's C++ extension tooling, so it needs a C++ compiler and ``ninja`` (in the serve
-and test extras); the build (~30 s on 2 cores) happens once per machine and is cached under
-``$OUTLAST_KERNEL_DIR`` or ``~/.cache/outlast/kernels``, keyed by the source, torch's version and
-the CPU's flags (it is compiled for this CPU). Where it cannot build, :func:`decode_attention`
-returns None, says why in a warning once, and the runtime keeps its torch ops.
+and test extras); the build (~40 s on 2 cores) happens once per machine and is cached under
+``$OUTLAST_KERNEL_DIR`` or ``~/.cache/outlast/kernels``, keyed by the sources, torch's version and
+the CPU's flags (it is compiled for this CPU). Where it cannot build, :func:`load` returns None,
+says why in a warning once, and the runtime keeps oneDNN and torch ops.
 """
 
 from __future__ import annotations
