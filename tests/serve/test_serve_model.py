@@ -207,3 +207,25 @@ def test_bf16_weights_run_every_gemm_in_bf16_and_part_from_fp32_only_at_near_tie
     assert all(t.dtype == torch.bfloat16 for p in rt.packed.values() for t in p.parts)
     assert any(len(p.parts) == (1 if halves else 2) for p in rt.packed.values())
     assert eng.generate(prompt_ids[:4], GREEDY) == alone[:4]
+
+
+def test_the_engine_processs_kernels_give_the_same_tokens_alone_and_batched(weights, tokenizer, prompt_ids,
+                                                                           alone_outputs):
+    """The engine process's set-up (steps on torch's two threads): the compiled kernels' GEMMs on
+    panels, decode attention and fused layer ops give the tokens checked against transformers
+    above, each prompt alone and all batched with chunked prefill (decodes beside prefills)."""
+    from outlast.serve.config import EngineConfig
+    from outlast.serve.engine import LLMEngine
+
+    cfg, sd = weights
+    before = torch.get_num_threads()
+    try:
+        eng = LLMEngine(cfg, sd, tokenizer, EngineConfig(compute_threads=1, torch_threads=2, gemv_blas_threads=2,
+                                                         num_blocks=256, token_budget=48, max_num_seqs=8))
+        rt = eng.runtime
+        assert eng.gemm_backend() == "panel" and rt._packed_halves == "panel"
+        assert rt.attention_kernel is not None and rt.layer_ops is not None
+        assert [eng.generate([ids], GREEDY)[0] for ids in prompt_ids] == alone_outputs
+        assert eng.generate(prompt_ids, GREEDY) == alone_outputs
+    finally:
+        torch.set_num_threads(before)
