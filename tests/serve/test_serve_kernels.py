@@ -34,7 +34,6 @@ def ops():
 
 @pytest.fixture(scope="module")
 def kern(ops):
-    assert kernels.decode_attention() is ops.decode_attention
     return ops.decode_attention
 
 
@@ -244,29 +243,30 @@ def test_engine_on_one_thread_uses_the_kernel_with_the_torch_ops_tokens(kern, to
     prompts = [rng.integers(100, 40000, n).tolist() for n in (5, 40, 17, 64, 3, 33, 90)]
     cfg = dict(compute_threads=1, torch_threads=1, token_budget=48)
     ref = LLMEngine(tiny_config(), tiny_state(5), tokenizer, EngineConfig(compiled_kernels=False, **cfg))
-    assert ref.runtime.attention_kernel is None
+    assert ref.runtime.layer_ops is None
     want = _greedy(ref, prompts)
     eng = LLMEngine(tiny_config(), tiny_state(5), tokenizer, EngineConfig(**cfg))
-    assert eng.runtime.attention_kernel is kern and eng.runtime.layer_ops is not None
+    assert eng.runtime.layer_ops is not None and eng.runtime.layer_ops.decode_attention is kern
     # the GEMMs on panels, every matrix
     assert eng.gemm_backend() == "panel" and ref.gemm_backend() != "panel"
     assert len(eng.runtime.packed) == 1 + 4 * tiny_config().num_layers
     assert all(type(p).__name__ == "_Panel" for p in eng.runtime.packed.values())
-    calls = []
-
-    def counted(*a):
-        calls.append(int(a[4].numel()))
-        return kern(*a)
-
+    calls = []  # decode attention: sequences per call
     fused = {}
 
     class Counting:  # the module's ops, counted
         def __getattr__(self, name):
             fn = getattr(eng_ops, name)
-            return lambda *a: (fused.__setitem__(name, fused.get(name, 0) + 1), fn(*a))[1]
+
+            def counted(*a):
+                fused[name] = fused.get(name, 0) + 1
+                if name == "decode_attention":
+                    calls.append(int(a[4].numel()))
+                return fn(*a)
+
+            return counted
 
     eng_ops = eng.runtime.layer_ops
-    monkeypatch.setattr(eng.runtime, "attention_kernel", counted)
     monkeypatch.setattr(eng.runtime, "layer_ops", Counting())
     panel_calls = []
     for p in eng.runtime.packed.values():
@@ -280,7 +280,7 @@ def test_engine_on_one_thread_uses_the_kernel_with_the_torch_ops_tokens(kern, to
     assert len(panel_calls) == steps * (4 * L + 1) and 1 in panel_calls  # one-row steps on panels too
     # two threads splitting with the compute worker keep their own attention, ops and GEMMs
     par = LLMEngine(tiny_config(), tiny_state(5), tokenizer, EngineConfig(compute_threads=2))
-    assert par.runtime.attention_kernel is None and par.runtime.layer_ops is None
+    assert par.runtime.layer_ops is None
     assert par.gemm_backend() != "panel"
 
 
@@ -297,7 +297,7 @@ def test_a_kernel_that_cannot_build_warns_once_and_torch_ops_serve(tokenizer, mo
         with pytest.warns(RuntimeWarning, match="did not build.*no g\\+\\+ here.*ninja") as caught:
             eng = LLMEngine(tiny_config(), tiny_state(5), tokenizer, EngineConfig(compute_threads=1))
         assert len([w for w in caught if "did not build" in str(w.message)]) == 1  # once
-        assert eng.runtime.attention_kernel is None and eng.runtime.layer_ops is None
+        assert eng.runtime.layer_ops is None
         assert eng.gemm_backend() != "panel" and not any(type(p).__name__ == "_Panel" for p in eng.runtime.packed.values())
         assert _greedy(eng, [[5, 6, 7, 8]], n=4)["r0"]  # serves on torch ops
     finally:

@@ -200,9 +200,10 @@ class EngineConfig:
     on CPUs with AVX512-BF16 or AMX, doubles the GEMMs' arithmetic rate; the logits move by the
     rounding (greedy tokens may differ from an fp32 run's after a near tie)."""
     compiled_kernels: bool = True
-    """Decode attention in a compiled kernel (:mod:`outlast.serve.kernels`: built on first use,
-    ~30 s, cached; needs a C++ compiler and ninja, else torch ops with a warning) in steps on torch's
-    threads, as the engine process runs them. False: torch ops only."""
+    """The compiled kernels (:mod:`outlast.serve.kernels`: built on first use, ~40 s, cached; need a
+    C++ compiler and ninja, else torch ops with a warning) in steps on torch's threads, as the
+    engine process runs them: decode attention, the fused element-wise layer ops, and the
+    ``"panel"`` GEMMs where ``gemm_backend`` is None. False: none of them."""
     decode_kv_gib: float = 2.0
     """Memory for the decode copy of running sequences' K/V (contiguous per sequence, so decode
     attention reads it in place instead of gathering blocks every step); 0 turns it off. A step

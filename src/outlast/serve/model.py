@@ -595,14 +595,11 @@ class LlamaRuntime:
         self.decode_kv: _DecodeKV | None = None
         """The decode copy of running sequences' K/V (None: gather from the pool every step); the
         engine sets it up with :meth:`configure`."""
-        self.attention_kernel = None
-        """The compiled decode attention (:func:`outlast.serve.kernels.decode_attention`), used
-        over the decode copy in steps that do not split work with the compute worker; None: torch
-        ops. Set by :meth:`configure`."""
         self.layer_ops = None
-        """The compiled module (:func:`outlast.serve.kernels.load`) whose fused norms, RoPE with
-        the K/V writes, and SiLU-and-multiply replace the layers' small torch ops, in the same
-        steps as :attr:`attention_kernel`; None: torch ops."""
+        """The compiled module (:func:`outlast.serve.kernels.load`), in steps that do not split work
+        with the compute worker: its decode attention over the decode copy, and its fused norms,
+        RoPE with the K/V writes, and SiLU-and-multiply in place of the layers' small torch ops;
+        None: torch ops. Set by :meth:`configure`."""
 
     def arrays(self) -> dict:
         """Every weight buffer this runtime owns, keyed as ``LlamaRuntime(into=...)`` takes them."""
@@ -633,11 +630,13 @@ class LlamaRuntime:
         ``reuse_decode_kv``: the decode copy of the runtime this one replaces, taken over (emptied)
         when it has the size asked for, so a weight swap maps no new memory for it.
 
-        ``kernels``: decode attention over the decode copy runs in the compiled kernel
-        (:mod:`outlast.serve.kernels`, built on first use; torch ops where it cannot build) when
-        steps do not split work with the compute worker (``parallel`` False). Measured on the
-        2-core EPYC in the engine process's set-up (two OpenMP threads), bursts of 32 requests
-        of 64 tokens: decode steps 102-118 ms against 120-143 with the torch ops.
+        ``kernels``: decode attention over the decode copy and the layers' element-wise ops run in
+        the compiled kernels (:attr:`layer_ops`, :mod:`outlast.serve.kernels`, built on first use;
+        torch ops where they cannot build) when steps do not split work with the compute worker
+        (``parallel`` False). Measured on the 2-core EPYC in the engine process's set-up (two
+        OpenMP threads, 150-token contexts, GEMMs on panels both ways): the parts of a step other
+        than its GEMMs took 12.8-13.9 ms at 16 sequences and 27.7-33.1 at 32, against 18.4-21.2
+        and 36.8-43.4 with torch ops and the attention kernel alone (docs/serve.md, session 30).
         """
         if gemm not in GEMM_BACKENDS:
             raise ValueError(f"unknown GEMM backend {gemm!r}; use one of {sorted(GEMM_BACKENDS)}")
@@ -647,13 +646,12 @@ class LlamaRuntime:
         if (gemm == "panel") != (self._packed_halves == "panel") or gemm not in ("onednn", "panel"):
             self.packed, self._packed_halves = {}, None  # packed for another backend
         c = self.config
-        self.attention_kernel = self.layer_ops = None
+        self.layer_ops = None
         if kernels and not parallel:
             from . import kernels as kern
 
             if kern.supports(c.head_dim, c.num_heads // c.num_kv_heads):
                 self.layer_ops = kern.load()
-                self.attention_kernel = None if self.layer_ops is None else self.layer_ops.decode_attention
         self.decode_kv = None
         if decode_kv_bytes > 0:
             args = (c.num_layers, c.num_kv_heads, c.head_dim, decode_kv_bytes, max_seqs, max_len)
@@ -805,9 +803,9 @@ class LlamaRuntime:
         Returns:
             ``[len(step.logits_rows), vocab_size]`` fp32 logits.
         """
+        packed = next(iter(self.packed.values()), None)
         if (self.single_row_blas_threads > 1 and int(step.token_ids.shape[0]) == 1
-                and not any(p.one_row for p in itertools.islice(self.packed.values(), 1))):
-            # (bf16 and panel GEMVs run on torch's threads)
+                and not (packed is not None and packed.one_row)):  # bf16 and panel GEMVs run on torch's threads
             # torch down to one thread for the step: OpenBLAS' two threads beside torch's spinning
             # OpenMP workers made one-row steps 330 ms instead of 40.
             torch_threads = torch.get_num_threads()
@@ -832,9 +830,11 @@ class LlamaRuntime:
         num_blocks, bs = k_cache.shape[2], k_cache.shape[3]
         par = self.parallel
         omp = not par and torch.get_num_threads() > 1  # the step's ops on torch's OpenMP threads
+        ops = self.layer_ops
         x = self.embed[step.token_ids]
-        cos = self.cos[step.positions][:, None, :]
-        sin = self.sin[step.positions][:, None, :]
+        if ops is None:  # the fused RoPE reads the tables by position itself
+            cos = self.cos[step.positions][:, None, :]
+            sin = self.sin[step.positions][:, None, :]
         decodes = [s for s in step.seqs if s.q_len == 1]
         prefills = [s for s in step.seqs if s.q_len > 1]
         resident = gathered = None
@@ -853,7 +853,7 @@ class LlamaRuntime:
                 top = int(slot_idx.max()) + 1
                 lens_now = [s.ctx_len for s in decodes]
                 pos = torch.tensor([n - 1 for n in lens_now])
-                if self.attention_kernel is not None and not par:
+                if ops is not None:
                     # The compiled kernel: each decode's row of q and of the output in place, its
                     # slot at its exact length.
                     exact = (torch.tensor(starts, dtype=torch.int64), torch.tensor(lens_now, dtype=torch.int64))
@@ -894,7 +894,6 @@ class LlamaRuntime:
         inter = c.intermediate_size
         sdpa = F.scaled_dot_product_attention
 
-        ops = self.layer_ops
         eps = c.rms_norm_eps
         if ops is not None:
             # The fused path: one call each for the residual add with the next norm, RoPE with
@@ -905,12 +904,14 @@ class LlamaRuntime:
             dwrite = (resident[5][0], resident[1], resident[2]) if resident is not None else (none, none, none)
         for li, L in enumerate(self.layers):
             kc, vc = k_cache[li], v_cache[li]  # [KVH, blocks, bs, D]
+            if resident is not None:
+                dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
             if ops is None:
                 h = self._rms(x, L["attn_norm"])
             qkv = self._mm(h, L["wqkv"])
             if ops is not None:
-                dk, dv = (self.decode_kv.k[li], self.decode_kv.v[li]) if dwrite[0].numel() else (dnone, dnone)
-                ops.rope_kv_write(qkv, self.cos, self.sin, step.positions, H, KVH, kc, vc, slots, dk, dv, *dwrite)
+                ops.rope_kv_write(qkv, self.cos, self.sin, step.positions, H, KVH, kc, vc, slots,
+                                  *((dk, dv) if resident is not None else (dnone, dnone)), *dwrite)
                 q = qkv[:, : H * D].view(T, H, D)
                 v = qkv[:, (H + KVH) * D :].view(T, KVH, D)
             else:
@@ -922,12 +923,11 @@ class LlamaRuntime:
             out = torch.empty(T, H, D)
             if resident is not None:
                 rows, slot_idx, pos, top, padded, exact = resident
-                dk, dv = self.decode_kv.k[li], self.decode_kv.v[li]  # [slots, KVH, cap, D]
                 if ops is None:
                     dk[slot_idx, :, pos] = k[rows]
                     dv[slot_idx, :, pos] = v[rows]
                 if exact is not None:
-                    self.attention_kernel(q, dk, dv, exact[0], slot_idx, exact[1], scale, out)
+                    ops.decode_attention(q, dk, dv, exact[0], slot_idx, exact[1], scale, out)
                 else:
                     pad, bias, shares = padded
                     qs = torch.zeros(top, H, D)

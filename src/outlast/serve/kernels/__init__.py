@@ -1,7 +1,6 @@
 """Compiled kernels of the serve runtime, built on first use and cached.
 
-:func:`load` gives the module: decode attention over the decode copy (:func:`decode_attention`:
-one call per layer, K/V read once per KV head at each sequence's exact length), the layers' GEMMs
+:func:`load` gives the module: decode attention over the decode copy (one call per layer, K/V read once per KV head at each sequence's exact length), the layers' GEMMs
 on weights packed in panels (``pack_panels``, ``panel_mm``), and the element-wise ops fused
 (``rms_norm``, ``add_rms_norm``, ``rope_kv_write``, ``silu_mul``). The runtime uses them in steps on
 torch's threads (the engine process), in place of oneDNN and ~40 small torch ops per layer. It is
@@ -58,9 +57,19 @@ def supports(head_dim: int, group: int) -> bool:
 def load():
     """The compiled module, or None where it cannot build (a ``RuntimeWarning`` says why, once).
 
-    Besides :func:`decode_attention`'s op it holds the element-wise parts of a decoder layer,
-    fused (each replaces 3-12 small torch ops, whose dispatch cost more than their arithmetic at a
-    decode step's few rows):
+    Its ops (fp32; out-of-range indices raise ``RuntimeError`` before anything is written):
+
+    - ``decode_attention(q, k, v, rows, slots, lens, scale, out)``: for each decoding sequence
+      ``b``, ``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over ``k``/``v``
+      ``[slots[b], h, :lens[b]]``, query heads ``h*G .. h*G+G-1`` sharing KV head ``h``. ``q``,
+      ``out``: ``[T, H, D]`` (each head's values contiguous, e.g. a view of the step's fused QKV);
+      ``k``, ``v``: ``[slots, kv_heads, capacity, D]``; ``rows``, ``slots``, ``lens``: ``[B]``
+      int64, each length >= 1;
+    - ``pack_panels(w)`` and ``panel_mm(x, wp, n)``: ``x @ w`` for a ``[in, n]`` matrix packed once
+      in panels of 32 columns;
+
+    and the element-wise parts of a decoder layer, fused (each replaces 3-12 small torch ops, whose
+    dispatch cost more than their arithmetic at a decode step's few rows):
 
     - ``rms_norm(x, w, eps)``: RMSNorm of each row of ``x`` (``[rows, hidden]`` fp32), a new tensor;
     - ``add_rms_norm(x, d, w, eps)``: ``x += d`` in place (the residual add), then its RMSNorm;
@@ -70,8 +79,6 @@ def load():
       key and value heads to its slot of one layer's paged pool, and decode ``b``'s (row
       ``drows[b]``) to position ``dpos[b]`` of slot ``dslots[b]`` of one layer's decode copy
       (empty index tensors: no decode copy).
-
-    Indices out of range raise ``RuntimeError`` before anything is written.
 
     Example:
         >>> ops = load()
@@ -109,21 +116,3 @@ def load():
     finally:
         os.environ["PATH"] = path
 
-
-def decode_attention():
-    """The compiled ``decode_attention(q, k, v, rows, slots, lens, scale, out)``, or None where it
-    cannot build (see :func:`load`).
-
-    For each decoding sequence ``b``: ``out[rows[b]] = softmax(q[rows[b]] k^T * scale) v`` over
-    ``k``/``v`` ``[slots[b], h, :lens[b]]``, query heads ``h*G .. h*G+G-1`` sharing KV head ``h``.
-    ``q``, ``out``: ``[T, H, D]`` fp32 (each head's values contiguous, e.g. a view of the step's
-    fused QKV); ``k``, ``v``: ``[slots, kv_heads, capacity, D]`` fp32; ``rows``, ``slots``,
-    ``lens``: ``[B]`` int64, each length >= 1. Out-of-range indices raise ``RuntimeError``.
-
-    Example:
-        >>> kern = decode_attention()
-        >>> if kern is not None:
-        ...     kern(q, k, v, rows, slots, lens, 0.125, out)
-    """
-    mod = load()
-    return None if mod is None else mod.decode_attention
